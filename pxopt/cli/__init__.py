@@ -1,0 +1,66 @@
+"""The `pxopt` command: thin, parses arguments, calls the library, prints.
+
+Each group of commands lives in its own module with a `register(app)` function;
+add the module's name to `_COMMAND_MODULES` to plug it in.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import typer
+from rich.console import Console
+
+from pxopt.errors import PxoptError
+
+app = typer.Typer(
+    name="pxopt",
+    help="Optimise LRP rules as a pruning criterion for CNNs and vision transformers.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err_console = Console(stderr=True)
+
+_COMMAND_MODULES: list[str] = [
+    "pxopt.cli.models_cmd",
+]
+
+_debug = False
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors."),
+) -> None:
+    global _debug
+    _debug = debug
+
+
+for _name in _COMMAND_MODULES:
+    importlib.import_module(_name).register(app)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: user errors become one red line and exit code 2."""
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args
+    try:
+        app(args=args, standalone_mode=False)
+    except PxoptError as exc:
+        if debug:
+            raise
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise SystemExit(2) from None
+    except typer.Exit as exc:
+        raise SystemExit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        raise SystemExit(130) from None
+    except Exception as exc:  # click usage errors arrive here in non-standalone mode
+        usage_error = getattr(exc, "exit_code", None)
+        if usage_error is not None and hasattr(exc, "format_message"):
+            err_console.print(f"[bold red]error:[/] {exc.format_message()}", highlight=False)
+            raise SystemExit(2) from None
+        raise
