@@ -1,0 +1,60 @@
+"""Fakes for search tests: a synthetic curve whose area depends on the rules, deterministically."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+_RULE_QUALITY = {"epsilon": 1.0, "gamma": 0.9, "alphabeta": 0.6, "zplus": 0.7, "flat": 0.8,
+                 "wsquare": 0.75, "zbox": 0.85}
+
+
+@dataclass
+class FakeCurve:
+    rates: list[float]
+    accuracies: list[float]
+    area: float
+    area_normalised: float
+    top_pr: float
+    pruned_per_layer: dict[str, list[int]] = field(default_factory=dict)
+    stopped_early_at: float | None = None
+
+
+def trapezoid(rates: list[float], acc: list[float]) -> float:
+    return sum((rates[i + 1] - rates[i]) * (acc[i] + acc[i + 1]) / 2 for i in range(len(acc) - 1))
+
+
+class FakeEvaluator:
+    """Accuracy decays with rate; the better the rules, the slower. Counts calls."""
+
+    def __init__(self, rates: list[float], *, nan_if_epsilon_below: float | None = None) -> None:
+        self.rates = rates
+        self.calls = 0
+        self.nan_if_epsilon_below = nan_if_epsilon_below
+        self.last_timings = {"attribution_s": 0.0, "curve_s": 0.0, "cached": False}
+
+    def quality(self, rules: dict, ranking: str) -> float:
+        q = 1.0
+        for g in rules["groups"].values():
+            q *= _RULE_QUALITY[g["rule"]]
+            if g["rule"] == "epsilon":
+                q *= 1.0 - 0.05 * abs(math.log10(g["epsilon"]) + 6) / 3
+        return q * (1.0 if ranking == "abs" else 0.8)
+
+    def __call__(self, rules: dict, ranking: str, on_rate=None) -> FakeCurve:
+        self.calls += 1
+        q = self.quality(rules, ranking)
+        acc: list[float] = []
+        for i, r in enumerate(self.rates):
+            a = 0.9 * math.exp(-((r / max(q, 1e-3)) ** 3))
+            if self.nan_if_epsilon_below is not None and any(
+                g.get("epsilon", 1.0) < self.nan_if_epsilon_below for g in rules["groups"].values()
+            ):
+                a = math.nan
+            acc.append(a)
+            if on_rate is not None:
+                on_rate(i, r, a)
+        top = max((r for r, a in zip(self.rates, acc, strict=True) if a >= 0.95 * acc[0]), default=0.0)
+        area = trapezoid(self.rates, acc)
+        return FakeCurve(self.rates, acc, area, area / (self.rates[-1] - self.rates[0]), top,
+                         {"layer1": [int(100 * r) for r in self.rates]})
