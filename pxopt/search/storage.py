@@ -1,0 +1,260 @@
+"""Open the Optuna storage that several workers, machines and restarts share.
+
+Only Optuna's RDB storage (SQLite file or any SQLAlchemy URL, e.g. PostgreSQL) is used:
+it coordinates workers through the database, supports heartbeats (so a killed worker's
+trial is failed and retried) and stores every attribute as JSON, so nothing is ever
+unpickled from a study. This module adds what Optuna leaves to the caller: SQLite
+settings that survive several local writers, a one-line `StorageError` for an
+unreachable URL, and a guard that refuses to mix two models or tasks in one study.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import optuna
+import sqlalchemy
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from sqlalchemy import event
+from sqlalchemy.engine import make_url
+
+from pxopt.errors import StorageError
+
+#: Seconds between heartbeats of a running trial; a trial whose heartbeat is older than
+#: the grace period is failed (and retried) the next time any worker asks for a trial.
+DEFAULT_HEARTBEAT_INTERVAL = 60
+#: How often a trial killed by a crash is retried with the same parameters.
+DEFAULT_MAX_RETRY = 3
+#: Seconds a SQLite writer waits for the lock before "database is locked".
+SQLITE_TIMEOUT = 60.0
+#: Seconds to wait for a database server before reporting it unreachable.
+CONNECT_TIMEOUT = 10
+
+#: Study user attributes that pin a study to one model and one task.
+ATTR_MODEL = "pxopt.model"
+ATTR_TASK_DIGEST = "pxopt.task_digest"
+ATTR_TASK = "pxopt.task"
+
+
+def storage_url(path_or_url: str | Path) -> str:
+    """A SQLAlchemy URL: URLs pass through, a plain path becomes an absolute SQLite URL.
+
+    Absolute paths matter because workers may run in another working directory.
+    """
+    text = str(path_or_url).strip()
+    if not text:
+        raise StorageError("empty storage: give a file path (SQLite) or a database URL")
+    if "://" in text:
+        return _with_installed_pg_driver(text)
+    path = Path(text).expanduser().resolve()
+    if path.is_dir():
+        raise StorageError(f"storage {text!r} is a directory: give a file such as {text}/pxopt.db")
+    return f"sqlite:///{path}"
+
+
+def _with_installed_pg_driver(url: str) -> str:
+    """`postgresql://` with the driver that is installed.
+
+    SQLAlchemy 2.1 maps a bare `postgresql://` to psycopg 3; pxopt's `postgres` extra
+    installs psycopg2, so pick whichever is importable (psycopg 3 first).
+    """
+    try:
+        parsed = make_url(url)
+    except (sqlalchemy.exc.ArgumentError, ValueError):
+        return url  # reported by open_storage
+    if parsed.drivername not in ("postgresql", "postgres"):
+        return url
+    for module, driver in (("psycopg", "postgresql+psycopg"), ("psycopg2", "postgresql+psycopg2")):
+        if importlib.util.find_spec(module) is not None:
+            return parsed.set(drivername=driver).render_as_string(hide_password=False)
+    return url
+
+
+def redact(url: str) -> str:
+    """The URL with any password hidden, for messages and logs."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - a malformed URL is shown as given, minus userinfo
+        return url.split("@")[-1] if "@" in url else url
+
+
+def _engine_kwargs(url: str) -> dict[str, Any]:
+    """Engine settings per backend: long lock waits for SQLite, timeouts and pings for servers."""
+    backend = make_url(url).get_backend_name()
+    if backend == "sqlite":
+        return {"connect_args": {"timeout": SQLITE_TIMEOUT}}
+    kwargs: dict[str, Any] = {"pool_pre_ping": True}  # searches run for hours: survive idle drops
+    if backend == "postgresql" and "connect_timeout" not in make_url(url).query:
+        kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT}
+    return kwargs
+
+
+def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
+    """Per-connection SQLite settings: WAL lets readers run beside the one writer."""
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA busy_timeout={int(SQLITE_TIMEOUT * 1000)}")
+    finally:
+        cursor.close()
+
+
+def _prepare_sqlite(url: str) -> None:
+    """Create the file's folder and switch the file to WAL before Optuna's first connection.
+
+    WAL is a property of the file, so setting it once here also covers the connections
+    Optuna opens while it creates its tables.
+    """
+    database = make_url(url).database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return
+    Path(database).parent.mkdir(parents=True, exist_ok=True)
+    engine = sqlalchemy.create_engine(url, connect_args={"timeout": SQLITE_TIMEOUT})
+    event.listen(engine, "connect", _sqlite_on_connect)
+    try:
+        with engine.connect():
+            pass
+    finally:
+        engine.dispose()
+
+
+def _short_reason(exc: BaseException) -> str:
+    """The first meaningful line of a driver error (drivers add SQL and links below it)."""
+    orig = getattr(exc, "orig", None) or exc
+    lines = [line.strip() for line in str(orig).splitlines() if line.strip()]
+    return lines[0] if lines else type(orig).__name__
+
+
+def open_storage(
+    path_or_url: str | Path,
+    *,
+    heartbeat_interval: int | None = DEFAULT_HEARTBEAT_INTERVAL,
+    grace_period: int | None = None,
+    max_retry: int | None = DEFAULT_MAX_RETRY,
+) -> RDBStorage:
+    """Open (creating if needed) an Optuna RDB storage shared by all workers.
+
+    `heartbeat_interval` (seconds) makes every running trial record a heartbeat; a trial
+    silent for `grace_period` (default 2 x interval) is marked FAIL and, up to `max_retry`
+    times, queued again with the same parameters (`RetryHeartbeatStaleTrialCallback`).
+    `heartbeat_interval=None` turns this off. Raises `StorageError` with one line when the
+    URL is malformed, its driver is missing or the database cannot be reached.
+    """
+    url = storage_url(path_or_url)
+    shown = redact(url)
+    try:
+        parsed = make_url(url)
+    except (sqlalchemy.exc.ArgumentError, ValueError) as exc:
+        raise StorageError(
+            f"invalid storage URL {shown!r}: use a file path or e.g. postgresql://user@host/db"
+        ) from exc
+    if heartbeat_interval is not None and heartbeat_interval < 1:
+        raise StorageError(f"heartbeat interval must be >= 1 second, got {heartbeat_interval}")
+    callback = None
+    if heartbeat_interval is not None and (max_retry is None or max_retry > 0):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            callback = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+    try:
+        if parsed.get_backend_name() == "sqlite":
+            _prepare_sqlite(url)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            storage = RDBStorage(
+                url,
+                engine_kwargs=_engine_kwargs(url),
+                heartbeat_interval=heartbeat_interval,
+                grace_period=grace_period,
+                heartbeat_stale_trial_callback=callback,
+            )
+    except ImportError as exc:
+        missing = getattr(exc.__cause__, "name", None) or "its driver"
+        raise StorageError(
+            f"no database driver for storage {shown!r} ({missing} is not installed; "
+            "PostgreSQL: pip install 'pxopt[postgres]')"
+        ) from exc
+    except (sqlalchemy.exc.SQLAlchemyError, OSError) as exc:
+        raise StorageError(f"cannot open storage {shown!r}: {_short_reason(exc)}") from exc
+    except RuntimeError as exc:  # Optuna's schema-version check
+        raise StorageError(f"storage {shown!r} is not usable: {_short_reason(exc)}") from exc
+    if parsed.get_backend_name() == "sqlite":
+        event.listen(storage.engine, "connect", _sqlite_on_connect)
+        storage.engine.dispose()  # later connections get the listener's settings
+    return storage
+
+
+def digest(obj: Any) -> str:
+    """A stable short hash of a JSON-serialisable value (task descriptions, configs)."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def open_study(
+    storage: RDBStorage,
+    study_name: str,
+    *,
+    model_spec: str,
+    task: dict[str, Any],
+    direction: str = "maximize",
+    sampler: optuna.samplers.BaseSampler | None = None,
+    pruner: optuna.pruners.BasePruner | None = None,
+) -> optuna.Study:
+    """Create or resume `study_name`, refusing a study made for another model or task.
+
+    The model spec and a digest of the task description are stored in the study's user
+    attributes on creation and compared on every resume, so two searches can never mix
+    their trials by reusing a name.
+    """
+    if not study_name or not study_name.strip():
+        raise StorageError("empty study name")
+    try:
+        study = optuna.create_study(
+            storage=storage,
+            study_name=study_name,
+            direction=direction,
+            sampler=sampler,
+            pruner=pruner,
+            load_if_exists=True,
+        )
+    except sqlalchemy.exc.SQLAlchemyError as exc:
+        raise StorageError(f"cannot open study {study_name!r}: {_short_reason(exc)}") from exc
+    wanted_direction = optuna.study.StudyDirection[direction.upper()]
+    if study.directions != [wanted_direction]:
+        raise StorageError(
+            f"study {study_name!r} exists with direction(s) "
+            f"{[d.name.lower() for d in study.directions]}, not {direction!r}: use another --study name"
+        )
+    check_study_identity(study, model_spec=model_spec, task=task)
+    return study
+
+
+def check_study_identity(study: optuna.Study, *, model_spec: str, task: dict[str, Any]) -> None:
+    """Pin a new study to (model, task), or raise `StorageError` if it was made for others."""
+    task_digest = digest(task)
+    attrs = study.user_attrs
+    if ATTR_MODEL not in attrs:
+        if study.trials and ATTR_TASK_DIGEST not in attrs:
+            raise StorageError(
+                f"study {study.study_name!r} already has {len(study.trials)} trials not made by "
+                "pxopt: use another --study name"
+            )
+        study.set_user_attr(ATTR_MODEL, model_spec)
+        study.set_user_attr(ATTR_TASK_DIGEST, task_digest)
+        study.set_user_attr(ATTR_TASK, task)
+        attrs = study.user_attrs  # re-read: a concurrent creator may have won the race
+    if attrs.get(ATTR_MODEL) != model_spec:
+        raise StorageError(
+            f"study {study.study_name!r} was created for model {attrs.get(ATTR_MODEL)!r}, not "
+            f"{model_spec!r}: use another --study name (trials of different models never mix)"
+        )
+    if attrs.get(ATTR_TASK_DIGEST) != task_digest:
+        raise StorageError(
+            f"study {study.study_name!r} was created for another task (digest "
+            f"{attrs.get(ATTR_TASK_DIGEST)}, now {task_digest}): use another --study name or the "
+            "same dataset, classes, n_ref, n_val and seed"
+        )
