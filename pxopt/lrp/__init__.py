@@ -1,0 +1,10 @@
+"""The LRP engine: rule configuration, rules as autograd functions, explanations.
+
+`explain` and `component_relevance` (CNNs) live in `pxopt.lrp.explain`; the rule
+functions other engines reuse live in `pxopt.lrp.rules`; the configuration format in
+`pxopt.lrp.config`.
+"""
+
+from pxopt.lrp.config import RuleConfig, RuleSpec
+
+__all__ = ["RuleConfig", "RuleSpec"]
