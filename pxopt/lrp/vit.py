@@ -1,0 +1,471 @@
+"""AttnLRP for vision transformers: torchvision and timm `VisionTransformer`.
+
+The model is made explainable by temporary instance-level `forward` replacements
+(attention, LayerNorm, MLP activations, Linear layers, patch embedding, optionally the
+blocks for the residual rule); `explainable_vit` removes them on exit, so the model is
+restored exactly. Attention is computed as explicit q·kᵀ, softmax and A·V ops that
+carry rules (see `pxopt.lrp.attention`), batched over heads.
+
+Relevance convention: modified gradient × input (like lxt and the CNN engine), so the
+forward values equal those of the original model and an explanation costs about one
+backward pass.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from pxopt.errors import ConfigError, NonFiniteRelevanceError, UnsupportedLayerError
+from pxopt.lrp import attention as ops
+
+LinearRule = Callable[[Tensor, Tensor, Tensor | None], Tensor]
+Recorder = Callable[[Tensor], None]
+
+DEFAULT_RULE: dict[str, Any] = {"rule": "epsilon", "epsilon": 1e-6}
+_ACTIVATIONS = (nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Identity)
+
+
+# --------------------------------------------------------------------------- structure
+
+
+@dataclass
+class ViTBlock:
+    """One transformer block: where its attention and MLP live, and its depth group."""
+
+    name: str
+    module: nn.Module
+    index: int
+    group: str
+    attn_name: str
+    attn: nn.Module
+    fc1_name: str
+    fc1: nn.Linear
+    act: nn.Module
+    fc2_name: str
+    fc2: nn.Linear
+    num_heads: int
+
+
+@dataclass
+class ViTStructure:
+    """The parts of a ViT that LRP needs, in forward order."""
+
+    family: str  # "torchvision" | "timm"
+    patch_embed_name: str
+    patch_embed: nn.Conv2d
+    blocks: list[ViTBlock]
+    head_names: list[str]  # classifier Linear layers (group "fc")
+    extra_acts: list[nn.Module] = field(default_factory=list)  # e.g. pre-logits Tanh
+
+
+def depth_group(index: int, depth: int, boundaries: tuple[float, float] = (0.25, 0.75)) -> str:
+    """Depth group of block `index` of `depth`: 12 blocks give 0-2 low, 3-8 mid, 9-11 high."""
+    frac = index / depth
+    if frac < boundaries[0] - 1e-9:
+        return "low"
+    if frac >= boundaries[1] - 1e-9:
+        return "high"
+    return "mid"
+
+
+def _tv_vit_class() -> type | None:
+    try:
+        from torchvision.models.vision_transformer import VisionTransformer
+    except ImportError:  # pragma: no cover
+        return None
+    return VisionTransformer
+
+
+def _timm_vit_class() -> type | None:
+    try:
+        from timm.models.vision_transformer import VisionTransformer
+    except ImportError:  # pragma: no cover
+        return None
+    return VisionTransformer
+
+
+def is_vit(model: nn.Module) -> bool:
+    """True for the torchvision and timm ViT families this module explains."""
+    classes = tuple(c for c in (_tv_vit_class(), _timm_vit_class()) if c is not None)
+    return isinstance(model, classes)
+
+
+def vit_structure(model: nn.Module, boundaries: tuple[float, float] = (0.25, 0.75)) -> ViTStructure:
+    """Find blocks, attention, MLPs, patch embedding and head; raise on unsupported parts."""
+    tv, tm = _tv_vit_class(), _timm_vit_class()
+    if tv is not None and isinstance(model, tv):
+        return _tv_structure(model, boundaries)
+    if tm is not None and isinstance(model, tm):
+        return _timm_structure(model, boundaries)
+    raise UnsupportedLayerError(
+        f"{type(model).__name__} is not a torchvision or timm VisionTransformer")
+
+
+def _tv_structure(model: nn.Module, boundaries: tuple[float, float]) -> ViTStructure:
+    layers = list(model.encoder.layers.named_children())
+    blocks = []
+    for i, (child, blk) in enumerate(layers):
+        name = f"encoder.layers.{child}"
+        mha = blk.self_attention
+        mlp = blk.mlp
+        if not isinstance(mlp[0], nn.Linear) or not isinstance(mlp[3], nn.Linear):
+            raise UnsupportedLayerError(f"{name}.mlp: expected Linear, act, Dropout, Linear, Dropout")
+        blocks.append(ViTBlock(
+            name=name, module=blk, index=i, group=depth_group(i, len(layers), boundaries),
+            attn_name=f"{name}.self_attention", attn=mha,
+            fc1_name=f"{name}.mlp.0", fc1=mlp[0], act=mlp[1], fc2_name=f"{name}.mlp.3", fc2=mlp[3],
+            num_heads=mha.num_heads))
+    heads = [f"heads.{n}" for n, m in model.heads.named_children() if isinstance(m, nn.Linear)]
+    acts = [m for m in model.heads.children() if not isinstance(m, nn.Linear)]
+    return ViTStructure("torchvision", "conv_proj", model.conv_proj, blocks, heads, acts)
+
+
+def _timm_structure(model: nn.Module, boundaries: tuple[float, float]) -> ViTStructure:
+    if getattr(model, "attn_pool", None) is not None:
+        raise UnsupportedLayerError("attn_pool: attention pooling ('map') is not supported")
+    blocks = []
+    n = len(model.blocks)
+    for i, blk in enumerate(model.blocks):
+        name = f"blocks.{i}"
+        mlp = getattr(blk, "mlp", None)
+        if mlp is None or not all(hasattr(mlp, a) for a in ("fc1", "act", "fc2")) or \
+                not isinstance(mlp.fc1, nn.Linear):
+            raise UnsupportedLayerError(f"{name}.mlp: only timm Mlp (fc1, act, fc2) is supported")
+        attn = blk.attn
+        if not hasattr(attn, "qkv") or getattr(attn, "gate", None) is not None:
+            raise UnsupportedLayerError(f"{name}.attn: only timm Attention with qkv (no gate) is supported")
+        blocks.append(ViTBlock(
+            name=name, module=blk, index=i, group=depth_group(i, n, boundaries),
+            attn_name=f"{name}.attn", attn=attn, fc1_name=f"{name}.mlp.fc1", fc1=mlp.fc1,
+            act=mlp.act, fc2_name=f"{name}.mlp.fc2", fc2=mlp.fc2, num_heads=attn.num_heads))
+    heads = ["head"] if isinstance(model.head, nn.Linear) else []
+    proj = model.patch_embed.proj
+    if not isinstance(proj, nn.Conv2d):
+        raise UnsupportedLayerError("patch_embed.proj: expected a Conv2d")
+    return ViTStructure("timm", "patch_embed.proj", proj, blocks, heads, [])
+
+
+# --------------------------------------------------------------------------- rules
+
+
+@dataclass
+class ViTRules:
+    """Rule configuration resolved for one ViT: rule dict per group, overrides, softmax."""
+
+    groups: dict[str, dict[str, Any]]
+    softmax: str = "attnlrp"
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    matmul_eps: float = 0.0
+    residual_eps: float = 0.0
+
+    @classmethod
+    def from_config(cls, rules: Any, *, matmul_eps: float = 0.0,
+                    residual_eps: float = 0.0) -> ViTRules:
+        """Accept a `RuleConfig` (anything with `to_dict`) or its JSON dict."""
+        d = rules.to_dict() if hasattr(rules, "to_dict") else dict(rules or {})
+        groups = {g: dict(DEFAULT_RULE) for g in ("input", "low", "mid", "high", "fc")}
+        for g, r in (d.get("groups") or {}).items():
+            groups[g] = dict(r)
+        softmax = d.get("softmax", "attnlrp") or "attnlrp"
+        if softmax not in ops.SOFTMAX_RULES:
+            raise ConfigError(f"softmax must be one of {', '.join(ops.SOFTMAX_RULES)}, got {softmax!r}")
+        return cls(groups, softmax, dict(d.get("overrides") or {}), matmul_eps, residual_eps)
+
+    def rule_for(self, name: str, group: str) -> dict[str, Any]:
+        return self.overrides.get(name) or self.groups.get(group) or dict(DEFAULT_RULE)
+
+
+def linear_rule(rule: Mapping[str, Any], name: str) -> LinearRule:
+    """Rule function F(x, weight, bias) for a Linear layer (gradient×input form)."""
+    kind = rule.get("rule")
+    if kind == "epsilon":
+        eps = float(rule.get("epsilon", 1e-6))
+        return lambda x, w, b: ops.epsilon_linear(x, w, b, eps)
+    raise UnsupportedLayerError(f"{name}: rule {kind!r} is not available for ViT Linear layers")
+
+
+def _module_rule(rule: Mapping[str, Any], name: str) -> Callable[[Tensor], Tensor]:
+    """Epsilon rule on an already computed linear output (patch embedding conv)."""
+    kind = rule.get("rule")
+    if kind != "epsilon":
+        raise UnsupportedLayerError(f"{name}: rule {kind!r} is not available for the patch embedding")
+    eps = float(rule.get("epsilon", 1e-6))
+
+    def apply(z: Tensor) -> Tensor:
+        if eps == 0.0 or not z.requires_grad:
+            return z
+        c = (z / ops.stabilise(z, eps)).detach()
+        zc = z * c
+        return z.detach() + (zc - zc.detach())  # value z, gradient c · dz/dx
+
+    return apply
+
+
+# --------------------------------------------------------------------------- patching
+
+
+@dataclass
+class Recording:
+    """Relevances collected during one backward pass, keyed by module name."""
+
+    heads: dict[str, Tensor] = field(default_factory=dict)
+    mlp: dict[str, Tensor] = field(default_factory=dict)
+    mlp_out: dict[str, Tensor] = field(default_factory=dict)
+
+    def recorder(self, store: dict[str, Tensor], name: str) -> Recorder:
+        def rec(t: Tensor) -> None:
+            store[name] = t.detach()
+        return rec
+
+
+def _set_forward(module: nn.Module, fn: Callable[..., Any], saved: list) -> None:
+    saved.append((module, "forward" in module.__dict__, module.__dict__.get("forward")))
+    module.forward = fn  # type: ignore[method-assign]
+
+
+def _attention_core(q: Tensor, k: Tensor, v: Tensor, scale: float, rules: ViTRules,
+                    record: Recorder | None) -> Tensor:
+    """softmax(q kᵀ · scale) v over (batch, heads, tokens, dim), rules on every op."""
+    eps = rules.matmul_eps
+    if rules.softmax == "cp":
+        with torch.no_grad():
+            a = torch.softmax((q * scale) @ k.transpose(-2, -1), dim=-1)
+        return ops.uniform_matmul(a, v, eps=eps, share_a=0.0, share_b=1.0, record=record)
+    logits = ops.uniform_matmul(q * scale, k.transpose(-2, -1), eps=eps)
+    a = ops.softmax(logits, rules.softmax)  # type: ignore[arg-type]
+    return ops.uniform_matmul(a, v, eps=eps, record=record)
+
+
+def _patch_tv_attention(blk: ViTBlock, rules: ViTRules, rec: Recorder | None,
+                        saved: list) -> None:
+    mha: nn.MultiheadAttention = blk.attn  # type: ignore[assignment]
+    if not mha._qkv_same_embed_dim or mha.bias_k is not None or mha.add_zero_attn:
+        raise UnsupportedLayerError(f"{blk.attn_name}: only packed self-attention is supported")
+    in_rule = linear_rule(rules.rule_for(blk.attn_name, blk.group), blk.attn_name)
+    out_name = f"{blk.attn_name}.out_proj"
+    out_rule = linear_rule(rules.rule_for(out_name, blk.group), out_name)
+    heads = mha.num_heads
+    head_dim = mha.embed_dim // heads
+
+    def forward(query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
+                need_weights: bool = True, attn_mask: Tensor | None = None,
+                average_attn_weights: bool = True, is_causal: bool = False) -> tuple[Tensor, None]:
+        if not (query is key and key is value) or key_padding_mask is not None \
+                or attn_mask is not None or is_causal:
+            raise UnsupportedLayerError(f"{blk.attn_name}: only unmasked self-attention is supported")
+        x = query if mha.batch_first else query.transpose(0, 1)
+        b, n, d = x.shape
+        qkv = in_rule(x, mha.in_proj_weight, mha.in_proj_bias)
+        q, k, v = qkv.reshape(b, n, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        out = _attention_core(q, k, v, head_dim ** -0.5, rules, rec)
+        out = out.transpose(1, 2).reshape(b, n, d)
+        out = out_rule(out, mha.out_proj.weight, mha.out_proj.bias)
+        return (out if mha.batch_first else out.transpose(0, 1)), None
+
+    _set_forward(mha, forward, saved)
+
+
+def _patch_timm_attention(blk: ViTBlock, rules: ViTRules, rec: Recorder | None,
+                          saved: list) -> None:
+    attn = blk.attn
+
+    def forward(x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        if attn_mask is not None or is_causal:
+            raise UnsupportedLayerError(f"{blk.attn_name}: masked attention is not supported")
+        b, n, _ = x.shape
+        qkv = attn.qkv(x).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        out = _attention_core(q, k, v, attn.scale, rules, rec)
+        out = out.transpose(1, 2).reshape(b, n, -1)
+        out = attn.norm(out)
+        out = attn.proj(out)
+        return attn.proj_drop(out)
+
+    _set_forward(attn, forward, saved)
+
+
+def _patch_residual_blocks(struct: ViTStructure, eps: float, saved: list) -> None:
+    """Blocks rewritten so their residual sums carry the epsilon z-rule."""
+    for blk in struct.blocks:
+        m = blk.module
+        if struct.family == "torchvision":
+            def forward(inp: Tensor, m: nn.Module = m) -> Tensor:
+                x, _ = m.self_attention(*(m.ln_1(inp),) * 3, need_weights=False)
+                x = ops.residual_add(m.dropout(x), inp, eps)
+                return ops.residual_add(x, m.mlp(m.ln_2(x)), eps)
+        else:
+            def forward(x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False,
+                        m: nn.Module = m) -> Tensor:
+                y = m.drop_path1(m.ls1(m.attn(m.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
+                x = ops.residual_add(x, y, eps)
+                return ops.residual_add(x, m.drop_path2(m.ls2(m.mlp(m.norm2(x)))), eps)
+        _set_forward(m, forward, saved)
+
+
+def _patch_linear(module: nn.Linear, rule: LinearRule, saved: list) -> None:
+    _set_forward(module, lambda x: rule(x, module.weight, module.bias), saved)
+
+
+def _patch_act(module: nn.Module, rec: Recorder | None, saved: list) -> None:
+    if not isinstance(module, _ACTIVATIONS) and type(module).__name__ not in (
+            "GELU", "GELUTanh", "QuickGELU", "Swish", "SiLU"):
+        raise UnsupportedLayerError(f"activation {type(module).__name__} is not supported")
+    if isinstance(module, nn.Identity):
+        return
+    fn = module.forward
+    _set_forward(module, lambda x: ops.pass_activation(fn, x, rec), saved)
+
+
+def _record_output(module: nn.Linear, rule: LinearRule, rec: Recorder, saved: list) -> None:
+    def forward(x: Tensor) -> Tensor:
+        return ops.record_relevance(rule(x, module.weight, module.bias), rec)
+    _set_forward(module, forward, saved)
+
+
+@contextmanager
+def explainable_vit(model: nn.Module, rules: ViTRules, recording: Recording | None = None, *,
+                    kinds: set[str] | None = None, mlp_outputs: bool = False,
+                    boundaries: tuple[float, float] = (0.25, 0.75)) -> Iterator[ViTStructure]:
+    """Patch `model` in place so its backward computes LRP; undo every patch on exit."""
+    struct = vit_structure(model, boundaries)
+    want = kinds if kinds is not None else {"heads", "mlp"}
+    saved: list = []
+    try:
+        for m in model.modules():
+            if isinstance(m, nn.LayerNorm):
+                if len(m.normalized_shape) != 1:
+                    raise UnsupportedLayerError("LayerNorm over more than the last dim is not supported")
+                _set_forward(m, lambda x, m=m: ops.layer_norm(x, m.weight, m.bias, m.eps), saved)
+        for blk in struct.blocks:
+            rec_h = recording.recorder(recording.heads, blk.attn_name) \
+                if recording is not None and "heads" in want else None
+            if struct.family == "torchvision":
+                _patch_tv_attention(blk, rules, rec_h, saved)
+            else:
+                _patch_timm_attention(blk, rules, rec_h, saved)
+                qkv_name = f"{blk.attn_name}.qkv"
+                _patch_linear(blk.attn.qkv, linear_rule(rules.rule_for(qkv_name, blk.group), qkv_name),
+                              saved)
+                proj_name = f"{blk.attn_name}.proj"
+                _patch_linear(blk.attn.proj,
+                              linear_rule(rules.rule_for(proj_name, blk.group), proj_name), saved)
+            rec_m = recording.recorder(recording.mlp, blk.fc1_name) \
+                if recording is not None and "mlp" in want else None
+            _patch_act(blk.act, rec_m, saved)
+            _patch_linear(blk.fc1, linear_rule(rules.rule_for(blk.fc1_name, blk.group), blk.fc1_name),
+                          saved)
+            fc2_rule = linear_rule(rules.rule_for(blk.fc2_name, blk.group), blk.fc2_name)
+            if recording is not None and mlp_outputs:
+                _record_output(blk.fc2, fc2_rule,
+                               recording.recorder(recording.mlp_out, blk.fc2_name), saved)
+            else:
+                _patch_linear(blk.fc2, fc2_rule, saved)
+        for name in struct.head_names:
+            mod = model.get_submodule(name)
+            _patch_linear(mod, linear_rule(rules.rule_for(name, "fc"), name), saved)
+        for act in struct.extra_acts:
+            _patch_act(act, None, saved)
+        pe = struct.patch_embed
+        pe_rule = _module_rule(rules.rule_for(struct.patch_embed_name, "input"), struct.patch_embed_name)
+        pe_fwd = pe.forward
+        _set_forward(pe, lambda x: pe_rule(pe_fwd(x)), saved)
+        if rules.residual_eps:
+            _patch_residual_blocks(struct, rules.residual_eps, saved)
+        yield struct
+    finally:
+        for module, had, fn in reversed(saved):
+            if had:
+                module.forward = fn
+            else:
+                del module.forward
+
+
+# --------------------------------------------------------------------------- explain
+
+
+@dataclass
+class ViTExplanation:
+    """Result of `explain_vit`: input relevance, component relevances, unchanged logits."""
+
+    input: Tensor
+    components: dict[str, Tensor]
+    output: Tensor
+
+
+def start_gradient(output: Tensor, targets: Tensor | None, start: str) -> Tensor:
+    """Initial gradient g0 such that output * g0 is the starting relevance."""
+    if start == "predicted" or targets is None:
+        idx = output.argmax(dim=1)
+    else:
+        idx = torch.as_tensor(targets, device=output.device).long().reshape(-1)
+    onehot = torch.zeros_like(output).scatter_(1, idx[:, None], 1.0)
+    if start == "logit":
+        return onehot
+    if start in ("target", "predicted"):
+        return onehot / ops.stabilise(output.detach(), 1e-12)
+    raise ConfigError(f"start must be 'target', 'predicted' or 'logit', got {start!r}")
+
+
+@contextmanager
+def _frozen_eval(model: nn.Module) -> Iterator[None]:
+    """Parameters without grad and every module in eval mode, restored afterwards."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        model.eval()
+        yield
+    finally:
+        for p, f in flags:
+            p.requires_grad_(f)
+        for m, t in modes:
+            m.training = t
+
+
+def explain_vit(model: nn.Module, inputs: Tensor, targets: Tensor | None, rules: Any, *,
+                start: str = "target", kinds: set[str] | list[str] | None = None,
+                mlp_outputs: bool = False, matmul_eps: float = 0.0, residual_eps: float = 0.0,
+                boundaries: tuple[float, float] = (0.25, 0.75)) -> ViTExplanation:
+    """LRP of a ViT in one forward and one backward pass.
+
+    components: per attention module (batch, heads), per MLP fc1 (batch, hidden), and
+    with `mlp_outputs` per fc2 (batch, dim); all summed over tokens.
+    """
+    vr = rules if isinstance(rules, ViTRules) else ViTRules.from_config(
+        rules, matmul_eps=matmul_eps, residual_eps=residual_eps)
+    rec = Recording()
+    kind_set = set(kinds) if kinds is not None else None
+    x = inputs.detach().requires_grad_(True)
+    with _frozen_eval(model), torch.enable_grad(), \
+            explainable_vit(model, vr, rec, kinds=kind_set, mlp_outputs=mlp_outputs,
+                            boundaries=boundaries) as struct:
+        out = model(x)
+        (grad,) = torch.autograd.grad(out, x, start_gradient(out, targets, start))
+    relevance = x.detach() * grad
+    components: dict[str, Tensor] = {}
+    for blk in struct.blocks:  # forward order
+        for store, name in ((rec.heads, blk.attn_name), (rec.mlp, blk.fc1_name),
+                            (rec.mlp_out, blk.fc2_name)):
+            if name in store:
+                components[name] = store[name]
+    for name, t in (("input", relevance), *components.items()):
+        if not bool(torch.isfinite(t).all()):
+            raise NonFiniteRelevanceError(f"non-finite relevance at {name}: try a larger epsilon")
+    return ViTExplanation(relevance, components, out.detach())
+
+
+def vit_head_dim(model: nn.Module) -> int:
+    """Per-head width of the first block (for masking heads)."""
+    blk = vit_structure(model).blocks[0]
+    width = blk.attn.embed_dim if isinstance(blk.attn, nn.MultiheadAttention) else \
+        blk.attn.num_heads * blk.attn.head_dim
+    return math.ceil(width / blk.num_heads)
