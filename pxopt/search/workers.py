@@ -1,0 +1,466 @@
+"""Run one study with N worker processes, and survive crashes, Ctrl-C, OOM and NaN.
+
+All coordination goes through Optuna's storage (see `pxopt.search.storage`): every worker
+is an ordinary `study.optimize` loop on the same study, so N workers on one machine and
+N `pxopt search` commands on N machines behave the same. What this module adds:
+
+- process management: `run_workers` spawns N processes (`spawn` start method, safe with
+  CUDA), one GPU each, round-robin over `CUDA_VISIBLE_DEVICES` (or all visible GPUs);
+- a shared trial budget: the study ends up with `n_trials` finished (COMPLETE or PRUNED)
+  trials in total, whoever ran them (as `pxopt.search.run_search` counts them);
+- `guard`: an out-of-memory error or a non-finite value fails only that trial, with the
+  reason in its `fail_reason` user attribute, and the study goes on;
+- Ctrl-C: the running trial is marked FAIL (`fail_reason` = interrupted), queued again
+  with the same parameters for the next run, and a resume command is printed.
+
+A worker killed outright (SIGKILL, power loss) cannot clean up: its trial keeps RUNNING
+until Optuna's heartbeat check (run by any worker before each new trial) marks it FAIL and
+`RetryHeartbeatStaleTrialCallback` queues it again with the same parameters.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing as mp
+import os
+import signal
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+import torch
+from optuna.trial import TrialState
+
+from pxopt.device import configure_threads
+from pxopt.errors import ConfigError, NonFiniteRelevanceError, PxoptError, StorageError
+from pxopt.search.storage import DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_MAX_RETRY, open_storage
+
+Objective = Callable[[optuna.Trial], float]
+FAIL_REASON = "fail_reason"
+INTERRUPTED = "interrupted by SIGINT (Ctrl-C); queued again for the next run"
+#: States that count against the study's trial budget (failed trials are retried or redone).
+_FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+#: A worker stops after this many failed trials in a row (a broken setup, not bad luck).
+MAX_CONSECUTIVE_FAILURES = 5
+
+
+class TrialOutOfMemory(MemoryError):
+    """A trial ran out of (GPU or host) memory; only that trial fails."""
+
+
+#: Exceptions that fail one trial but let the worker go on with the next one.
+CAUGHT: tuple[type[BaseException], ...] = (PxoptError, MemoryError, torch.OutOfMemoryError)
+
+
+@dataclass(frozen=True)
+class WorkerContext:
+    """What one worker process gets to build its objective."""
+
+    index: int  # 0 .. n_workers - 1
+    n_workers: int
+    device: str  # "auto", "cpu" or "cuda:0" (its own GPU when several are shared out)
+    threads: int | None  # CPU threads for this worker (None: leave torch's default)
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """Where the study lives and how much work this run adds (shared by all workers)."""
+
+    storage: str  # path or SQLAlchemy URL
+    study_name: str
+    n_trials: int | None = None  # finished trials the study should hold; None: until timeout / Ctrl-C
+    timeout: float | None = None  # seconds per worker, after which no new trial starts
+    device: str = "auto"
+    heartbeat_interval: int | None = DEFAULT_HEARTBEAT_INTERVAL
+    grace_period: int | None = None
+    max_retry: int | None = DEFAULT_MAX_RETRY
+
+
+@dataclass
+class WorkerSetup:
+    """What a factory returns: the objective, plus the sampler and pruner of this worker.
+
+    Give each worker its own sampler seed (e.g. seed + index + len(trials)): identical
+    seeds make every worker propose the same parameters.
+    """
+
+    objective: Objective
+    sampler: optuna.samplers.BaseSampler | None = None
+    pruner: optuna.pruners.BasePruner | None = None
+
+
+#: Builds a worker's objective inside its process (load model and task there, not in the
+#: parent). Must be picklable for N > 1: a module-level function or a `functools.partial`.
+ObjectiveFactory = Callable[[WorkerContext], WorkerSetup]
+
+
+@dataclass
+class RunSummary:
+    """What a run did; `interrupted` runs print `resume_hint`."""
+
+    n_workers: int
+    trials_before: int
+    trials_after: int
+    interrupted: bool = False
+    exit_codes: list[int] = field(default_factory=list)
+    resume_hint: str | None = None
+
+
+# --- one trial ---------------------------------------------------------------------------
+
+
+def _is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, MemoryError | torch.OutOfMemoryError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and (
+        "out of memory" in text or "can't allocate memory" in text
+    )
+
+
+def _set_reason(trial: optuna.Trial, reason: str) -> None:
+    """Record why a trial failed, keeping a more specific reason set by the objective."""
+    if FAIL_REASON not in trial.user_attrs:
+        trial.set_user_attr(FAIL_REASON, reason[:1000])
+
+
+def guard(objective: Objective, on_start: Callable[[optuna.Trial], None] | None = None) -> Objective:
+    """Wrap an objective so every failure leaves its reason in the trial's user attributes.
+
+    Out-of-memory becomes `TrialOutOfMemory` and a NaN/inf value `NonFiniteRelevanceError`,
+    both in `CAUGHT`, so `study.optimize(..., catch=CAUGHT)` fails only that trial.
+    """
+
+    def guarded(trial: optuna.Trial) -> float:
+        if on_start is not None:
+            on_start(trial)
+        try:
+            value = objective(trial)
+        except optuna.TrialPruned:
+            raise
+        except KeyboardInterrupt:
+            _set_reason(trial, INTERRUPTED)
+            raise
+        except BaseException as exc:
+            if _is_oom(exc):
+                _set_reason(trial, f"out of memory: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                if isinstance(exc, CAUGHT):
+                    raise
+                raise TrialOutOfMemory(str(exc)) from exc
+            _set_reason(trial, f"{type(exc).__name__}: {exc}")
+            raise
+        if value is None or not math.isfinite(float(value)):
+            reason = f"objective value is {value}"
+            _set_reason(trial, f"NonFiniteRelevanceError: {reason}")
+            raise NonFiniteRelevanceError(reason)
+        return value
+
+    return guarded
+
+
+# --- one worker --------------------------------------------------------------------------
+
+
+def _count(study: optuna.Study, states: tuple[TrialState, ...]) -> int:
+    return len(study.get_trials(deepcopy=False, states=states))
+
+
+def _requeue_interrupted(study: optuna.Study, trial_id: int) -> None:
+    """Make sure an interrupted trial is FAIL (not left RUNNING) and queue its parameters."""
+    storage = study._storage
+    frozen = storage.get_trial(trial_id)
+    if frozen.state == TrialState.RUNNING:  # interrupted outside the objective (ask / tell)
+        storage.set_trial_user_attr(trial_id, FAIL_REASON, INTERRUPTED)
+        storage.set_trial_state_values(trial_id, TrialState.FAIL)
+        frozen = storage.get_trial(trial_id)
+    if frozen.state != TrialState.FAIL or not frozen.params:
+        return
+    history = [*frozen.system_attrs.get("retry_history", []), frozen.number]
+    study.add_trial(
+        optuna.trial.create_trial(
+            state=TrialState.WAITING,
+            params=frozen.params,
+            distributions=frozen.distributions,
+            system_attrs={
+                "failed_trial": frozen.system_attrs.get("failed_trial", frozen.number),
+                "retry_history": history,
+            },
+        )
+    )
+
+
+@contextmanager
+def _sigint_once() -> Iterator[None]:
+    """First SIGINT raises KeyboardInterrupt, later ones are ignored while we clean up.
+
+    Ctrl-C in a terminal reaches every worker and the parent, which forwards it again.
+    """
+
+    def handler(_signum: int, _frame: Any) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def run_worker(
+    factory: ObjectiveFactory,
+    plan: WorkerPlan,
+    ctx: WorkerContext,
+    *,
+    log: Callable[[str], None] | None = None,
+) -> bool:
+    """One optimisation loop on the shared study; returns False when interrupted.
+
+    Before each trial it fails stale trials (heartbeat) and stops once finished plus running
+    trials reach `plan.n_trials`, so N workers share one budget and overshoot rarely.
+    """
+    log = log or _stderr
+    if ctx.threads is not None:
+        configure_threads(ctx.threads)
+    storage = open_storage(
+        plan.storage,
+        heartbeat_interval=plan.heartbeat_interval,
+        grace_period=plan.grace_period,
+        max_retry=plan.max_retry,
+    )
+    setup = factory(ctx)
+    try:
+        study = optuna.load_study(
+            study_name=plan.study_name, storage=storage, sampler=setup.sampler, pruner=setup.pruner
+        )
+    except KeyError as exc:
+        raise StorageError(f"study {plan.study_name!r} does not exist in the storage") from exc
+    current: list[int] = []
+    objective = guard(setup.objective, on_start=lambda t: current.append(t._trial_id))
+    deadline = None if plan.timeout is None else time.monotonic() + plan.timeout
+    failures = 0
+    with _sigint_once(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        try:
+            while True:
+                if deadline is not None and time.monotonic() >= deadline:
+                    return True
+                optuna.storages.fail_stale_trials(study)  # no-op without heartbeat
+                if plan.n_trials is not None and _count(study, (*_FINISHED, TrialState.RUNNING)) >= plan.n_trials:
+                    return True
+                current.clear()
+                study.optimize(objective, n_trials=1, catch=CAUGHT, gc_after_trial=False)
+                last = storage.get_trial(current[-1]) if current else None
+                failures = failures + 1 if last is not None and last.state == TrialState.FAIL else 0
+                if failures >= MAX_CONSECUTIVE_FAILURES:
+                    log(
+                        f"worker {ctx.index}: stopping after {failures} failed trials in a row; last "
+                        f"reason: {last.user_attrs.get(FAIL_REASON, 'unknown') if last else 'unknown'}"
+                    )
+                    return True
+        except KeyboardInterrupt:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            for trial_id in current:
+                _requeue_interrupted(study, trial_id)
+            return False
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _child_main(factory: ObjectiveFactory, plan: WorkerPlan, ctx: WorkerContext, errors: Any) -> None:
+    """Entry point of a spawned worker: exit 0 done, 130 interrupted, 2 user error, 1 bug."""
+    try:
+        completed = run_worker(factory, plan, ctx)
+    except PxoptError as exc:
+        errors.put((ctx.index, type(exc).__name__, str(exc)))
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except BaseException as exc:
+        errors.put((ctx.index, type(exc).__name__, f"{type(exc).__name__}: {exc}"))
+        raise
+    sys.exit(0 if completed else 130)
+
+
+# --- many workers ------------------------------------------------------------------------
+
+
+def visible_gpus() -> list[str]:
+    """GPU ids to share out: `CUDA_VISIBLE_DEVICES` if set, else all that torch sees."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        ids = [part.strip() for part in env.split(",") if part.strip()]
+        return [] if ids and ids[0].startswith("-") else ids
+    return [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+
+
+def assign_devices(n_workers: int, device: str = "auto", gpus: list[str] | None = None) -> list[tuple[str, str | None]]:
+    """(device for the worker, CUDA_VISIBLE_DEVICES for its process) per worker.
+
+    With `auto` or `cuda` and GPUs present, worker i gets GPU i mod #GPUs and sees it as
+    cuda:0. An explicit `cpu` or `cuda:K` is used as given by every worker.
+    """
+    gpus = visible_gpus() if gpus is None else gpus
+    if device in ("auto", "cuda") and gpus:
+        return [("cuda:0", gpus[i % len(gpus)]) for i in range(n_workers)]
+    return [(device, None) for _ in range(n_workers)]
+
+
+def _threads_per_worker(n_workers: int, on_gpu: bool) -> int | None:
+    """Split the CPU cores between workers so N processes do not oversubscribe them."""
+    if os.environ.get("PXOPT_THREADS"):
+        return int(os.environ["PXOPT_THREADS"])
+    if n_workers == 1:
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return 1 if on_gpu else max(1, cores // n_workers)
+
+
+def resume_command(argv: list[str] | None = None) -> str:
+    """The command that resumes this run (same storage and study continue the study)."""
+    import shlex
+
+    args = sys.argv[1:] if argv is None else argv
+    return shlex.join(["pxopt", *args])
+
+
+def run_workers(
+    factory: ObjectiveFactory,
+    plan: WorkerPlan,
+    n_workers: int = 1,
+    *,
+    resume_hint: str | None = None,
+    log: Callable[[str], None] | None = None,
+) -> RunSummary:
+    """Run `plan` with `n_workers` processes (in this process when 1) on one study.
+
+    The study must exist (create it with `pxopt.search.storage.open_study`). Returns when
+    the budget is spent, the timeout passed, or after Ctrl-C (then `interrupted` is True
+    and `resume_hint` has been logged). A worker's `PxoptError` is re-raised here.
+    """
+    if not isinstance(n_workers, int) or n_workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {n_workers}")
+    if plan.n_trials is not None and plan.n_trials < 1:
+        raise ConfigError(f"--trials must be >= 1, got {plan.n_trials}")
+    log = log or _stderr
+    storage = open_storage(plan.storage, heartbeat_interval=None)
+    try:
+        study = optuna.load_study(study_name=plan.study_name, storage=storage, sampler=optuna.samplers.RandomSampler())
+    except KeyError as exc:
+        raise StorageError(f"study {plan.study_name!r} does not exist in the storage") from exc
+    before = _count(study, _FINISHED)
+    summary = RunSummary(n_workers=0, trials_before=before, trials_after=before)
+    if plan.n_trials is not None:
+        remaining = plan.n_trials - before
+        if remaining <= 0:
+            log(f"study {plan.study_name!r} already has {before} of {plan.n_trials} finished trials")
+            return summary
+        n_workers = min(n_workers, remaining)  # idle workers would only load the model
+    devices = assign_devices(n_workers, plan.device)
+    threads = _threads_per_worker(n_workers, on_gpu=devices[0][1] is not None)
+    hint = resume_hint or resume_command()
+    summary.n_workers = n_workers
+
+    if n_workers == 1:
+        device, _ = devices[0]
+        ctx = WorkerContext(0, 1, device, threads)
+        completed = run_worker(factory, plan, ctx, log=log)
+        summary.exit_codes = [0 if completed else 130]
+        summary.interrupted = not completed
+    else:
+        summary.exit_codes, summary.interrupted = _run_processes(factory, plan, devices, threads)
+    summary.trials_after = _count(study, _FINISHED)
+    if summary.interrupted:
+        summary.resume_hint = hint
+        log(
+            f"interrupted: study {plan.study_name!r} has {summary.trials_after} finished trials "
+            f"(running ones were marked failed and queued again). Resume with: {hint}"
+        )
+    return summary
+
+
+def _run_processes(
+    factory: ObjectiveFactory,
+    plan: WorkerPlan,
+    devices: list[tuple[str, str | None]],
+    threads: int | None,
+) -> tuple[list[int], bool]:
+    """Spawn one process per device, forward Ctrl-C to them, collect their errors."""
+    context = mp.get_context("spawn")
+    errors = context.Queue()
+    processes = []
+    for index, (device, gpu) in enumerate(devices):
+        ctx = WorkerContext(index, len(devices), device, threads)
+        with _env("CUDA_VISIBLE_DEVICES", gpu):
+            process = context.Process(
+                target=_child_main, args=(factory, plan, ctx, errors), name=f"pxopt-worker-{index}"
+            )
+            process.start()
+        processes.append(process)
+    interrupted = False
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        for process in processes:
+            process.join()
+    except KeyboardInterrupt:
+        interrupted = True
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the workers clean up; don't die first
+        for process in processes:
+            if process.is_alive() and process.pid is not None:
+                os.kill(process.pid, signal.SIGINT)
+        for process in processes:
+            process.join()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    codes = [process.exitcode if process.exitcode is not None else -1 for process in processes]
+    interrupted = interrupted or any(code == 130 for code in codes)
+    reported = []
+    while not errors.empty():
+        reported.append(errors.get())
+    errors.close()
+    for index, name, message in sorted(reported):
+        if codes[index] == 2:
+            raise _rebuild_error(name, message)
+    if reported:
+        index, _, message = sorted(reported)[0]
+        raise RuntimeError(f"worker {index} crashed: {message}")
+    failed = [i for i, code in enumerate(codes) if code not in (0, 130)]
+    if failed and not interrupted:
+        raise RuntimeError(f"worker(s) {failed} exited with codes {[codes[i] for i in failed]}")
+    return codes, interrupted
+
+
+def _rebuild_error(name: str, message: str) -> PxoptError:
+    """The worker's PxoptError subclass, by name, so the CLI reports it the same way."""
+    import pxopt.errors as errors_module
+
+    cls = getattr(errors_module, name, None)
+    if isinstance(cls, type) and issubclass(cls, PxoptError):
+        return cls(message)
+    return PxoptError(message)
+
+
+@contextmanager
+def _env(name: str, value: str | None) -> Iterator[None]:
+    """Set an environment variable while a child is spawned (it inherits os.environ)."""
+    if value is None:
+        yield
+        return
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old

@@ -1,0 +1,124 @@
+"""Many workers on one study: SQLite and a real PostgreSQL server, real processes."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+from fixtures_pg import pg_server, pg_url  # noqa: F401
+from optuna.trial import TrialState
+from test_workers_toy import ToyFactory
+
+from pxopt.errors import ConfigError, StorageError
+from pxopt.search.storage import open_storage, open_study
+from pxopt.search.workers import (
+    WorkerContext,
+    WorkerPlan,
+    WorkerSetup,
+    assign_devices,
+    run_workers,
+)
+
+TASK = {"dataset": "toy"}
+
+
+def _check_shared_study(url: str, n_trials: int, n_workers: int) -> None:
+    """4 processes on one study: nothing lost, no duplicates, everyone worked, best agrees."""
+    open_study(open_storage(url), "many", model_spec="toy", task=TASK)
+    plan = WorkerPlan(storage=url, study_name="many", n_trials=n_trials, device="cpu",
+                      heartbeat_interval=1, grace_period=5)
+    summary = run_workers(ToyFactory(sleep=0.3, prune=True), plan, n_workers)
+
+    assert summary.n_workers == n_workers and summary.exit_codes == [0] * n_workers
+    assert not summary.interrupted
+    study = optuna.load_study(study_name="many", storage=open_storage(url, heartbeat_interval=None))
+    trials = study.trials
+    states = {t.state for t in trials}
+    assert states <= {TrialState.COMPLETE, TrialState.PRUNED}, states
+    finished = len(trials)
+    assert n_trials <= finished <= n_trials + n_workers - 1  # shared budget, rare overshoot
+    assert summary.trials_after == finished
+    numbers = [t.number for t in trials]
+    assert sorted(numbers) == list(range(finished))  # none lost, none duplicated
+    assert len({t._trial_id for t in trials}) == finished
+    assert len({t.user_attrs["worker"] for t in trials}) == n_workers  # all took part
+    assert any(t.state == TrialState.COMPLETE for t in trials)
+    best = max((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: t.value)
+    # read back through a fresh connection: the same best trial
+    again = optuna.load_study(study_name="many", storage=open_storage(url, heartbeat_interval=None))
+    assert again.best_trial.number == best.number
+    assert again.best_trial.params == best.params and again.best_trial.value == best.value
+
+
+@pytest.mark.slow
+def test_four_workers_share_a_sqlite_study(tmp_path):
+    _check_shared_study(f"sqlite:///{tmp_path / 'many.db'}", n_trials=16, n_workers=4)
+
+
+@pytest.mark.slow
+def test_four_workers_share_a_postgresql_study(pg_url):  # noqa: F811
+    _check_shared_study(pg_url, n_trials=16, n_workers=4)
+
+
+def test_one_worker_runs_in_process_and_resume_reaches_the_target(tmp_path):
+    url = str(tmp_path / "one.db")
+    open_study(open_storage(url), "one", model_spec="toy", task=TASK)
+    plan = WorkerPlan(storage=url, study_name="one", n_trials=3, device="cpu")
+    first = run_workers(ToyFactory(sleep=0.0), plan, 1)
+    assert (first.trials_before, first.trials_after, first.exit_codes) == (0, 3, [0])
+    again = run_workers(ToyFactory(sleep=0.0), plan, 1)  # budget already met: nothing to do
+    assert again.trials_after == 3 and again.n_workers == 0
+    more = run_workers(ToyFactory(sleep=0.0), WorkerPlan(**{**plan.__dict__, "n_trials": 5}), 1)
+    assert (more.trials_before, more.trials_after) == (3, 5)
+
+
+def test_bad_worker_counts_and_missing_study(tmp_path):
+    url = str(tmp_path / "w.db")
+    plan = WorkerPlan(storage=url, study_name="absent", n_trials=2)
+    with pytest.raises(ConfigError, match="--workers must be >= 1, got 0"):
+        run_workers(ToyFactory(), plan, 0)
+    with pytest.raises(ConfigError, match="--trials"):
+        run_workers(ToyFactory(), WorkerPlan(storage=url, study_name="absent", n_trials=0), 1)
+    with pytest.raises(StorageError, match="study 'absent' does not exist"):
+        run_workers(ToyFactory(), plan, 1)
+
+
+def test_devices_round_robin_over_visible_gpus(monkeypatch):
+    assert assign_devices(5, "auto", gpus=["2", "5"]) == [
+        ("cuda:0", "2"), ("cuda:0", "5"), ("cuda:0", "2"), ("cuda:0", "5"), ("cuda:0", "2")
+    ]
+    assert assign_devices(2, "cpu", gpus=["0", "1"]) == [("cpu", None), ("cpu", None)]
+    assert assign_devices(2, "cuda:1", gpus=["0", "1"]) == [("cuda:1", None), ("cuda:1", None)]
+    assert assign_devices(2, "auto", gpus=[]) == [("auto", None), ("auto", None)]
+    from pxopt.search import workers
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3, 7")
+    assert workers.visible_gpus() == ["3", "7"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
+    assert workers.visible_gpus() == []
+
+
+def _env_factory(ctx: WorkerContext) -> WorkerSetup:
+    """Records which GPU id each worker process was given (picklable: module level)."""
+    import os
+
+    def objective(trial: optuna.Trial) -> float:
+        trial.set_user_attr("cvd", os.environ.get("CUDA_VISIBLE_DEVICES"))
+        trial.set_user_attr("device", ctx.device)
+        trial.set_user_attr("worker", ctx.index)
+        return float(trial.suggest_float("x", 0, 1))
+
+    return WorkerSetup(objective, optuna.samplers.RandomSampler(seed=ctx.index))
+
+
+@pytest.mark.slow
+def test_each_process_sees_only_its_gpu(tmp_path, monkeypatch):
+    """The env var is what CUDA reads: each spawned worker gets its own GPU id."""
+    from pxopt.search import workers
+
+    monkeypatch.setattr(workers, "visible_gpus", lambda: ["4", "6"])
+    url = str(tmp_path / "gpu.db")
+    open_study(open_storage(url), "g", model_spec="toy", task=TASK)
+    run_workers(_env_factory, WorkerPlan(storage=url, study_name="g", n_trials=6, device="auto"), 2)
+    trials = optuna.load_study(study_name="g", storage=open_storage(url)).trials
+    seen = {(t.user_attrs["worker"], t.user_attrs["cvd"], t.user_attrs["device"]) for t in trials}
+    assert seen <= {(0, "4", "cuda:0"), (1, "6", "cuda:0")} and len(seen) == 2

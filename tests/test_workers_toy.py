@@ -1,0 +1,86 @@
+"""A tiny objective and a command line around `run_workers`, for the worker/crash tests.
+
+Run as a script it is a real worker process that tests can kill:
+`python tests/test_workers_toy.py STORAGE STUDY N_TRIALS N_WORKERS [--hang-at K] ...`.
+(No tests here; pytest imports it harmlessly.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+
+from pxopt.search.workers import WorkerContext, WorkerPlan, WorkerSetup, run_workers
+
+
+@dataclass(frozen=True)
+class ToyFactory:
+    """Objective: maximise -(x - 0.3)^2, reported in 3 steps so a pruner can act.
+
+    `hang_at`: the trial with this number writes `marker` and sleeps (to be killed);
+    `nan_at` / `oom_at`: that trial returns NaN / raises an out-of-memory error.
+    """
+
+    sleep: float = 0.05
+    hang_at: int | None = None
+    marker: str | None = None
+    nan_at: int | None = None
+    oom_at: int | None = None
+    seed: int = 0
+    prune: bool = False
+
+    def __call__(self, ctx: WorkerContext) -> WorkerSetup:
+        def objective(trial: optuna.Trial) -> float:
+            x = trial.suggest_float("x", -1.0, 1.0)
+            trial.set_user_attr("worker", ctx.index)
+            if trial.number == self.hang_at and trial.system_attrs.get("failed_trial") is None:
+                if self.marker:
+                    Path(self.marker).write_text(str(trial.number))
+                time.sleep(3600)
+            if trial.number == self.nan_at:
+                return float("nan")
+            if trial.number == self.oom_at:
+                raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
+            value = -((x - 0.3) ** 2)
+            for step in range(3):
+                time.sleep(self.sleep / 3)
+                trial.report(value * (3 - step), step)
+                if self.prune and trial.should_prune():
+                    raise optuna.TrialPruned()
+            return value
+
+        sampler = optuna.samplers.RandomSampler(seed=self.seed + 1000 * ctx.index)
+        pruner = optuna.pruners.MedianPruner(n_startup_trials=2) if self.prune else None
+        return WorkerSetup(objective=objective, sampler=sampler, pruner=pruner)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("storage")
+    parser.add_argument("study")
+    parser.add_argument("trials", type=int)
+    parser.add_argument("workers", type=int)
+    parser.add_argument("--hang-at", type=int)
+    parser.add_argument("--marker")
+    parser.add_argument("--sleep", type=float, default=0.05)
+    parser.add_argument("--heartbeat", type=int, default=1)
+    parser.add_argument("--grace", type=int, default=2)
+    args = parser.parse_args(argv)
+    from test_workers_toy import ToyFactory as Factory  # picklable by module name, not __main__
+
+    plan = WorkerPlan(
+        storage=args.storage, study_name=args.study, n_trials=args.trials,
+        heartbeat_interval=args.heartbeat, grace_period=args.grace, device="cpu",
+    )
+    factory = Factory(sleep=args.sleep, hang_at=args.hang_at, marker=args.marker)
+    summary = run_workers(factory, plan, args.workers, resume_hint="pxopt search --resume-test")
+    return 130 if summary.interrupted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
