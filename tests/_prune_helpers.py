@@ -100,11 +100,26 @@ class TinyResNet(nn.Module):
         return self.fc(torch.relu(self.hidden(x)))
 
 
+def calibrate_classifier(model: nn.Module, fc: nn.Linear, x: torch.Tensor) -> None:
+    """Standardise the classifier's inputs on `x`, so that random models' predictions
+    depend on the input (otherwise one class wins everywhere)."""
+    seen = {}
+    h = fc.register_forward_pre_hook(lambda m, a: seen.__setitem__("f", a[0]))
+    with torch.no_grad():
+        model(x)
+        h.remove()
+        f = seen["f"].reshape(-1, fc.in_features)
+        fc.weight.div_(f.std(0) + 1e-6)
+        fc.bias.sub_(fc.weight @ f.mean(0))
+
+
 def tiny_resnet(seed: int = 0, **kw) -> nn.Module:
     torch.manual_seed(seed)
     m = TinyResNet(**kw)
     randomise_bn(m, seed)
-    return m.eval()
+    m.eval()
+    calibrate_classifier(m, m.fc, torch.randn(256, m.stem.in_channels, 28, 28))
+    return m
 
 
 def tiny_vit(seed: int = 0) -> nn.Module:
@@ -115,4 +130,7 @@ def tiny_vit(seed: int = 0) -> nn.Module:
         "vit_tiny_patch16_224", pretrained=False, img_size=28, patch_size=7, in_chans=1,
         embed_dim=32, depth=2, num_heads=4, num_classes=10,
     )
-    return m.eval()
+    m.eval()
+    nn.init.normal_(m.head.weight)  # timm may zero-initialise the head
+    calibrate_classifier(m, m.head, torch.randn(256, 1, 28, 28))
+    return m

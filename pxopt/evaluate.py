@@ -1,0 +1,232 @@
+"""Accuracy-vs-pruning-rate curves, their area and Top-PR.
+
+Definitions (also in docs/INTERFACES.md section 7):
+- accuracy: argmax over the task's classes only (the logits of other classes are ignored,
+  not zeroed), compared with the labels (model-output indices);
+- `area`: trapezoid rule (`numpy.trapezoid`) over the given rates;
+- `area_normalised`: area / (last rate - first rate), i.e. the mean accuracy over the rate
+  span, in [0, 1]; `meta["area_relative"]` divides further by the unpruned accuracy;
+- `top_pr`: the highest rate of the grid whose accuracy is >= 95 % of the unpruned one.
+
+Cost: the validation batches are moved to the device once, every rate is one inference
+pass over them, masks grow in place (nested rates, no model copies), a rate whose prune
+set equals the previous one reuses its accuracy, and where safe the zeroed channels are
+sliced out of conv->BN->ReLU->conv and fc1->act->fc2 pairs (mode "slice"/"auto").
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pxopt.device import resolve_device
+from pxopt.errors import ConfigError
+from pxopt.prune import Cap, Masker, PruneOrder, global_order
+from pxopt.prune.slicing import Slicer
+from pxopt.scores import ComponentScores
+
+DEFAULT_RATES: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(20))
+TOP_PR_FRACTION = 0.95
+
+OnRate = Callable[[int, float, float], None]
+
+
+@dataclass
+class Curve:
+    """One accuracy-vs-pruning-rate curve; JSON-serialisable through `to_dict`."""
+
+    rates: list[float]
+    accuracies: list[float]
+    area: float
+    area_normalised: float
+    top_pr: float
+    pruned_per_layer: dict[str, list[int]]
+    stopped_early_at: float | None = None  # first rate recorded as chance without evaluating
+    chance: float = 0.0
+    meta: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rates": list(self.rates), "accuracies": list(self.accuracies), "area": self.area,
+            "area_normalised": self.area_normalised, "top_pr": self.top_pr,
+            "pruned_per_layer": {k: list(v) for k, v in self.pruned_per_layer.items()},
+            "stopped_early_at": self.stopped_early_at, "chance": self.chance, "meta": dict(self.meta),
+        }
+
+
+def check_rates(rates: Sequence[float]) -> list[float]:
+    """Rates must be strictly increasing in [0, 1] (nested masks only grow)."""
+    rs = [float(r) for r in rates]
+    if not rs:
+        raise ConfigError("rates must contain at least one pruning rate")
+    if any(not 0.0 <= r <= 1.0 for r in rs):
+        raise ConfigError(f"pruning rates must lie in [0, 1], got {rs}")
+    if any(b <= a for a, b in zip(rs, rs[1:], strict=False)):
+        raise ConfigError(f"pruning rates must be strictly increasing, got {rs}")
+    return rs
+
+
+def curve_area(rates: Sequence[float], accuracies: Sequence[float]) -> tuple[float, float]:
+    """(area by the trapezoid rule, area / rate span). A single rate gives (0, its accuracy)."""
+    r = np.asarray(rates, dtype=np.float64)
+    a = np.asarray(accuracies, dtype=np.float64)
+    if r.size < 2:
+        return 0.0, float(a[0]) if a.size else 0.0
+    area = float(np.trapezoid(a, r))
+    return area, area / float(r[-1] - r[0])
+
+
+def top_pruning_rate(rates: Sequence[float], accuracies: Sequence[float], unpruned: float,
+                     fraction: float = TOP_PR_FRACTION) -> float:
+    """Highest rate whose accuracy keeps >= `fraction` of the unpruned accuracy (0.0 if none)."""
+    ok = [r for r, a in zip(rates, accuracies, strict=True) if a >= fraction * unpruned - 1e-12]
+    return max(ok) if ok else 0.0
+
+
+def _scores_dict(scores: ComponentScores | Mapping[str, torch.Tensor], ranking: str) -> Mapping[str, torch.Tensor]:
+    if isinstance(scores, ComponentScores):
+        try:
+            return scores.select(ranking)  # type: ignore[arg-type]
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+    return scores
+
+
+def _materialise(task: Any, batches: Iterable | None, batch_size: int, device: torch.device) -> list:
+    src = batches if batches is not None else task.validation_batches(batch_size, device)
+    out = [(x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y in src]
+    if not out:
+        raise ConfigError("the task has no validation images")
+    return out
+
+
+@torch.inference_mode()
+def _accuracy(model: nn.Module, batches: list, classes: torch.Tensor) -> float:
+    """Task accuracy, counted on the device with one host sync per call."""
+    correct = torch.zeros((), dtype=torch.long, device=classes.device)
+    n = 0
+    for x, y in batches:
+        logits = model(x)
+        pred = classes[logits.index_select(1, classes).argmax(1)]
+        correct += (pred == y).sum()
+        n += y.numel()
+    return float(correct.item()) / n
+
+
+def accuracy_curve(
+    model: nn.Module,
+    task: Any,
+    layer_map: Iterable[Any],
+    scores: ComponentScores | Mapping[str, torch.Tensor] | None,
+    *,
+    kinds: str | Sequence[str],
+    ranking: str = "abs",
+    rates: Sequence[float] = DEFAULT_RATES,
+    device: str | torch.device | None = None,
+    on_rate: OnRate | None = None,
+    stop_at_chance: bool = False,
+    chance_margin: float = 0.01,
+    most_relevant_first: bool = False,
+    cap: Cap | None = None,
+    order: PruneOrder | None = None,
+    batch_size: int = 256,
+    batches: Iterable | None = None,
+    mode: str = "auto",
+) -> Curve:
+    """Prune the globally lowest-ranked components at each rate and measure task accuracy.
+
+    `task` needs `classes` and `validation_batches(batch_size, device)` (or pass `batches`
+    already on the device to skip the transfer, e.g. across the trials of a search).
+    `on_rate(i, rate, accuracy)` runs after each rate and may raise (e.g. optuna.TrialPruned);
+    masks are undone in every case. With `stop_at_chance`, once two consecutive rates are
+    within `chance_margin` of chance (1 / number of classes), the remaining rates are
+    recorded as chance without evaluating and `stopped_early_at` names the first of them.
+    `mode`: "mask" (masks only), "slice" / "auto" (also slice zeroed channels out where exact).
+    """
+    if mode not in ("auto", "mask", "slice"):
+        raise ConfigError(f"mode must be 'auto', 'mask' or 'slice', got {mode!r}")
+    rs = check_rates(rates)
+    dev = resolve_device(device) if device is not None else next(model.parameters()).device
+    classes = torch.as_tensor(list(task.classes), dtype=torch.long, device=dev)
+    if classes.numel() < 1:
+        raise ConfigError("the task has no classes")
+    chance = 1.0 / classes.numel()
+    if order is None:
+        if scores is None:
+            raise ConfigError("accuracy_curve needs scores or a precomputed order")
+        order = global_order(_scores_dict(scores, ranking), layer_map, kinds,
+                             most_relevant_first=most_relevant_first, cap=cap)
+    data = _materialise(task, batches, batch_size, dev)
+
+    accs: list[float] = []
+    counts = {name: [] for name in order.names}
+    stopped: float | None = None
+    was_training = model.training
+    model.eval()
+    t0 = time.perf_counter()
+    evaluated = reused = 0
+    unpruned: float | None = None
+    masker = Masker(model, layer_map, kinds)
+    slicer = Slicer(model, layer_map, kinds) if mode != "mask" else None
+    try:
+        if rs[0] > 0.0:  # Top-PR needs the unpruned accuracy
+            unpruned = _accuracy(model, data, classes)
+        prev_k = -1
+        for i, rate in enumerate(rs):
+            k = order.count(rate)
+            for name, c in order.per_layer_counts(rate).items():
+                counts[name].append(c)
+            if stopped is not None:
+                acc = chance
+            elif k == prev_k:
+                acc = accs[-1]
+                reused += 1
+            else:
+                pruned = order.pruned_first(k)
+                if slicer is not None:
+                    slicer.undo()
+                masker.set_pruned(pruned)
+                if slicer is not None:
+                    slicer.apply(pruned)
+                acc = _accuracy(model, data, classes)
+                evaluated += 1
+            prev_k = k
+            accs.append(acc)
+            if unpruned is None:
+                unpruned = acc
+            if on_rate is not None:
+                on_rate(i, rate, acc)
+            if (stop_at_chance and stopped is None and i + 1 < len(rs) and len(accs) >= 2
+                    and all(a <= chance + chance_margin for a in accs[-2:])):
+                stopped = rs[i + 1]
+    finally:
+        if slicer is not None:
+            slicer.undo()
+        masker.restore()
+        model.train(was_training)
+    area, norm = curve_area(rs, accs)
+    assert unpruned is not None
+    return Curve(
+        rates=rs, accuracies=accs, area=area, area_normalised=norm,
+        top_pr=top_pruning_rate(rs, accs, unpruned), pruned_per_layer=counts,
+        stopped_early_at=stopped, chance=chance,
+        meta={
+            "unpruned_accuracy": unpruned,
+            "area_relative": (norm / unpruned) if unpruned > 0 else math.nan,
+            "n_validation": sum(int(y.numel()) for _, y in data),
+            "kinds": list(kinds) if not isinstance(kinds, str) else [kinds],
+            "ranking": ranking, "most_relevant_first": most_relevant_first,
+            "cap": cap.to_dict() if cap else None, "capped": dict(order.capped),
+            "n_components": order.n_total, "mode": mode,
+            "sliced_layers": slicer.sliceable if slicer is not None else [],
+            "passes": evaluated + (1 if rs[0] > 0.0 else 0), "reused": reused,
+            "seconds": time.perf_counter() - t0,
+        },
+    )

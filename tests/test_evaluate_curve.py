@@ -1,0 +1,142 @@
+"""Curves: area, Top-PR, on_rate, chance stop, slicing equals masking, exact undo."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pxopt.errors import ConfigError
+from pxopt.evaluate import DEFAULT_RATES, accuracy_curve, curve_area, top_pruning_rate
+from pxopt.prune import Masker, global_order
+from pxopt.prune.slicing import Slicer
+from tests._prune_helpers import simple_layer_map, tiny_resnet, tiny_vit
+
+
+class FakeTask:
+    """Stand-in for pxopt.data.Task: labels are the model's own predictions on a class subset."""
+
+    def __init__(self, model, classes=(1, 3, 4, 7), n=64, seed=0, shape=(1, 28, 28)):
+        g = torch.Generator().manual_seed(seed)
+        self.classes = list(classes)
+        self.x = torch.randn(n, *shape, generator=g)
+        cls = torch.tensor(self.classes)
+        with torch.no_grad():
+            self.y = cls[model(self.x)[:, cls].argmax(1)]
+
+    def validation_batches(self, batch_size, device):
+        for i in range(0, len(self.x), batch_size):
+            yield self.x[i:i + batch_size].to(device), self.y[i:i + batch_size].to(device)
+
+
+def test_area_and_top_pr_on_hand_made_curves():
+    rates = [0.0, 0.25, 0.5, 0.75, 1.0]
+    accs = [1.0, 1.0, 0.5, 0.5, 0.0]
+    area, norm = curve_area(rates, accs)
+    assert area == pytest.approx(0.25 * (1.0 + 0.75 + 0.5 + 0.25))
+    assert norm == pytest.approx(area / 1.0)
+    _, norm2 = curve_area([0.2, 0.6], [0.8, 0.4])
+    assert norm2 == pytest.approx(0.6)  # mean accuracy over the span
+    assert top_pruning_rate(rates, accs, 1.0) == 0.25
+    assert top_pruning_rate([0, 0.1, 0.2, 0.3], [0.8, 0.77, 0.76, 0.75], 0.8) == 0.2  # 0.76 = 95 %
+    assert top_pruning_rate([0, 0.1], [0.8, 0.1], 0.8) == 0.0
+    assert DEFAULT_RATES[0] == 0.0 and DEFAULT_RATES[-1] == 0.95 and len(DEFAULT_RATES) == 20
+
+
+def _setup(kinds=("conv",)):
+    model = tiny_resnet()
+    lm = simple_layer_map(model, "fc")
+    g = torch.Generator().manual_seed(3)
+    scores = {la.name: torch.rand(la.n_components, generator=g) for la in lm.prunable(kinds)}
+    return model, lm, scores, FakeTask(model)
+
+
+def test_curve_basics_deterministic_and_model_untouched():
+    model, lm, scores, task = _setup()
+    snap = {k: v.clone() for k, v in model.state_dict().items()}
+    c1 = accuracy_curve(model, task, lm, scores, kinds="conv", device="cpu")
+    c2 = accuracy_curve(model, task, lm, scores, kinds="conv", device="cpu")
+    assert c1.accuracies == c2.accuracies
+    assert c1.accuracies[0] == 1.0  # labels are the unpruned model's predictions
+    assert min(c1.accuracies) < 1.0
+    assert c1.area == pytest.approx(float(np.trapezoid(c1.accuracies, c1.rates)))
+    assert c1.pruned_per_layer["stem"][0] == 0
+    totals = [sum(v[i] for v in c1.pruned_per_layer.values()) for i in range(20)]
+    assert totals == [int(r * 56 + 1e-9) for r in c1.rates]  # 8 + 8 + 8 + 16 + 16 conv channels
+    assert all(torch.equal(v, snap[k]) for k, v in model.state_dict().items())
+    assert c1.meta["sliced_layers"]  # the conv -> BN -> ReLU -> conv pairs were found
+
+
+def test_slice_equals_mask():
+    model, lm, scores, task = _setup()
+    order = global_order(scores, lm, "conv")
+    x = task.x[:16]
+    slicer = Slicer(model, lm, "conv")
+    assert set(slicer.sliceable) == {"block.conv1", "features.0"}
+    with Masker(model, lm, "conv") as masker:
+        for rate in (0.2, 0.5, 0.9):
+            masker.set_pruned(order.pruned_at(rate))
+            masked = model(x)
+            slicer.apply(order.pruned_at(rate))
+            assert model.block.conv1.weight.shape[0] < 8 or rate == 0.2 and order.per_layer_counts(rate)["block.conv1"] == 0
+            sliced = model(x)
+            slicer.undo()
+            torch.testing.assert_close(sliced, masked, rtol=1e-5, atol=1e-5)
+    a = accuracy_curve(model, task, lm, scores, kinds="conv", mode="mask")
+    b = accuracy_curve(model, task, lm, scores, kinds="conv", mode="slice")
+    assert a.accuracies == b.accuracies
+
+
+def test_on_rate_may_raise_and_masks_are_undone():
+    model, lm, scores, task = _setup()
+    snap = {k: v.clone() for k, v in model.state_dict().items()}
+    seen = []
+
+    def stop(i, rate, acc):
+        seen.append((i, rate, acc))
+        if i == 5:
+            raise KeyboardInterrupt  # anything, e.g. optuna.TrialPruned
+
+    with pytest.raises(KeyboardInterrupt):
+        accuracy_curve(model, task, lm, scores, kinds="conv", on_rate=stop)
+    assert [s[0] for s in seen] == list(range(6))
+    assert all(torch.equal(v, snap[k]) for k, v in model.state_dict().items())
+    assert all(p is model.get_parameter(n) for n, p in model.named_parameters())
+
+
+def test_stop_at_chance_records_chance_and_says_so():
+    model, lm, scores, task = _setup()
+    full = accuracy_curve(model, task, lm, scores, kinds="conv", stop_at_chance=False)
+    early = accuracy_curve(model, task, lm, scores, kinds="conv", stop_at_chance=True, chance_margin=0.3)
+    assert early.chance == 0.25
+    i = next(i for i in range(1, 20) if all(a <= 0.55 for a in full.accuracies[i - 1:i + 1]))
+    assert i + 1 < 20
+    assert early.stopped_early_at == full.rates[i + 1]
+    assert early.accuracies[: i + 1] == full.accuracies[: i + 1]
+    assert early.accuracies[i + 1:] == [0.25] * (19 - i)
+    assert early.meta["passes"] < full.meta["passes"]
+    assert full.stopped_early_at is None
+
+
+def test_rates_not_from_zero_and_bad_rates():
+    model, lm, scores, task = _setup()
+    c = accuracy_curve(model, task, lm, scores, kinds="conv", rates=[0.5, 0.9])
+    assert c.meta["unpruned_accuracy"] == 1.0 and len(c.accuracies) == 2
+    with pytest.raises(ConfigError):
+        accuracy_curve(model, task, lm, scores, kinds="conv", rates=[0.5, 0.2])
+    with pytest.raises(ConfigError):
+        accuracy_curve(model, task, lm, scores, kinds="conv", rates=[0.0, 1.5])
+
+
+def test_vit_mlp_and_heads_curves():
+    model = tiny_vit()
+    lm = simple_layer_map(model, "head")
+    task = FakeTask(model)
+    g = torch.Generator().manual_seed(0)
+    for kinds in ("mlp", "heads"):
+        scores = {la.name: torch.rand(la.n_components, generator=g) for la in lm.prunable(kinds)}
+        c = accuracy_curve(model, task, lm, scores, kinds=kinds)
+        assert c.accuracies[0] == 1.0 and c.accuracies[-1] < 1.0
+    mlp = accuracy_curve(model, task, lm, scores | {la.name: torch.rand(la.n_components, generator=g)
+                                                    for la in lm.prunable("mlp")}, kinds="mlp", mode="slice")
+    assert set(mlp.meta["sliced_layers"]) == {"blocks.0.mlp.fc1", "blocks.1.mlp.fc1"}
