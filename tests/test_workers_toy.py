@@ -38,7 +38,7 @@ class ToyFactory:
         def objective(trial: optuna.Trial) -> float:
             x = trial.suggest_float("x", -1.0, 1.0)
             trial.set_user_attr("worker", ctx.index)
-            if trial.number == self.hang_at and trial.system_attrs.get("failed_trial") is None:
+            if trial.number == self.hang_at:
                 if self.marker:
                     Path(self.marker).write_text(str(trial.number))
                 time.sleep(3600)
@@ -57,6 +57,11 @@ class ToyFactory:
         sampler = optuna.samplers.RandomSampler(seed=self.seed + 1000 * ctx.index)
         pruner = optuna.pruners.MedianPruner(n_startup_trials=2) if self.prune else None
         return WorkerSetup(objective=objective, sampler=sampler, pruner=pruner)
+
+
+def always_nan(ctx: WorkerContext) -> WorkerSetup:
+    """A broken setup: every trial fails (the worker must stop, not loop forever)."""
+    return WorkerSetup(objective=lambda trial: float("nan"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,197 @@
+"""Crashes: SIGKILL mid-trial (heartbeat + retry), Ctrl-C (clean stop, resume), OOM and NaN.
+
+The kills are real: the worker is a separate `python` process running `run_workers`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from fixtures_pg import pg_server, pg_url  # noqa: F401
+from optuna.trial import TrialState
+from test_workers_toy import ToyFactory, always_nan
+
+from pxopt.search.storage import open_storage, open_study
+from pxopt.search.workers import FAIL_REASON, WorkerPlan, guard, run_workers
+
+TOY = Path(__file__).with_name("test_workers_toy.py")
+TASK = {"dataset": "toy"}
+
+
+def _start(url: str, study: str, trials: int, workers: int, marker: Path, hang_at: int,
+           *, new_session: bool = False, sleep: float = 0.05) -> subprocess.Popen:
+    cmd = [sys.executable, str(TOY), url, study, str(trials), str(workers),
+           "--hang-at", str(hang_at), "--marker", str(marker), "--sleep", str(sleep)]
+    env = {**os.environ, "PXOPT_THREADS": "1"}
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, start_new_session=new_session)
+
+
+def _wait_for(marker: Path, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not marker.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"worker exited early ({proc.returncode}): {proc.stderr.read()[-3000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("worker never reached the hanging trial")
+        time.sleep(0.1)
+
+
+def _snapshot(trials: list[optuna.trial.FrozenTrial]) -> dict[int, tuple]:
+    return {
+        t.number: (t.state, t.value, t.params, t.datetime_complete, dict(t.user_attrs))
+        for t in trials if t.state.is_finished()
+    }
+
+
+def _load(url: str, name: str) -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name=name, storage=open_storage(url, heartbeat_interval=None)).trials
+
+
+def _check_sigkill_recovery(url: str, tmp_path: Path) -> None:
+    open_study(open_storage(url), "crash", model_spec="toy", task=TASK)
+    marker = tmp_path / "hanging"
+    proc = _start(url, "crash", trials=6, workers=1, marker=marker, hang_at=3)
+    _wait_for(marker, proc)
+    before = _load(url, "crash")
+    assert [t.state for t in before] == [TrialState.COMPLETE] * 3 + [TrialState.RUNNING]
+    hung = before[3]
+    proc.send_signal(signal.SIGKILL)  # no cleanup possible: only the heartbeat can tell
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    assert _load(url, "crash")[3].state == TrialState.RUNNING  # nobody marked it yet
+
+    time.sleep(4)  # grace period 2 s (+1 s clock resolution of SQLite's CURRENT_TIMESTAMP)
+    plan = WorkerPlan(storage=url, study_name="crash", n_trials=6, device="cpu",
+                      heartbeat_interval=1, grace_period=2)
+    summary = run_workers(ToyFactory(sleep=0.0), plan, 1)  # a later run on the same study
+    assert not summary.interrupted
+
+    after = _load(url, "crash")
+    assert after[3].state == TrialState.FAIL
+    retries = [t for t in after if t.system_attrs.get("failed_trial") == 3]
+    assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE
+    assert retries[0].params == hung.params  # retried with the same parameters
+    assert retries[0].number > 3
+    snap_before, snap_after = _snapshot(before), _snapshot(after)
+    assert all(snap_after[n] == snap_before[n] for n in snap_before)  # earlier trials untouched
+    assert sum(t.state == TrialState.COMPLETE for t in after) == 6
+    assert not [t for t in after if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+
+
+@pytest.mark.slow
+def test_sigkill_mid_trial_is_failed_by_heartbeat_and_retried_sqlite(tmp_path):
+    _check_sigkill_recovery(f"sqlite:///{tmp_path / 'crash.db'}", tmp_path)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_trial_is_failed_by_heartbeat_and_retried_postgresql(tmp_path, pg_url):  # noqa: F811
+    _check_sigkill_recovery(pg_url, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("to", ["parent", "process-group"])
+def test_sigint_stops_cleanly_marks_trials_and_resumes(tmp_path, to):
+    """Ctrl-C reaches the process group (terminal) or just the parent (`kill -INT`)."""
+    url = f"sqlite:///{tmp_path / 'int.db'}"
+    open_study(open_storage(url), "int", model_spec="toy", task=TASK)
+    marker = tmp_path / "hanging"
+    proc = _start(url, "int", trials=10, workers=2, marker=marker, hang_at=4,
+                  new_session=True, sleep=0.6)
+    _wait_for(marker, proc)
+    before = _load(url, "int")
+    if to == "parent":
+        proc.send_signal(signal.SIGINT)
+    else:
+        os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Resume with: pxopt search --resume-test" in stderr
+
+    after = _load(url, "int")
+    assert not [t for t in after if t.state == TrialState.RUNNING]  # every running trial marked
+    failed = [t for t in after if t.state == TrialState.FAIL]
+    assert 4 in [t.number for t in failed]
+    assert all("interrupted" in t.user_attrs[FAIL_REASON] for t in failed)
+    waiting = [t for t in after if t.state == TrialState.WAITING]
+    assert sorted(t.system_attrs["failed_trial"] for t in waiting) == sorted(t.number for t in failed)
+    assert all(w.params == after[w.system_attrs["failed_trial"]].params for w in waiting)
+    snap_before = _snapshot(before)
+    assert all(_snapshot(after)[n] == snap_before[n] for n in snap_before)
+
+    plan = WorkerPlan(storage=url, study_name="int", n_trials=10, device="cpu")
+    resumed = run_workers(ToyFactory(sleep=0.0), plan, 1)  # same study, same budget
+    assert resumed.trials_before == sum(t.state == TrialState.COMPLETE for t in after)
+    final = _load(url, "int")
+    assert sum(t.state == TrialState.COMPLETE for t in final) == 10
+    redone = {t.system_attrs["failed_trial"]: t for t in final if "failed_trial" in t.system_attrs}
+    assert set(redone) == {t.number for t in failed}
+    assert all(t.state == TrialState.COMPLETE and t.params == after[n].params for n, t in redone.items())
+    assert sorted(t.number for t in final) == list(range(len(final)))
+
+
+def test_oom_and_nan_fail_only_their_trial_with_a_reason(tmp_path):
+    url = str(tmp_path / "oom.db")
+    open_study(open_storage(url), "o", model_spec="toy", task=TASK)
+    plan = WorkerPlan(storage=url, study_name="o", n_trials=4, device="cpu")
+    run_workers(ToyFactory(sleep=0.0, nan_at=1, oom_at=2), plan, 1)
+    trials = _load(url, "o")
+    by_number = {t.number: t for t in trials}
+    assert by_number[1].state == TrialState.FAIL
+    assert by_number[1].user_attrs[FAIL_REASON] == "NonFiniteRelevanceError: objective value is nan"
+    assert by_number[2].state == TrialState.FAIL
+    assert by_number[2].user_attrs[FAIL_REASON].startswith("out of memory: CUDA out of memory")
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 4  # the study went on
+    assert FAIL_REASON not in by_number[0].user_attrs
+
+
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [
+        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"), "out of memory: CUDA"),
+        (MemoryError("cannot allocate"), "out of memory: cannot allocate"),
+        (RuntimeError("[enforce fail] DefaultCPUAllocator: can't allocate memory"), "out of memory"),
+    ],
+)
+def test_guard_turns_every_oom_kind_into_a_caught_failure(error, reason):
+    study = optuna.create_study()
+
+    def objective(trial: optuna.Trial) -> float:
+        raise error
+
+    from pxopt.search.workers import CAUGHT
+
+    study.optimize(guard(objective), n_trials=2, catch=CAUGHT)
+    assert [t.state for t in study.trials] == [TrialState.FAIL] * 2
+    assert study.trials[0].user_attrs[FAIL_REASON].startswith(reason)
+
+
+def test_a_bug_stops_the_worker_but_the_reason_is_recorded(tmp_path):
+    study = optuna.create_study()
+
+    def objective(trial: optuna.Trial) -> float:
+        return {}["missing"]
+
+    with pytest.raises(KeyError):
+        study.optimize(guard(objective), n_trials=3)
+    assert study.trials[0].state == TrialState.FAIL
+    assert study.trials[0].user_attrs[FAIL_REASON] == "KeyError: 'missing'"
+
+
+def test_repeated_failures_stop_the_run_instead_of_looping(tmp_path, capsys):
+    url = str(tmp_path / "nan.db")
+    open_study(open_storage(url), "n", model_spec="toy", task=TASK)
+    plan = WorkerPlan(storage=url, study_name="n", n_trials=3, device="cpu")
+    run_workers(always_nan, plan, 1)
+    trials = _load(url, "n")
+    assert [t.state for t in trials] == [TrialState.FAIL] * 5
+    assert "stopping after 5 failed trials in a row" in capsys.readouterr().err
