@@ -58,3 +58,48 @@ class FakeEvaluator:
         area = trapezoid(self.rates, acc)
         return FakeCurve(self.rates, acc, area, area / (self.rates[-1] - self.rates[0]), top,
                          {"layer1": [int(100 * r) for r in self.rates]})
+
+
+class _FakeTask:
+    def describe(self) -> dict:
+        return {"dataset": "fake", "classes": [0, 1, 2]}
+
+
+class _Scores:
+    def __init__(self, rules: dict) -> None:
+        self.rules = rules
+
+
+class FakePipeline:
+    """Stands in for `pxopt.pipeline.Pipeline` in CLI tests (no model, no data)."""
+
+    family = "cnn"
+
+    def __init__(self, spec) -> None:
+        self.spec = spec
+        self.rates = list(spec.rates)
+        self.evaluator = FakeEvaluator(self.rates)
+        self.task = _FakeTask()
+
+    @classmethod
+    def from_spec(cls, spec, **_kw) -> FakePipeline:
+        return cls(spec)
+
+    def evaluate(self, rules, ranking, on_rate=None):
+        return self.evaluator(rules, ranking, on_rate)
+
+    def timings(self) -> dict:
+        return dict(self.evaluator.last_timings)
+
+    def input_bounds(self) -> tuple[float, float]:
+        return (-1.0, 2.0)
+
+    def study_attrs(self) -> dict:
+        return {"pxopt.task_description": self.task.describe(), "pxopt.total_macs": 1000.0,
+                "pxopt.layer_macs": {"layer1": 5.0}, "pxopt.layer_sizes": {"layer1": 100}}
+
+    def scores(self, rules):
+        return _Scores(rules)
+
+    def curve(self, scores, ranking, on_rate=None):
+        return self.evaluator(scores.rules, ranking, on_rate)

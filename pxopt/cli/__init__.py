@@ -25,6 +25,9 @@ err_console = Console(stderr=True)
 
 _COMMAND_MODULES: list[str] = [
     "pxopt.cli.models_cmd",
+    "pxopt.cli.search_cmd",
+    "pxopt.cli.export_cmd",
+    "pxopt.cli.report_cmd",
 ]
 
 _debug = False

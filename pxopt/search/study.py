@@ -15,35 +15,21 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from pxopt.errors import ConfigError, PxoptError, StorageError
+from pxopt.errors import ConfigError, PxoptError
 from pxopt.search.meta import library_versions
 from pxopt.search.objective import Evaluate, Objective
 from pxopt.search.space import SearchSpace
 from pxopt.search.spec import StudySpec
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-IDENTITY_ATTR = "pxopt.identity"
 SPEC_ATTR = "pxopt.spec"
 
 
 def open_storage(url: str) -> optuna.storages.BaseStorage:
-    """Storage for a URL; kept in one function so the issue-7 storage layer can replace it."""
-    try:  # the shared storage layer (engine settings, heartbeats) when present
-        from pxopt.search.storage import open_storage as shared_open_storage
-    except ImportError:
-        shared_open_storage = None
-    if shared_open_storage is not None:
-        return shared_open_storage(url)
-    try:
-        return optuna.storages.RDBStorage(
-            url,
-            engine_kwargs={"connect_args": {"timeout": 30}} if url.startswith("sqlite") else None,
-            heartbeat_interval=60,
-            grace_period=180,
-            failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=2),
-        )
-    except Exception as exc:  # SQLAlchemy raises many kinds; all mean "cannot use it"
-        raise StorageError(f"cannot open storage {url!r}: {type(exc).__name__}: {exc}".splitlines()[0]) from exc
+    """Storage for a path or URL (the shared layer: SQLite settings, heartbeats, retries)."""
+    from pxopt.search.storage import open_storage as shared_open_storage
+
+    return shared_open_storage(url)
 
 
 def make_sampler(spec: StudySpec, n_existing: int) -> optuna.samplers.BaseSampler:
@@ -89,33 +75,23 @@ def make_pruner(cfg: Mapping[str, Any], n_rates: int) -> optuna.pruners.BasePrun
 
 def open_study(spec: StudySpec, storage: str | optuna.storages.BaseStorage | None = None) -> optuna.Study:
     """Create the spec's study or resume it; refuse a same-named study of another model/task."""
+    from pxopt.search.storage import open_study as shared_open_study
+
     if storage is None:
         storage = spec.storage_url()
     if isinstance(storage, str):
         storage = open_storage(storage)
-    try:
-        study = optuna.create_study(
-            study_name=spec.name,
-            storage=storage,
-            direction="maximize",
-            load_if_exists=True,
-            pruner=make_pruner(spec.pruner, len(spec.rates)),
-        )
-    except PxoptError:
-        raise
-    except Exception as exc:
-        raise StorageError(f"cannot create or load study {spec.name!r}: {exc}".splitlines()[0]) from exc
-    identity = study.user_attrs.get(IDENTITY_ATTR)
-    if identity is None:
-        study.set_user_attr(IDENTITY_ATTR, spec.identity())
+    task = {k: v for k, v in spec.identity().items() if k != "model"}
+    study = shared_open_study(
+        storage,
+        spec.name,
+        model_spec=spec.model,
+        task=task,
+        pruner=make_pruner(spec.pruner, len(spec.rates)),
+    )
+    if SPEC_ATTR not in study.user_attrs:
         study.set_user_attr(SPEC_ATTR, spec.to_dict())
         study.set_user_attr("pxopt.versions", library_versions())
-    elif identity != spec.identity():
-        diff = sorted(k for k in spec.identity() if identity.get(k) != spec.identity()[k])
-        raise StorageError(
-            f"study {spec.name!r} already exists for a different setup ({', '.join(diff)} differ:"
-            f" stored {identity.get(diff[0])!r}); use another --study name"
-        )
     study.sampler = make_sampler(spec, len(study.trials))
     return study
 

@@ -1,0 +1,114 @@
+"""`pxopt report`, `pxopt dashboard` and `pxopt baselines`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from pxopt.errors import ConfigError
+
+CRITERIA = ("random", "weight", "activation", "gradient", "taylor", "ig", "yeom-zplus", "lrp-epsilon")
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("report")
+    def report(
+        study: str | None = typer.Option(None, "--study", help="Study name (default: the default study's)."),
+        storage: str | None = typer.Option(None, "--storage", help="SQLite path or SQLAlchemy URL."),
+        out: Path | None = typer.Option(None, "--out", help="HTML file (default: studies/<study>-report.html)."),
+        rate: float | None = typer.Option(None, "--rate", help="Rate of the per-layer figure (default: Top-PR)."),
+        baselines: Path | None = typer.Option(None, "--baselines", help="JSON table from `pxopt baselines`."),
+        out_dir: Path = typer.Option(Path("studies"), "--out-dir", help="Where studies live."),
+    ) -> None:
+        """Write one self-contained HTML report of a study."""
+        from pxopt.cli._study import load_study
+        from pxopt.report import write_report
+
+        st, _ = load_study(study, storage, out_dir)
+        extra = None
+        if baselines is not None:
+            extra = _read_baselines(baselines)
+        path = write_report(st, out or out_dir / f"{st.study_name}-report.html", rate=rate, extra_curves=extra)
+        typer.echo(f"report: {path}")
+
+    @app.command("dashboard")
+    def dashboard(
+        study: str | None = typer.Option(None, "--study", help="Study name (default: the default study's)."),
+        storage: str | None = typer.Option(None, "--storage", help="SQLite path or SQLAlchemy URL."),
+        host: str = typer.Option("127.0.0.1", "--host"),
+        port: int = typer.Option(8080, "--port"),
+        attach_only: bool = typer.Option(False, "--attach-only", help="Attach figures and notes, don't serve."),
+        out_dir: Path = typer.Option(Path("studies"), "--out-dir", help="Where studies live."),
+    ) -> None:
+        """Start optuna-dashboard on the study with pxopt's figures and notes attached."""
+        from pxopt.cli._study import load_study
+        from pxopt.report.dashboard import attach_figures, serve
+
+        st, url = load_study(study, storage, out_dir)
+        ids = attach_figures(st)
+        typer.echo(f"attached {len(ids)} figures and a note to study {st.study_name!r}")
+        if attach_only:
+            return
+        typer.echo(f"optuna-dashboard on http://{host}:{port} (Ctrl-C stops)")
+        serve(st._storage, host=host, port=port)
+
+    @app.command("baselines")
+    def baselines_cmd(
+        spec_path: Path | None = typer.Option(None, "--spec", help="Study spec TOML (default: studies/default.toml)."),
+        model: str | None = typer.Option(None, "--model", help="Model spec."),
+        data: str | None = typer.Option(None, "--data", help="Dataset."),
+        classes: int | None = typer.Option(None, "--classes"),
+        n_ref: int | None = typer.Option(None, "--n-ref"),
+        n_val: int | None = typer.Option(None, "--n-val"),
+        components: str | None = typer.Option(None, "--components"),
+        rates: str | None = typer.Option(None, "--rates"),
+        device: str | None = typer.Option(None, "--device"),
+        criteria: str = typer.Option(",".join(CRITERIA), "--criteria", help="Comma-separated criteria."),
+        out_dir: Path = typer.Option(Path("studies"), "--out-dir", help="Output folder."),
+    ) -> None:
+        """Curves of every baseline criterion on one model and task: a figure and a JSON table."""
+        import plotly.graph_objects as go
+
+        from pxopt.cli.search_cmd import load_spec, parse_rates
+        from pxopt.pipeline import Pipeline
+        from pxopt.search.objective import curve_record
+
+        names = [c.strip() for c in criteria.split(",") if c.strip()]
+        bad = [c for c in names if c not in CRITERIA]
+        if bad or not names:
+            raise ConfigError(f"--criteria: unknown {bad[0] if bad else 'empty list'!r} (choose from {', '.join(CRITERIA)})")
+        spec = load_spec(spec_path, model=model, data=data, classes=classes, n_ref=n_ref, n_val=n_val,
+                         components=components, rates=parse_rates(rates), device=device)
+        pipeline = Pipeline.from_spec(spec)
+        table: dict[str, dict] = {}
+        fig = go.Figure()
+        for name in names:
+            curve = curve_record(pipeline.curve(pipeline.criterion_scores(name), "abs"))
+            table[name] = curve
+            typer.echo(f"{name:12s} area {curve['area']:.4f}  Top-PR {curve['top_pr']:.2f}")
+            fig.add_trace(go.Scatter(x=curve["rates"], y=curve["accuracies"], mode="lines+markers",
+                                     name=f"{name}: area {curve['area']:.4f}"))
+        fig.update_layout(title=f"Baselines: {spec.model} on {spec.data}", xaxis_title="pruning rate",
+                          yaxis_title="top-1 accuracy on the task", yaxis_range=[0, 1.02])
+        out_dir.mkdir(parents=True, exist_ok=True)
+        stem = f"{spec.name}-baselines"
+        (out_dir / f"{stem}.json").write_text(
+            json.dumps({"format": "pxopt.baselines/1", "model": spec.model, "task": pipeline.task.describe(),
+                        "components": spec.components, "criteria": table}, indent=2) + "\n", encoding="utf-8")
+        fig.write_html(out_dir / f"{stem}.html", include_plotlyjs=True)
+        typer.echo(f"table: {out_dir / (stem + '.json')}\nfigure: {out_dir / (stem + '.html')}")
+
+
+def _read_baselines(path: Path) -> dict[str, dict]:
+    """Curves of a `pxopt baselines` JSON table, validated enough to plot."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        curves = data["criteria"]
+        for name, curve in curves.items():
+            if len(curve["rates"]) != len(curve["accuracies"]):
+                raise ValueError(f"criterion {name}: rates and accuracies differ in length")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"--baselines {str(path)!r} is not a pxopt baselines table: {exc}") from exc
+    return {f"criterion {k}": v for k, v in curves.items()}

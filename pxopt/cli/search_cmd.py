@@ -1,0 +1,136 @@
+"""`pxopt search`: run or resume a study (no arguments: the offline default study)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from pxopt.errors import ConfigError
+
+console = Console(stderr=True)
+DEFAULT_SPEC = "default.toml"
+
+
+def find_default_spec() -> Path | None:
+    """`studies/default.toml` in the working directory, else next to the package sources."""
+    for base in (Path.cwd(), Path(__file__).resolve().parents[2]):
+        candidate = base / "studies" / DEFAULT_SPEC
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def parse_rates(text: str | None) -> list[float] | None:
+    """'0,0.1,0.2' or 'start:stop:step' (stop excluded) -> list of rates."""
+    if text is None:
+        return None
+    try:
+        if ":" in text:
+            start, stop, step = (float(v) for v in text.split(":"))
+            if step <= 0:
+                raise ValueError("step must be > 0")
+            n = int(round((stop - start) / step))
+            return [round(start + i * step, 10) for i in range(n) if start + i * step < stop - 1e-12]
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise ConfigError(f"--rates: expected '0,0.1,...' or 'start:stop:step', got {text!r}") from exc
+
+
+def load_spec(
+    spec_path: Path | None,
+    **overrides: object,
+):
+    """The spec file (or the default study) with CLI overrides applied."""
+    from pxopt.search.spec import StudySpec
+
+    if spec_path is not None:
+        spec = StudySpec.from_toml(spec_path)
+    elif overrides.get("model") is None and (default := find_default_spec()) is not None:
+        spec = StudySpec.from_toml(default)
+    else:
+        spec = StudySpec()
+        if overrides.get("model") is not None:  # a new model: its own study name unless given
+            overrides.setdefault("name", None)
+            if overrides.get("name") is None:
+                overrides["name"] = str(overrides["model"]).replace(":", "-").replace("/", "-").replace("@", "-")
+    return spec.with_overrides(**overrides)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("search")
+    def search(
+        spec_path: Path | None = typer.Option(None, "--spec", help="Study spec TOML (default: studies/default.toml)."),
+        model: str | None = typer.Option(None, "--model", help="Model spec, e.g. resnet50 or builtin:fmnist-resnet."),
+        data: str | None = typer.Option(None, "--data", help="Dataset: fashion-mnist, mnist-5k or an image folder."),
+        classes: int | None = typer.Option(None, "--classes", help="Number of classes (chosen by seed)."),
+        class_names: str | None = typer.Option(None, "--class-names", help="Comma-separated class names."),
+        n_ref: int | None = typer.Option(None, "--n-ref", help="Reference images per class."),
+        n_val: int | None = typer.Option(None, "--n-val", help="Validation images per class."),
+        trials: int | None = typer.Option(None, "--trials", help="Finished trials the study should hold."),
+        timeout: float | None = typer.Option(None, "--timeout", help="Stop starting trials after S seconds."),
+        storage: str | None = typer.Option(None, "--storage", help="SQLite path or SQLAlchemy URL."),
+        study: str | None = typer.Option(None, "--study", help="Study name (default: the spec's)."),
+        device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:1 ..."),
+        seed: int | None = typer.Option(None, "--seed", help="Sampler seed."),
+        components: str | None = typer.Option(None, "--components", help="conv, mlp or heads."),
+        rates: str | None = typer.Option(None, "--rates", help="'0,0.1,0.2' or 'start:stop:step'."),
+        out_dir: Path = typer.Option(Path("studies"), "--out-dir", help="Where the report and best config go."),
+        report: bool = typer.Option(True, "--report/--no-report", help="Write the HTML report at the end."),
+    ) -> None:
+        """Search LRP rule configurations that prune best; the same command resumes."""
+        from pxopt.export import export_trial, write_export
+        from pxopt.pipeline import Pipeline
+        from pxopt.report import write_report
+        from pxopt.search import SearchSpace, run_search
+        from pxopt.search.study import open_storage
+
+        if classes is not None and class_names is not None:
+            raise ConfigError("give either --classes or --class-names, not both")
+        chosen = [c.strip() for c in class_names.split(",") if c.strip()] if class_names else classes
+        spec = load_spec(
+            spec_path, model=model, data=data, classes=chosen, n_ref=n_ref, n_val=n_val,
+            trials=trials, timeout=timeout, storage=storage, name=study, device=device,
+            seed=seed, components=components, rates=parse_rates(rates),
+        )
+        url = spec.storage_url(out_dir)
+        open_storage(url)  # fail fast on an unreachable storage, before loading the model
+        console.print(f"study [bold]{spec.name}[/]: model {spec.model}, data {spec.data}, "
+                      f"components {spec.components}, {len(spec.rates)} rates")
+        with console.status("loading model and task (a built-in model trains on first use)"):
+            pipeline = Pipeline.from_spec(spec)
+        space = SearchSpace.build(spec.space, family=pipeline.family, zbox_bounds=pipeline.input_bounds())
+        study_attrs = pipeline.study_attrs()
+        with Progress(
+            TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TimeElapsedColumn(), console=console, transient=False,
+        ) as progress:
+            bar = progress.add_task("trials", total=spec.trials)
+
+            def on_trial(study_, trial) -> None:
+                try:
+                    best = f"best {study_.best_value:.4f}"
+                except ValueError:
+                    best = "no complete trial yet"
+                progress.update(bar, advance=1, description=f"trial {trial.number} {trial.state.name.lower()}; {best}")
+
+            result = run_search(
+                spec, pipeline.evaluate, space=space, family=pipeline.family, storage_url=url,
+                timings=pipeline.timings, callbacks=[on_trial], study_attrs=study_attrs,
+            )
+        st = result.study
+        typer.echo(f"study:  {spec.name} in {url} ({len(st.trials)} trials, {result.n_new_trials} new)")
+        best = result.best_trial
+        if best is None:
+            typer.echo("no completed trial: nothing to export")
+            return
+        out_dir.mkdir(parents=True, exist_ok=True)
+        best_path = write_export(export_trial(st), out_dir / f"{spec.name}-best.json")
+        typer.echo(f"best:   trial {best.number}, area {best.value:.4f}, "
+                   f"Top-PR {best.user_attrs['curve']['top_pr']:.2f} -> {best_path}")
+        if report:
+            report_path = write_report(st, out_dir / f"{spec.name}-report.html")
+            typer.echo(f"report: {report_path}")
+

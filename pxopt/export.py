@@ -1,0 +1,157 @@
+"""The best (or a chosen) trial as a self-contained JSON file, and reading it back.
+
+Format `pxopt.export/1`: everything needed to re-apply the configuration to the same
+model and task (`pxopt prune --config`) and to check the result against the stored curve.
+Imports are validated field by field before use; nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from pxopt.errors import ConfigError
+from pxopt.search.meta import library_versions
+from pxopt.search.spec import COMPONENTS, check_rates
+
+EXPORT_FORMAT = "pxopt.export/1"
+_REQUIRED: dict[str, type | tuple[type, ...]] = {
+    "format": str,
+    "rules": dict,
+    "ranking": str,
+    "components": str,
+    "model": str,
+    "task": dict,
+    "curve": dict,
+    "area": (int, float),
+    "top_pr": (int, float),
+    "trial": int,
+    "versions": dict,
+}
+_TASK_KEYS = ("data", "classes", "n_ref", "n_val", "seed", "batch_size")
+
+
+def pick_trial(study: optuna.Study, number: int | None = None) -> optuna.trial.FrozenTrial:
+    """The best completed trial, or trial `number` (which must be complete)."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete:
+        raise ConfigError(f"study {study.study_name!r} has no completed trial to export yet")
+    if number is None:
+        return study.best_trial
+    for trial in study.get_trials(deepcopy=False):
+        if trial.number == number:
+            if trial.state != TrialState.COMPLETE:
+                raise ConfigError(f"trial {number} is {trial.state.name}, only complete trials can be exported")
+            return trial
+    raise ConfigError(f"study {study.study_name!r} has no trial {number} (it has {len(study.trials)})")
+
+
+def export_trial(study: optuna.Study, number: int | None = None) -> dict[str, Any]:
+    """Trial -> `pxopt.export/1` dict (validated)."""
+    trial = pick_trial(study, number)
+    spec = study.user_attrs.get("pxopt.spec", {})
+    attrs = trial.user_attrs
+    curve = attrs["curve"]
+    data = {
+        "format": EXPORT_FORMAT,
+        "study": study.study_name,
+        "trial": trial.number,
+        "baseline": attrs.get("baseline"),
+        "rules": attrs["rules"],
+        "ranking": attrs["ranking"],
+        "components": spec.get("components", "conv"),
+        "model": spec.get("model", ""),
+        "task": {
+            "data": spec.get("data"),
+            "classes": spec.get("classes"),
+            "n_ref": spec.get("n_ref"),
+            "n_val": spec.get("n_val"),
+            "seed": spec.get("task_seed", 0),
+            "batch_size": spec.get("batch_size", 128),
+            "description": study.user_attrs.get("pxopt.task_description"),
+        },
+        "curve": {"rates": curve["rates"], "accuracies": curve["accuracies"]},
+        "area": float(trial.value),
+        "area_normalised": curve.get("area_normalised"),
+        "top_pr": float(curve["top_pr"]),
+        "seeds": attrs.get("seeds", {}),
+        "versions": attrs.get("versions") or library_versions(),
+        "exported": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    return validate_export(data)
+
+
+def validate_export(data: Any) -> dict[str, Any]:
+    """Check an export's structure and content; raise `ConfigError` naming the field."""
+    if not isinstance(data, dict):
+        raise ConfigError("export must be a JSON object")
+    if data.get("format") != EXPORT_FORMAT:
+        raise ConfigError(f"format: expected {EXPORT_FORMAT!r}, got {data.get('format')!r}")
+    for key, kind in _REQUIRED.items():
+        if key not in data:
+            raise ConfigError(f"export lacks field {key!r}")
+        if not isinstance(data[key], kind) or isinstance(data[key], bool):
+            raise ConfigError(f"{key}: wrong type {type(data[key]).__name__}")
+    if data["ranking"] not in ("abs", "signed"):
+        raise ConfigError(f"ranking must be 'abs' or 'signed', got {data['ranking']!r}")
+    if data["components"] not in COMPONENTS:
+        raise ConfigError(f"components must be one of {sorted(COMPONENTS)}, got {data['components']!r}")
+    if not data["model"]:
+        raise ConfigError("model: empty model spec")
+    missing = [k for k in _TASK_KEYS if k not in data["task"]]
+    if missing:
+        raise ConfigError(f"task lacks {missing[0]!r}")
+    curve = data["curve"]
+    try:
+        rates = check_rates(curve["rates"])
+        accuracies = [float(a) for a in curve["accuracies"]]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"curve: {exc}") from exc
+    if len(rates) != len(accuracies) or not all(0.0 <= a <= 1.0 for a in accuracies):
+        raise ConfigError("curve: accuracies must match the rates and lie in [0, 1]")
+    if not math.isfinite(data["area"]):
+        raise ConfigError("area must be finite")
+    _validate_rules(data["rules"])
+    return data
+
+
+def _validate_rules(rules: dict[str, Any]) -> None:
+    """The rules must parse as `pxopt.rules/1` (the LRP package's own validator)."""
+    if rules.get("format") != "pxopt.rules/1":
+        raise ConfigError(f"rules.format: expected 'pxopt.rules/1', got {rules.get('format')!r}")
+    try:
+        from pxopt.lrp import RuleConfig
+    except ImportError:  # LRP engine not installed in this checkout: structure check only
+        if not isinstance(rules.get("groups"), dict):
+            raise ConfigError("rules.groups must be an object") from None
+        return
+    try:
+        RuleConfig.from_dict(rules)
+    except ValueError as exc:  # ConfigError is a ValueError too
+        raise ConfigError(f"rules: {exc}") from exc
+
+
+def write_export(data: dict[str, Any], path: str | Path) -> Path:
+    """Write an export as pretty JSON; returns the path."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(validate_export(data), indent=2) + "\n", encoding="utf-8")
+    return out
+
+
+def read_export(path: str | Path) -> dict[str, Any]:
+    """Read and validate an export file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {str(p)!r} is not valid JSON: {exc}") from exc
+    return validate_export(data)

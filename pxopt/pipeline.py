@@ -1,0 +1,220 @@
+"""One model on one task: rule configuration (or criterion) in, pruning curve out.
+
+`Pipeline` composes the packages in the order of ARCHITECTURE.md (model, task, layer
+map, relevance, ranking, curve) behind the single call the search needs,
+`evaluate(rules, ranking, on_rate) -> Curve`. Relevances are cached by the rule
+configuration's digest, so a repeated configuration (or the same rules with the other
+ranking) costs no attribution.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from pxopt.device import configure_threads, resolve_device
+from pxopt.errors import NonFiniteRelevanceError
+from pxopt.scores import ComponentScores
+
+if TYPE_CHECKING:
+    from pxopt.search.spec import StudySpec
+
+OnRate = Callable[[int, float, float], None]
+
+
+@dataclass
+class Pipeline:
+    """A loaded model, its task and layer map, and the settings of its pruning curves."""
+
+    model: nn.Module
+    task: Any  # pxopt.data.Task
+    layer_map: Any  # pxopt.layers.LayerMap
+    kinds: tuple[str, ...]
+    rates: list[float]
+    device: torch.device
+    batch_size: int = 128
+    family: str = "cnn"
+    model_spec: str = ""
+    cache_size: int = 32
+    last_timings: dict[str, Any] = field(default_factory=dict)
+    _cache: OrderedDict[str, ComponentScores] = field(default_factory=OrderedDict, repr=False)
+
+    # -- construction -------------------------------------------------------------------
+    @classmethod
+    def from_spec(cls, spec: StudySpec, *, device: str | None = None) -> Pipeline:
+        """Load the spec's model and task (offline; builtin models train on first use)."""
+        from pxopt.data import make_task
+        from pxopt.layers import discover_layers
+        from pxopt.models import load_model
+
+        configure_threads(spec.threads)
+        dev = resolve_device(device or spec.device)
+        loaded = load_model(spec.model, device=str(dev))
+        task = make_task(
+            spec.data,
+            classes=spec.classes,
+            n_ref=spec.n_ref,
+            n_val=spec.n_val,
+            seed=spec.task_seed,
+            transform=loaded.transform,
+            num_model_classes=loaded.num_classes,
+        )
+        return cls(
+            model=loaded.model,
+            task=task,
+            layer_map=discover_layers(loaded.model),
+            kinds=spec.kinds,
+            rates=list(spec.rates),
+            device=dev,
+            batch_size=spec.batch_size,
+            family=loaded.family,
+            model_spec=loaded.spec,
+        )
+
+    # -- scores ---------------------------------------------------------------------------
+    def scores(self, rules: Mapping[str, Any] | Any) -> ComponentScores:
+        """Mean component relevance on the reference set under `rules` (cached by digest)."""
+        from pxopt.lrp import RuleConfig, component_relevance
+
+        config = RuleConfig.coerce(rules)
+        key = config.digest()
+        start = time.perf_counter()
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            self.last_timings = {"attribution_s": 0.0, "cached": True}
+            return self._cache[key]
+        scores = component_relevance(
+            self.model,
+            self.task.reference_batches(self.batch_size, self.device),
+            config,
+            kinds=self.kinds,
+        )
+        if not scores.is_finite():
+            raise NonFiniteRelevanceError(
+                "relevances are NaN or infinite under these rules (epsilon too small?)"
+            )
+        self._cache[key] = scores
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        self.last_timings = {"attribution_s": time.perf_counter() - start, "cached": False}
+        return scores
+
+    def criterion_scores(self, name: str, **kwargs: Any) -> ComponentScores:
+        """Scores of a baseline criterion (`pxopt.criteria`) on the same reference set."""
+        from pxopt.criteria import compute_scores
+
+        return compute_scores(
+            name,
+            self.model,
+            self.task.reference_batches(self.batch_size, self.device),
+            self.layer_map,
+            **kwargs,
+        )
+
+    # -- curves ---------------------------------------------------------------------------
+    def curve(
+        self,
+        scores: ComponentScores,
+        ranking: str = "abs",
+        on_rate: OnRate | None = None,
+        *,
+        rates: list[float] | None = None,
+    ) -> Any:
+        """Accuracy-vs-rate curve of the task when pruning by `scores`."""
+        from pxopt.evaluate import accuracy_curve
+
+        start = time.perf_counter()
+        try:
+            return accuracy_curve(
+                self.model,
+                self.task,
+                self.layer_map,
+                scores,
+                kinds=self.kinds,
+                ranking=ranking,
+                rates=list(rates or self.rates),
+                device=self.device,
+                on_rate=on_rate,
+            )
+        finally:
+            self.last_timings["curve_s"] = time.perf_counter() - start
+
+    def evaluate(self, rules: Mapping[str, Any] | Any, ranking: str = "abs", on_rate: OnRate | None = None) -> Any:
+        """Rules -> relevance -> curve: the only call the search objective makes."""
+        scores = self.scores(rules)
+        timings = dict(self.last_timings)
+        curve = self.curve(scores, ranking, on_rate)
+        timings["curve_s"] = self.last_timings.get("curve_s", 0.0)
+        self.last_timings = timings
+        return curve
+
+    def timings(self) -> dict[str, Any]:
+        """Phase timings of the last `evaluate` (attribution, curve, cache hit)."""
+        return dict(self.last_timings)
+
+    @contextmanager
+    def pruned(self, scores: ComponentScores, ranking: str, rate: float) -> Iterator[dict[str, torch.Tensor]]:
+        """Mask the model in place at `rate` (undone on exit); yields the pruned components."""
+        from pxopt.prune import Masker, global_order
+
+        order = global_order(scores.select(ranking), self.layer_map, self.kinds)
+        pruned = order.pruned_at(rate)
+        with Masker(self.model, self.layer_map, self.kinds) as masker:
+            masker.set_pruned(pruned)
+            yield pruned
+
+    # -- facts used by reports ----------------------------------------------------------
+    def input_bounds(self) -> tuple[float, float]:
+        """Lowest and highest input value of the reference set (ZBox bounds)."""
+        images = self.task.reference.images
+        return float(images.min()), float(images.max())
+
+    def _count_macs(self) -> tuple[float, dict[str, float]]:
+        """MACs of one image's forward pass: total, and per component of each prunable layer."""
+        prunable = {layer.module: layer for layer in self.layer_map if layer.kind in self.kinds}
+        total = [0.0]
+        per_component: dict[str, float] = {}
+
+        def record(module: nn.Module, _inputs: Any, output: Any) -> None:
+            out = output[0] if isinstance(output, tuple) else output
+            if isinstance(module, nn.Conv2d):
+                macs = out[0].numel() * module.in_channels // module.groups * math.prod(module.kernel_size)
+            elif isinstance(module, nn.Linear):
+                macs = out[0].numel() * module.in_features
+            else:
+                return
+            total[0] += float(macs)
+            if module in prunable:
+                layer = prunable[module]
+                per_component[layer.name] = float(macs) / max(int(layer.n_components), 1)
+
+        hooks = [m.register_forward_hook(record) for m in self.model.modules()
+                 if isinstance(m, nn.Conv2d | nn.Linear)]
+        try:
+            images, _ = next(iter(self.task.reference_batches(1, self.device)))
+            with torch.inference_mode():
+                self.model(images)
+        finally:
+            for h in hooks:
+                h.remove()
+        return total[0], per_component
+
+    def study_attrs(self) -> dict[str, Any]:
+        """Facts stored with the study for reports: task, MACs, layer sizes."""
+        total, per_component = self._count_macs()
+        return {
+            "pxopt.task_description": self.task.describe(),
+            "pxopt.total_macs": total,
+            "pxopt.layer_macs": per_component,
+            "pxopt.layer_sizes": {
+                layer.name: int(layer.n_components) for layer in self.layer_map if layer.kind in self.kinds
+            },
+        }
