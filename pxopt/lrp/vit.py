@@ -14,21 +14,24 @@ backward pass.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd import Function
 
 from pxopt.errors import ConfigError, NonFiniteRelevanceError, UnsupportedLayerError
 from pxopt.lrp import attention as ops
+from pxopt.lrp.config import RuleConfig, RuleSpec
+from pxopt.lrp.rules import LayerRule, LinearOp, conv2d_op, relevance_backward
 
-LinearRule = Callable[[Tensor, Tensor, Tensor | None], Tensor]
+LinearRule = Callable[[Tensor], Tensor]
 Recorder = Callable[[Tensor], None]
 
-DEFAULT_RULE: dict[str, Any] = {"rule": "epsilon", "epsilon": 1e-6}
 _ACTIVATIONS = (nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Identity)
 
 
@@ -157,55 +160,85 @@ def _timm_structure(model: nn.Module, boundaries: tuple[float, float]) -> ViTStr
 
 @dataclass
 class ViTRules:
-    """Rule configuration resolved for one ViT: rule dict per group, overrides, softmax."""
+    """A `RuleConfig` plus the two ViT-only stabilisers that the JSON format leaves out.
 
-    groups: dict[str, dict[str, Any]]
-    softmax: str = "attnlrp"
-    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    matmul_eps: epsilon of the uniform rule on q·kᵀ and A·V (0 = lxt's choice);
+    residual_eps: epsilon of the z-rule on residual sums (0 = plain gradient = lxt's choice,
+    exactly conservative).
+    """
+
+    config: RuleConfig
     matmul_eps: float = 0.0
     residual_eps: float = 0.0
 
     @classmethod
     def from_config(cls, rules: Any, *, matmul_eps: float = 0.0,
                     residual_eps: float = 0.0) -> ViTRules:
-        """Accept a `RuleConfig` (anything with `to_dict`) or its JSON dict."""
-        d = rules.to_dict() if hasattr(rules, "to_dict") else dict(rules or {})
-        groups = {g: dict(DEFAULT_RULE) for g in ("input", "low", "mid", "high", "fc")}
-        for g, r in (d.get("groups") or {}).items():
-            groups[g] = dict(r)
-        softmax = d.get("softmax", "attnlrp") or "attnlrp"
-        if softmax not in ops.SOFTMAX_RULES:
-            raise ConfigError(f"softmax must be one of {', '.join(ops.SOFTMAX_RULES)}, got {softmax!r}")
-        return cls(groups, softmax, dict(d.get("overrides") or {}), matmul_eps, residual_eps)
+        """Accept a `RuleConfig`, its JSON dict or string, or None (defaults)."""
+        if isinstance(rules, ViTRules):
+            return rules
+        for value, label in ((matmul_eps, "matmul_eps"), (residual_eps, "residual_eps")):
+            if not value >= 0:
+                raise ConfigError(f"{label}: must be >= 0, got {value}")
+        return cls(RuleConfig.coerce(rules), matmul_eps, residual_eps)
 
-    def rule_for(self, name: str, group: str) -> dict[str, Any]:
-        return self.overrides.get(name) or self.groups.get(group) or dict(DEFAULT_RULE)
+    @property
+    def softmax(self) -> str:
+        return self.config.softmax
 
-
-def linear_rule(rule: Mapping[str, Any], name: str) -> LinearRule:
-    """Rule function F(x, weight, bias) for a Linear layer (gradient×input form)."""
-    kind = rule.get("rule")
-    if kind == "epsilon":
-        eps = float(rule.get("epsilon", 1e-6))
-        return lambda x, w, b: ops.epsilon_linear(x, w, b, eps)
-    raise UnsupportedLayerError(f"{name}: rule {kind!r} is not available for ViT Linear layers")
+    def rule_for(self, name: str, group: str) -> RuleSpec:
+        return self.config.rule_for(name, group)
 
 
-def _module_rule(rule: Mapping[str, Any], name: str) -> Callable[[Tensor], Tensor]:
-    """Epsilon rule on an already computed linear output (patch embedding conv)."""
-    kind = rule.get("rule")
-    if kind != "epsilon":
-        raise UnsupportedLayerError(f"{name}: rule {kind!r} is not available for the patch embedding")
-    eps = float(rule.get("epsilon", 1e-6))
+class _RelevanceRule(Function):
+    """Bridge to `pxopt.lrp.rules` (relevance convention) from the gradient convention.
 
-    def apply(z: Tensor) -> Tensor:
-        if eps == 0.0 or not z.requires_grad:
-            return z
-        c = (z / ops.stabilise(z, eps)).detach()
-        zc = z * c
-        return z.detach() + (zc - zc.detach())  # value z, gradient c · dz/dx
+    Backward: R_out = z ⊙ g, the engine's rule gives R_in, and R_in / x goes on as the
+    gradient (0 where x = 0, where every layer rule but the input-only ones gives 0).
+    `record_input` receives R_in itself, for the patch embedding whose R_in is the
+    explanation (Flat / WSquare / ZBox give relevance also to zero pixels).
+    """
 
-    return apply
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, layer: LayerRule,
+                record_input: Recorder | None) -> Tensor:  # type: ignore[override]
+        z = layer.output(x)
+        ctx.save_for_backward(x, z)
+        ctx.layer, ctx.record_input = layer, record_input
+        return z
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        x, z = ctx.saved_tensors
+        r_in = relevance_backward(ctx.layer, x, z, z * g)
+        if ctx.record_input is not None:
+            ctx.record_input(r_in)
+        return torch.where(x != 0, r_in / x, torch.zeros_like(x)), None, None
+
+
+def linear_rule(spec: RuleSpec, name: str, weight: Tensor, bias: Tensor | None) -> LinearRule:
+    """Rule function F(x) for a linear map with the given parameters (gradient convention).
+
+    Epsilon runs as its own lean Function (ε = 0: the plain gradient, LRP-0); every other
+    rule is the CNN engine's implementation through `_RelevanceRule`.
+    """
+    if spec.name == "epsilon":
+        eps = float(spec["epsilon"])
+        if eps == 0.0:
+            return lambda x: F.linear(x, weight, bias)
+        return lambda x: ops.epsilon_linear(x, weight, bias, eps)
+    layer = LayerRule(spec, LinearOp("linear"), weight, bias, name=name)
+    return lambda x: _RelevanceRule.apply(x, layer, None)
+
+
+def conv_rule(spec: RuleSpec, name: str, conv: nn.Conv2d,
+              record_input: Recorder | None) -> Callable[[Tensor], Tensor]:
+    """Rule function for the patch-embedding conv; records the input relevance."""
+    if spec.name == "epsilon" and float(spec["epsilon"]) == 0.0:
+        return conv.forward  # LRP-0 is the plain gradient
+    op = conv2d_op(conv.stride, conv.padding, conv.dilation, conv.groups, conv.weight.shape)
+    layer = LayerRule(spec, op, conv.weight, conv.bias, forward_fn=conv.forward, name=name)
+    return lambda x: _RelevanceRule.apply(x, layer, record_input)
 
 
 # --------------------------------------------------------------------------- patching
@@ -218,6 +251,7 @@ class Recording:
     heads: dict[str, Tensor] = field(default_factory=dict)
     mlp: dict[str, Tensor] = field(default_factory=dict)
     mlp_out: dict[str, Tensor] = field(default_factory=dict)
+    input: dict[str, Tensor] = field(default_factory=dict)
 
     def recorder(self, store: dict[str, Tensor], name: str) -> Recorder:
         def rec(t: Tensor) -> None:
@@ -248,9 +282,11 @@ def _patch_tv_attention(blk: ViTBlock, rules: ViTRules, rec: Recorder | None,
     mha: nn.MultiheadAttention = blk.attn  # type: ignore[assignment]
     if not mha._qkv_same_embed_dim or mha.bias_k is not None or mha.add_zero_attn:
         raise UnsupportedLayerError(f"{blk.attn_name}: only packed self-attention is supported")
-    in_rule = linear_rule(rules.rule_for(blk.attn_name, blk.group), blk.attn_name)
+    in_rule = linear_rule(rules.rule_for(blk.attn_name, blk.group), blk.attn_name,
+                          mha.in_proj_weight, mha.in_proj_bias)
     out_name = f"{blk.attn_name}.out_proj"
-    out_rule = linear_rule(rules.rule_for(out_name, blk.group), out_name)
+    out_rule = linear_rule(rules.rule_for(out_name, blk.group), out_name,
+                           mha.out_proj.weight, mha.out_proj.bias)
     heads = mha.num_heads
     head_dim = mha.embed_dim // heads
 
@@ -262,11 +298,11 @@ def _patch_tv_attention(blk: ViTBlock, rules: ViTRules, rec: Recorder | None,
             raise UnsupportedLayerError(f"{blk.attn_name}: only unmasked self-attention is supported")
         x = query if mha.batch_first else query.transpose(0, 1)
         b, n, d = x.shape
-        qkv = in_rule(x, mha.in_proj_weight, mha.in_proj_bias)
+        qkv = in_rule(x)
         q, k, v = qkv.reshape(b, n, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         out = _attention_core(q, k, v, head_dim ** -0.5, rules, rec)
         out = out.transpose(1, 2).reshape(b, n, d)
-        out = out_rule(out, mha.out_proj.weight, mha.out_proj.bias)
+        out = out_rule(out)
         return (out if mha.batch_first else out.transpose(0, 1)), None
 
     _set_forward(mha, forward, saved)
@@ -310,8 +346,14 @@ def _patch_residual_blocks(struct: ViTStructure, eps: float, saved: list) -> Non
         _set_forward(m, forward, saved)
 
 
-def _patch_linear(module: nn.Linear, rule: LinearRule, saved: list) -> None:
-    _set_forward(module, lambda x: rule(x, module.weight, module.bias), saved)
+def _patch_linear(module: nn.Linear, name: str, spec: RuleSpec, saved: list,
+                  rec: Recorder | None = None) -> None:
+    """Linear layer with its group's rule; with `rec`, its output relevance is recorded."""
+    rule = linear_rule(spec, name, module.weight, module.bias)
+    if rec is None:
+        _set_forward(module, rule, saved)
+    else:
+        _set_forward(module, lambda x: ops.record_relevance(rule(x), rec), saved)
 
 
 def _patch_act(module: nn.Module, rec: Recorder | None, saved: list) -> None:
@@ -322,12 +364,6 @@ def _patch_act(module: nn.Module, rec: Recorder | None, saved: list) -> None:
         return
     fn = module.forward
     _set_forward(module, lambda x: ops.pass_activation(fn, x, rec), saved)
-
-
-def _record_output(module: nn.Linear, rule: LinearRule, rec: Recorder, saved: list) -> None:
-    def forward(x: Tensor) -> Tensor:
-        return ops.record_relevance(rule(x, module.weight, module.bias), rec)
-    _set_forward(module, forward, saved)
 
 
 @contextmanager
@@ -351,32 +387,25 @@ def explainable_vit(model: nn.Module, rules: ViTRules, recording: Recording | No
                 _patch_tv_attention(blk, rules, rec_h, saved)
             else:
                 _patch_timm_attention(blk, rules, rec_h, saved)
-                qkv_name = f"{blk.attn_name}.qkv"
-                _patch_linear(blk.attn.qkv, linear_rule(rules.rule_for(qkv_name, blk.group), qkv_name),
-                              saved)
-                proj_name = f"{blk.attn_name}.proj"
-                _patch_linear(blk.attn.proj,
-                              linear_rule(rules.rule_for(proj_name, blk.group), proj_name), saved)
+                for sub in ("qkv", "proj"):
+                    name = f"{blk.attn_name}.{sub}"
+                    _patch_linear(getattr(blk.attn, sub), name, rules.rule_for(name, blk.group), saved)
             rec_m = recording.recorder(recording.mlp, blk.fc1_name) \
                 if recording is not None and "mlp" in want else None
             _patch_act(blk.act, rec_m, saved)
-            _patch_linear(blk.fc1, linear_rule(rules.rule_for(blk.fc1_name, blk.group), blk.fc1_name),
-                          saved)
-            fc2_rule = linear_rule(rules.rule_for(blk.fc2_name, blk.group), blk.fc2_name)
-            if recording is not None and mlp_outputs:
-                _record_output(blk.fc2, fc2_rule,
-                               recording.recorder(recording.mlp_out, blk.fc2_name), saved)
-            else:
-                _patch_linear(blk.fc2, fc2_rule, saved)
+            _patch_linear(blk.fc1, blk.fc1_name, rules.rule_for(blk.fc1_name, blk.group), saved)
+            rec_o = recording.recorder(recording.mlp_out, blk.fc2_name) \
+                if recording is not None and mlp_outputs else None
+            _patch_linear(blk.fc2, blk.fc2_name, rules.rule_for(blk.fc2_name, blk.group), saved, rec_o)
         for name in struct.head_names:
-            mod = model.get_submodule(name)
-            _patch_linear(mod, linear_rule(rules.rule_for(name, "fc"), name), saved)
+            _patch_linear(model.get_submodule(name), name, rules.rule_for(name, "fc"), saved)
         for act in struct.extra_acts:
             _patch_act(act, None, saved)
-        pe = struct.patch_embed
-        pe_rule = _module_rule(rules.rule_for(struct.patch_embed_name, "input"), struct.patch_embed_name)
-        pe_fwd = pe.forward
-        _set_forward(pe, lambda x: pe_rule(pe_fwd(x)), saved)
+        rec_in = recording.recorder(recording.input, "input") if recording is not None else None
+        pe_name = struct.patch_embed_name
+        _set_forward(struct.patch_embed,
+                     conv_rule(rules.rule_for(pe_name, "input"), pe_name, struct.patch_embed, rec_in),
+                     saved)
         if rules.residual_eps:
             _patch_residual_blocks(struct, rules.residual_eps, saved)
         yield struct
@@ -450,7 +479,7 @@ def explain_vit(model: nn.Module, inputs: Tensor, targets: Tensor | None, rules:
                             boundaries=boundaries) as struct:
         out = model(x)
         (grad,) = torch.autograd.grad(out, x, start_gradient(out, targets, start))
-    relevance = x.detach() * grad
+    relevance = rec.input.get("input", x.detach() * grad)
     components: dict[str, Tensor] = {}
     for blk in struct.blocks:  # forward order
         for store, name in ((rec.heads, blk.attn_name), (rec.mlp, blk.fc1_name),
