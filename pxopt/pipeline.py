@@ -44,8 +44,28 @@ class Pipeline:
     family: str = "cnn"
     model_spec: str = ""
     cache_size: int = 32
+    cap: float | None = None  # prune at most this fraction of any layer (None: no cap)
     last_timings: dict[str, Any] = field(default_factory=dict)
     _cache: OrderedDict[str, ComponentScores] = field(default_factory=OrderedDict, repr=False)
+    _val_batches: list | None = field(default=None, repr=False)
+    _ref_batches: list | None = field(default=None, repr=False)
+
+    def _cap(self) -> Any:
+        from pxopt.prune import Cap
+
+        return None if self.cap is None else Cap(max_fraction=float(self.cap))
+
+    def reference_batches(self) -> list:
+        """The task's reference batches, moved to the device once for all trials."""
+        if self._ref_batches is None:
+            self._ref_batches = list(self.task.reference_batches(self.batch_size, self.device))
+        return self._ref_batches
+
+    def validation_batches(self) -> list:
+        """The task's validation batches, moved to the device once for all trials."""
+        if self._val_batches is None:
+            self._val_batches = list(self.task.validation_batches(self.batch_size, self.device))
+        return self._val_batches
 
     # -- construction -------------------------------------------------------------------
     @classmethod
@@ -77,6 +97,7 @@ class Pipeline:
             batch_size=spec.batch_size,
             family=loaded.family,
             model_spec=loaded.spec,
+            cap=spec.cap,
         )
 
     # -- scores ---------------------------------------------------------------------------
@@ -93,9 +114,10 @@ class Pipeline:
             return self._cache[key]
         scores = component_relevance(
             self.model,
-            self.task.reference_batches(self.batch_size, self.device),
+            self.reference_batches(),
             config,
             kinds=self.kinds,
+            layer_map=self.layer_map,
         )
         if not scores.is_finite():
             raise NonFiniteRelevanceError(
@@ -114,7 +136,7 @@ class Pipeline:
         return compute_scores(
             name,
             self.model,
-            self.task.reference_batches(self.batch_size, self.device),
+            self.reference_batches(),
             self.layer_map,
             **kwargs,
         )
@@ -143,6 +165,9 @@ class Pipeline:
                 rates=list(rates or self.rates),
                 device=self.device,
                 on_rate=on_rate,
+                cap=self._cap(),
+                batch_size=self.batch_size,
+                batches=self.validation_batches(),
             )
         finally:
             self.last_timings["curve_s"] = time.perf_counter() - start
@@ -165,7 +190,7 @@ class Pipeline:
         """Mask the model in place at `rate` (undone on exit); yields the pruned components."""
         from pxopt.prune import Masker, global_order
 
-        order = global_order(scores.select(ranking), self.layer_map, self.kinds)
+        order = global_order(scores.select(ranking), self.layer_map, self.kinds, cap=self._cap())
         pruned = order.pruned_at(rate)
         with Masker(self.model, self.layer_map, self.kinds) as masker:
             masker.set_pruned(pruned)
