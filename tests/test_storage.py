@@ -89,7 +89,7 @@ def test_study_pins_model_and_task(tmp_path):
     assert len(resumed.trials) == 2
     with pytest.raises(StorageError, match="created for model 'builtin:fmnist-resnet', not 'builtin:fmnist-vgg'"):
         open_study(storage, "s", model_spec="builtin:fmnist-vgg", task=TASK)
-    with pytest.raises(StorageError, match="another task"):
+    with pytest.raises(StorageError, match=r"another task \(n_ref: stored 2, now 3\)"):
         open_study(storage, "s", model_spec="builtin:fmnist-resnet", task={**TASK, "n_ref": 3})
     with pytest.raises(StorageError, match="direction"):
         open_study(storage, "s", model_spec="builtin:fmnist-resnet", task=TASK, direction="minimize")

@@ -122,3 +122,30 @@ def test_each_process_sees_only_its_gpu(tmp_path, monkeypatch):
     trials = optuna.load_study(study_name="g", storage=open_storage(url)).trials
     seen = {(t.user_attrs["worker"], t.user_attrs["cvd"], t.user_attrs["device"]) for t in trials}
     assert seen <= {(0, "4", "cuda:0"), (1, "6", "cuda:0")} and len(seen) == 2
+
+
+def test_spec_search_runs_baselines_and_the_real_objective_in_process(tmp_path, monkeypatch):
+    """The `pxopt search --workers 1` path with the search's own Objective (fake pipeline)."""
+    from search_fakes import FakePipeline
+
+    import pxopt.pipeline
+    from pxopt.search.spec import StudySpec
+    from pxopt.search.workers import run_spec_search
+
+    monkeypatch.setattr(pxopt.pipeline.Pipeline, "from_spec", FakePipeline.from_spec)
+    spec = StudySpec(name="fake", model="builtin:tiny", trials=6, storage=str(tmp_path / "f.db"),
+                     rates=[0.0, 0.2, 0.4, 0.6, 0.8])
+    seen: list[int] = []
+    summary = run_spec_search(spec, n_workers=1, progress=seen.append)
+    assert (summary.trials_before, summary.trials_after, summary.exit_codes) == (0, 6, [0])
+    assert seen == sorted(seen) and seen[-1] == 6
+    study = optuna.load_study(study_name="fake", storage=open_storage(tmp_path / "f.db"))
+    assert study.trials[0].user_attrs["baseline"] == "all-epsilon"
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials)
+    assert study.best_trial.user_attrs["curve"]["rates"] == [0.0, 0.2, 0.4, 0.6, 0.8]
+    assert study.user_attrs["pxopt.model"] == "builtin:tiny"
+    with pytest.raises(StorageError, match="created for model 'builtin:tiny'"):
+        run_spec_search(StudySpec(name="fake", model="builtin:other", trials=6,
+                                  storage=str(tmp_path / "f.db")), n_workers=1)
+    with pytest.raises(ConfigError, match="--workers must be >= 1"):
+        run_spec_search(spec, n_workers=0)

@@ -253,8 +253,13 @@ def check_study_identity(study: optuna.Study, *, model_spec: str, task: dict[str
             f"{model_spec!r}: use another --study name (trials of different models never mix)"
         )
     if attrs.get(ATTR_TASK_DIGEST) != task_digest:
+        stored = attrs.get(ATTR_TASK)
+        if isinstance(stored, dict):
+            keys = sorted(k for k in {*stored, *task} if stored.get(k) != task.get(k))
+            what = "; ".join(f"{k}: stored {stored.get(k)!r}, now {task.get(k)!r}" for k in keys[:3])
+        else:
+            what = f"digest {attrs.get(ATTR_TASK_DIGEST)}, now {task_digest}"
         raise StorageError(
-            f"study {study.study_name!r} was created for another task (digest "
-            f"{attrs.get(ATTR_TASK_DIGEST)}, now {task_digest}): use another --study name or the "
-            "same dataset, classes, n_ref, n_val and seed"
+            f"study {study.study_name!r} was created for another task ({what}): use another "
+            "--study name or the same task settings"
         )

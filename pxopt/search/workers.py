@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import multiprocessing as mp
+import multiprocessing.connection
 import os
 import signal
 import sys
@@ -65,6 +66,7 @@ class WorkerContext:
     n_workers: int
     device: str  # "auto", "cpu" or "cuda:0" (its own GPU when several are shared out)
     threads: int | None  # CPU threads for this worker (None: leave torch's default)
+    n_trials_before: int = 0  # trials in the study when the run started (offset sampler seeds)
 
 
 @dataclass(frozen=True)
@@ -220,6 +222,7 @@ def run_worker(
     ctx: WorkerContext,
     *,
     log: Callable[[str], None] | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> bool:
     """One optimisation loop on the shared study; returns False when interrupted.
 
@@ -257,6 +260,8 @@ def run_worker(
                     return True
                 current.clear()
                 study.optimize(objective, n_trials=1, catch=CAUGHT, gc_after_trial=False)
+                if progress is not None:
+                    progress(_count(study, _FINISHED))
                 last = storage.get_trial(current[-1]) if current else None
                 failures = failures + 1 if last is not None and last.state == TrialState.FAIL else 0
                 if failures >= MAX_CONSECUTIVE_FAILURES:
@@ -340,12 +345,14 @@ def run_workers(
     *,
     resume_hint: str | None = None,
     log: Callable[[str], None] | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> RunSummary:
     """Run `plan` with `n_workers` processes (in this process when 1) on one study.
 
     The study must exist (create it with `pxopt.search.storage.open_study`). Returns when
     the budget is spent, the timeout passed, or after Ctrl-C (then `interrupted` is True
     and `resume_hint` has been logged). A worker's `PxoptError` is re-raised here.
+    `progress(n_finished)` is called after each trial (polled every second for N > 1).
     """
     if not isinstance(n_workers, int) or n_workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {n_workers}")
@@ -372,12 +379,14 @@ def run_workers(
 
     if n_workers == 1:
         device, _ = devices[0]
-        ctx = WorkerContext(0, 1, device, threads)
-        completed = run_worker(factory, plan, ctx, log=log)
+        ctx = WorkerContext(0, 1, device, threads, len(study.trials))
+        completed = run_worker(factory, plan, ctx, log=log, progress=progress)
         summary.exit_codes = [0 if completed else 130]
         summary.interrupted = not completed
     else:
-        summary.exit_codes, summary.interrupted = _run_processes(factory, plan, devices, threads)
+        summary.exit_codes, summary.interrupted = _run_processes(
+            factory, plan, devices, threads, len(study.trials), study if progress else None, progress
+        )
     summary.trials_after = _count(study, _FINISHED)
     if summary.interrupted:
         summary.resume_hint = hint
@@ -393,13 +402,16 @@ def _run_processes(
     plan: WorkerPlan,
     devices: list[tuple[str, str | None]],
     threads: int | None,
+    n_trials_before: int,
+    study: optuna.Study | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> tuple[list[int], bool]:
     """Spawn one process per device, forward Ctrl-C to them, collect their errors."""
     context = mp.get_context("spawn")
     errors = context.Queue()
     processes = []
     for index, (device, gpu) in enumerate(devices):
-        ctx = WorkerContext(index, len(devices), device, threads)
+        ctx = WorkerContext(index, len(devices), device, threads, n_trials_before)
         with _env("CUDA_VISIBLE_DEVICES", gpu):
             process = context.Process(
                 target=_child_main, args=(factory, plan, ctx, errors), name=f"pxopt-worker-{index}"
@@ -409,6 +421,14 @@ def _run_processes(
     interrupted = False
     previous = signal.getsignal(signal.SIGINT)
     try:
+        last = -1
+        while alive := [process.sentinel for process in processes if process.is_alive()]:
+            mp.connection.wait(alive, timeout=1.0)
+            if study is not None and progress is not None:
+                done = _count(study, _FINISHED)
+                if done != last:
+                    progress(done)
+                    last = done
         for process in processes:
             process.join()
     except KeyboardInterrupt:
@@ -464,3 +484,79 @@ def _env(name: str, value: str | None) -> Iterator[None]:
             os.environ.pop(name, None)
         else:
             os.environ[name] = old
+
+
+# --- the real pxopt search ---------------------------------------------------------------
+
+
+@dataclass
+class SpecFactory:
+    """Builds pxopt's real objective for a `StudySpec` inside each worker process.
+
+    Each worker loads its own model and task on its own device and offsets its sampler
+    seed by its index (and by the trials already in the study), so workers do not propose
+    the same rules. `pipeline` (a `Pipeline` already loaded here) is reused by an
+    in-process worker and never pickled.
+    """
+
+    spec: Any  # pxopt.search.spec.StudySpec
+    pipeline: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "pipeline": None}
+
+    def __call__(self, ctx: WorkerContext) -> WorkerSetup:
+        from pxopt.pipeline import Pipeline
+        from pxopt.search.objective import Objective
+        from pxopt.search.space import SearchSpace
+        from pxopt.search.study import make_pruner, make_sampler
+
+        spec = self.spec
+        pipeline = self.pipeline if self.pipeline is not None else Pipeline.from_spec(spec, device=ctx.device)
+        space = SearchSpace.build(spec.space, family=pipeline.family, zbox_bounds=pipeline.input_bounds())
+        offset = ctx.n_trials_before + 1000 * ctx.index
+        seeds = {"study": spec.seed, "sampler": spec.seed + offset, "task": spec.task_seed, "worker": ctx.index}
+        objective = Objective(space, pipeline.evaluate, spec.rates, timings=pipeline.timings, seeds=seeds)
+        return WorkerSetup(objective, make_sampler(spec, offset), make_pruner(spec.pruner, len(spec.rates)))
+
+
+def run_spec_search(
+    spec: Any,
+    *,
+    n_workers: int = 1,
+    storage_url: str | None = None,
+    pipeline: Any = None,
+    study_attrs: dict[str, Any] | None = None,
+    resume_hint: str | None = None,
+    log: Callable[[str], None] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> RunSummary:
+    """`pxopt search --workers N`: create or resume the spec's study and run N workers on it.
+
+    The model and task are loaded here first (given as `pipeline`, or loaded on the CPU
+    when N > 1): bad input fails once with one clear error before any worker starts, and
+    a built-in model is trained once, not by every worker. Baselines are queued into a
+    new study exactly as `run_search` does; the workers then share `spec.trials`.
+    """
+    from pxopt.pipeline import Pipeline
+    from pxopt.search.space import SearchSpace
+    from pxopt.search.study import enqueue_baselines, open_study
+
+    if not isinstance(n_workers, int) or n_workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {n_workers}")
+    url = storage_url or spec.storage_url()
+    if pipeline is None:
+        pipeline = Pipeline.from_spec(spec, device="cpu" if n_workers > 1 else None)
+    study = open_study(spec, url)
+    for key, value in (study_attrs or {}).items():
+        study.set_user_attr(key, value)
+    if spec.baselines:
+        space = SearchSpace.build(spec.space, family=pipeline.family, zbox_bounds=pipeline.input_bounds())
+        enqueue_baselines(study, space)
+    plan = WorkerPlan(
+        storage=url, study_name=spec.name, n_trials=spec.trials, timeout=spec.timeout, device=spec.device
+    )
+    factory = SpecFactory(spec, pipeline if n_workers == 1 else None)
+    if n_workers > 1:
+        del pipeline  # the workers load their own; free this copy before they start
+    return run_workers(factory, plan, n_workers, resume_hint=resume_hint, log=log, progress=progress)
