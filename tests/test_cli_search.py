@@ -97,6 +97,7 @@ def dashboard_get(storage: str, path: str) -> dict:
         (["report", "--study", "nope"], "no study file"),
         (["prune", "--config", "missing.json", "--rate", "0.5", "--out", "p.pt"], "does not exist"),
         (["baselines", "--model", "x", "--criteria", "magic"], "--criteria"),
+        (["search", "--model", "x", "--workers", "0"], "--workers"),
     ],
 )
 def test_user_errors_exit_2_with_one_line(fake: Path, capsys: pytest.CaptureFixture, args: list[str], message: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import optuna
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -79,13 +80,14 @@ def register(app: typer.Typer) -> None:
         rates: str | None = typer.Option(None, "--rates", help="'0,0.1,0.2' or 'start:stop:step'."),
         out_dir: Path = typer.Option(Path("studies"), "--out-dir", help="Where the report and best config go."),
         report: bool = typer.Option(True, "--report/--no-report", help="Write the HTML report at the end."),
+        workers: int = typer.Option(1, "--workers", help="Worker processes on this study (one GPU each)."),
     ) -> None:
         """Search LRP rule configurations that prune best; the same command resumes."""
         from pxopt.export import export_trial, write_export
         from pxopt.pipeline import Pipeline
         from pxopt.report import write_report
-        from pxopt.search import SearchSpace, run_search
         from pxopt.search.study import open_storage
+        from pxopt.search.workers import run_spec_search
 
         if classes is not None and class_names is not None:
             raise ConfigError("give either --classes or --class-names, not both")
@@ -99,31 +101,28 @@ def register(app: typer.Typer) -> None:
         open_storage(url)  # fail fast on an unreachable storage, before loading the model
         console.print(f"study [bold]{spec.name}[/]: model {spec.model}, data {spec.data}, "
                       f"components {spec.components}, {len(spec.rates)} rates")
+        if workers < 1:
+            raise ConfigError(f"--workers must be >= 1, got {workers}")
         with console.status("loading model and task (a built-in model trains on first use)"):
-            pipeline = Pipeline.from_spec(spec)
-        space = SearchSpace.build(spec.space, family=pipeline.family, zbox_bounds=pipeline.input_bounds())
+            pipeline = Pipeline.from_spec(spec, device="cpu" if workers > 1 else None)
         study_attrs = pipeline.study_attrs()
         with Progress(
             TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
             TimeElapsedColumn(), console=console, transient=False,
         ) as progress:
-            bar = progress.add_task("trials", total=spec.trials)
-
-            def on_trial(study_, trial) -> None:
-                try:
-                    best = f"best {study_.best_value:.4f}"
-                except ValueError:
-                    best = "no complete trial yet"
-                progress.update(bar, advance=1, description=f"trial {trial.number} {trial.state.name.lower()}; {best}")
-
-            result = run_search(
-                spec, pipeline.evaluate, space=space, family=pipeline.family, storage_url=url,
-                timings=pipeline.timings, callbacks=[on_trial], study_attrs=study_attrs,
+            bar = progress.add_task("finished trials", total=spec.trials)
+            summary = run_spec_search(
+                spec, n_workers=workers, storage_url=url, pipeline=pipeline, study_attrs=study_attrs,
+                progress=lambda n: progress.update(bar, completed=n),
             )
-        st = result.study
-        typer.echo(f"study:  {spec.name} in {url} ({len(st.trials)} trials, {result.n_new_trials} new)")
-        best = result.best_trial
-        if best is None:
+        st = optuna.load_study(study_name=spec.name, storage=open_storage(url))
+        new = summary.trials_after - summary.trials_before
+        typer.echo(f"study:  {spec.name} in {url} ({len(st.trials)} trials, {new} newly finished)")
+        if summary.interrupted:
+            raise typer.Exit(130)
+        try:
+            best = st.best_trial
+        except ValueError:
             typer.echo("no completed trial: nothing to export")
             return
         out_dir.mkdir(parents=True, exist_ok=True)
