@@ -6,5 +6,6 @@ functions other engines reuse live in `pxopt.lrp.rules`; the configuration forma
 """
 
 from pxopt.lrp.config import RuleConfig, RuleSpec
+from pxopt.lrp.explain import Explanation, component_relevance, explain
 
-__all__ = ["RuleConfig", "RuleSpec"]
+__all__ = ["Explanation", "RuleConfig", "RuleSpec", "component_relevance", "explain"]

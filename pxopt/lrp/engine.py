@@ -1,0 +1,282 @@
+"""Installing LRP rules on a model for the duration of a `with` block, and undoing it.
+
+`LRPEngine(model, rules, layer_map, record)` replaces `forward` on module instances
+(see `pxopt.lrp.canonizers`), puts the model in eval mode, and restores both on exit.
+Parameters and buffers are never written. After each forward, `check_graph` walks the
+autograd graph of the output and raises `UnsupportedLayerError` for any operation that no
+rule covers (e.g. an addition hidden in an unknown block's forward), so nothing silently
+falls back to the plain gradient.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from pxopt.errors import UnsupportedLayerError
+from pxopt.layers import LayerMap
+from pxopt.lrp import canonizers as cz
+from pxopt.lrp.config import RuleConfig
+from pxopt.lrp.rules import (
+    RULE_NODE_NAMES,
+    LayerRule,
+    LinearOp,
+    conv2d_op,
+    lrp_layer,
+    lrp_norm,
+    lrp_pass,
+)
+
+# Autograd nodes that may appear outside our rule functions: they carry relevance
+# correctly as a plain gradient (max-pool winner takes all, reshapes) or are leaves.
+GRADIENT_NODES: set[str] = {
+    "torch::autograd::AccumulateGrad",
+    "MaxPool2DWithIndicesBackward0",
+    "MaxPool1DWithIndicesBackward0",
+    "AdaptiveMaxPool2DBackward0",
+    "AdaptiveMaxPool1DBackward0",
+    "ViewBackward0",
+    "UnsafeViewBackward0",
+    "ReshapeAliasBackward0",
+    "CloneBackward0",
+    "SqueezeBackward0",
+    "SqueezeBackward1",
+    "SqueezeBackward4",
+    "UnsqueezeBackward0",
+    "ExpandBackward0",  # only as the producer of a view; sums of it are covered elsewhere
+    "AliasBackward0",
+}
+
+
+def check_graph(output: Tensor, extra_allowed: set[str] | frozenset[str] = frozenset()) -> None:
+    """Raise if the graph of `output` contains an operation that no LRP rule covers."""
+    allowed = GRADIENT_NODES | RULE_NODE_NAMES | set(extra_allowed)
+    seen: set[int] = set()
+    stack = [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        name = node.name()
+        if name not in allowed:
+            raise UnsupportedLayerError(
+                f"operation {name.removesuffix('Backward0')!r} in the model's forward is not inside "
+                "a layer with an LRP rule (an unsupported block or functional op); refusing to "
+                "fall back to the plain gradient"
+            )
+        stack.extend(fn for fn, _ in node.next_functions)
+
+
+def _leaves(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """Leaf modules depth-first in registration order (zennit's `collect_leaves`)."""
+    children = list(module.named_children())
+    if not children:
+        yield prefix, module
+    for name, child in children:
+        yield from _leaves(child, f"{prefix}.{name}" if prefix else name)
+
+
+def _op_of(module: nn.Module) -> LinearOp:
+    if isinstance(module, nn.Conv2d):
+        if module.padding_mode != "zeros":
+            raise UnsupportedLayerError(
+                f"Conv2d with padding_mode={module.padding_mode!r} has no LRP rule")
+        return conv2d_op(module.stride, module.padding, module.dilation, module.groups,
+                         module.weight.shape)
+    return LinearOp("linear")
+
+
+def _merged(module: nn.Module, bn: nn.Module | None) -> tuple[Tensor, Tensor | None]:
+    """Weight and bias of module with the following BatchNorm merged in (zennit's formula)."""
+    w = module.weight.detach()
+    b = None if module.bias is None else module.bias.detach()
+    if bn is None:
+        return w, b
+    var, mean = bn.running_var.detach(), bn.running_mean.detach()
+    gamma = bn.weight.detach() if bn.weight is not None else torch.ones_like(var)
+    beta = bn.bias.detach() if bn.bias is not None else torch.zeros_like(var)
+    scale = gamma / (var + bn.eps) ** 0.5
+    w = w * scale.view(-1, *([1] * (w.ndim - 1)))
+    b = ((b if b is not None else torch.zeros_like(mean)) - mean) * scale + beta
+    return w, b
+
+
+class Recorder:
+    """Per-layer relevance at the layer output, (batch, n_components), filled in the backward."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, Tensor] = {}
+
+    def callback(self, name: str, op: LinearOp) -> Any:
+        def record(r: Tensor) -> None:
+            c = op.channel_sum(r.detach())
+            prev = self.data.get(name)
+            self.data[name] = c if prev is None else prev + c
+
+        return record
+
+    def clear(self) -> None:
+        self.data = {}
+
+
+class LRPEngine:
+    """Context manager: model with LRP rules installed (see module docstring)."""
+
+    def __init__(self, model: nn.Module, rules: RuleConfig, layer_map: LayerMap,
+                 record: set[str] | None = None) -> None:
+        self.model = model
+        self.rules = rules
+        self.layer_map = layer_map
+        self.record = set(layer_map.names()) if record is None else set(record)
+        self.recorder = Recorder()
+        self._patched: list[tuple[nn.Module, Any]] = []
+        self._training: list[tuple[nn.Module, bool]] = []
+
+    # ---- install / uninstall --------------------------------------------------------------
+    def __enter__(self) -> LRPEngine:
+        try:
+            self._install()
+        except BaseException:
+            self._uninstall()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._uninstall()
+
+    def _patch(self, module: nn.Module, fn: Any, *, bind: bool = False) -> None:
+        """Set an instance-level forward (a method of the module when `bind`)."""
+        self._patched.append((module, module.__dict__.get("forward")))
+        module.__dict__["forward"] = types.MethodType(fn, module) if bind else fn
+
+    def _uninstall(self) -> None:
+        for module, previous in reversed(self._patched):
+            module.__dict__.pop("_pxopt_expected", None)
+            if previous is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.__dict__["forward"] = previous
+        self._patched.clear()
+        for module, flag in self._training:
+            module.training = flag
+        self._training.clear()
+        self.recorder.clear()
+
+    def _install(self) -> None:
+        model = self.model
+        self._training = [(m, m.training) for m in model.modules()]
+        model.eval()
+        groups = {layer.name: layer.group for layer in self.layer_map}
+        self.rules.check_overrides(set(groups))
+        leaves = list(_leaves(model))
+        # BatchNorm directly after a conv/linear in registration order (zennit's rule);
+        # the forward checks the pairing at run time.
+        pairs: dict[str, tuple[str, nn.Module]] = {}
+        paired_bn: dict[int, str] = {}
+        for (name, mod), (bn_name, nxt) in zip(leaves, leaves[1:], strict=False):
+            if cz.treatment_of(mod) == cz.LINEAR and cz.treatment_of(nxt) == cz.BATCHNORM:
+                if not nxt.track_running_stats or nxt.running_var is None:
+                    raise UnsupportedLayerError(
+                        f"layer {bn_name!r} ({type(nxt).__name__}) has no running statistics "
+                        "and cannot be merged for LRP")
+                pairs[name] = (bn_name, nxt)
+                paired_bn[id(nxt)] = name
+
+        for name, module in model.named_modules():
+            residual = cz.residual_forward_of(module)
+            if residual is not None:
+                self._patch(module, residual, bind=True)
+                continue
+            if next(module.children(), None) is not None:
+                continue  # containers: their leaves carry the rules; check_graph guards the rest
+            treatment = cz.treatment_of(module)
+            if treatment is None:
+                raise UnsupportedLayerError(
+                    f"layer {name!r} ({type(module).__name__}) has no LRP rule; supported: "
+                    "Conv2d, Linear, BatchNorm, element-wise activations, pools, Flatten, Dropout")
+            if treatment == cz.LINEAR:
+                if name not in groups:
+                    raise UnsupportedLayerError(
+                        f"layer {name!r} ({type(module).__name__}) is not in the layer map")
+                bn = pairs.get(name, (None, None))[1]
+                self._install_linear(name, module, bn, groups[name])
+            elif treatment == cz.BATCHNORM:
+                if id(module) in paired_bn:
+                    self._patch(module, _merged_bn_forward(name, paired_bn[id(module)]), bind=True)
+                else:  # a BatchNorm not after a linear layer: Pass, as in zennit
+                    self._patch(module, _pass_forward(module))
+            elif treatment == cz.PASS:
+                self._patch(module, _pass_forward(module))
+            elif treatment == cz.NORM:
+                self._patch(module, _norm_forward(module))
+            # GRADIENT: leave the module alone
+
+    def _install_linear(self, name: str, module: nn.Module, bn: nn.Module | None,
+                        group: str) -> None:
+        op = _op_of(module)
+        weight, bias = _merged(module, bn)
+        cls_forward = type(module).forward
+        if bn is None:
+            def true_forward(x: Tensor) -> Tensor:
+                return cls_forward(module, x)
+        else:
+            bn_forward = type(bn).forward
+
+            def true_forward(x: Tensor) -> Tensor:
+                return bn_forward(bn, cls_forward(module, x))
+
+        rule = LayerRule(
+            self.rules.rule_for(name, group), op, weight, bias, forward_fn=true_forward,
+            recorder=self.recorder.callback(name, op) if name in self.record else None,
+            name=name,
+        )
+        def forward(x: Tensor) -> Tensor:
+            out = lrp_layer(x, rule)
+            if bn is not None:
+                bn.__dict__["_pxopt_expected"] = out  # checked (and dropped) by the BatchNorm
+            return out
+
+        self._patch(module, forward)
+
+
+def _merged_bn_forward(bn_name: str, layer_name: str) -> Any:
+    def forward(self: nn.Module, x: Tensor) -> Tensor:
+        expected = self.__dict__.pop("_pxopt_expected", None)
+        if expected is not x:
+            raise UnsupportedLayerError(
+                f"layer {bn_name!r} (BatchNorm) does not directly follow {layer_name!r} in the "
+                "forward, so it cannot be merged for LRP")
+        return x  # already applied inside the merged conv/linear
+
+    return forward
+
+
+def _pass_forward(module: nn.Module) -> Any:
+    cls_forward = type(module).forward
+    inplace = bool(getattr(module, "inplace", False))
+
+    def fn(x: Tensor) -> Tensor:
+        # an in-place activation would overwrite a tensor saved for the backward
+        return cls_forward(module, x.clone() if inplace else x)
+
+    def forward(x: Tensor) -> Tensor:
+        return lrp_pass(x, fn)
+
+    return forward
+
+
+def _norm_forward(module: nn.Module) -> Any:
+    cls_forward = type(module).forward
+
+    def fn(x: Tensor) -> Tensor:
+        return cls_forward(module, x)
+
+    def forward(x: Tensor) -> Tensor:
+        return lrp_norm(x, fn)
+
+    return forward

@@ -1,0 +1,145 @@
+"""Public entry points: relevance of inputs and components for one batch or a reference set.
+
+    exp = explain(model, images, labels, {"groups": {...}})
+    exp.input                 # relevance of every input value, like images
+    exp.components["layer1.0.conv1"]   # (batch, out_channels), summed over space
+    exp.output                # the model's logits (bit-identical to model(images))
+
+    scores = component_relevance(model, batches, rules)   # ComponentScores, criterion "lrp"
+
+The model is left exactly as it was: no parameter or buffer is written, instance-level
+forwards are removed, training flags restored, no hooks registered. Works when called
+under `torch.no_grad()` or `torch.inference_mode()`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from pxopt.errors import ConfigError, NonFiniteRelevanceError
+from pxopt.layers import LayerMap, discover_layers
+from pxopt.lrp.config import RuleConfig
+from pxopt.lrp.engine import LRPEngine, check_graph
+from pxopt.scores import ComponentScores
+
+Start = Literal["target", "predicted", "logit"]
+
+
+@dataclass
+class Explanation:
+    """Relevance of the inputs (`input`, like the inputs), of each component
+    (`components`: module name -> (batch, n_components)) and the model's logits (`output`)."""
+
+    input: Tensor
+    components: dict[str, Tensor]
+    output: Tensor
+
+
+def _record_names(layer_map: LayerMap, kinds: Iterable[str] | None) -> set[str]:
+    return {layer.name for layer in layer_map.select(kinds)}
+
+
+def _seed(output: Tensor, targets: Tensor | Sequence[int] | int | None, start: str) -> Tensor:
+    """Initial relevance at the logits."""
+    if output.ndim != 2:
+        raise ConfigError(f"explain: the model must return logits (batch, classes), got {tuple(output.shape)}")
+    if start == "predicted":
+        idx = output.argmax(1)
+    elif start in ("target", "logit"):
+        if targets is None:
+            raise ConfigError(f"start={start!r} needs targets (class indices)")
+        idx = torch.as_tensor(targets, device=output.device).long().reshape(-1)
+        if idx.numel() == 1 and output.shape[0] > 1:
+            idx = idx.expand(output.shape[0])
+        if idx.shape[0] != output.shape[0]:
+            raise ConfigError(f"targets: {idx.shape[0]} labels for a batch of {output.shape[0]}")
+    else:
+        raise ConfigError(f"start: expected 'target', 'predicted' or 'logit', got {start!r}")
+    seed = torch.zeros_like(output)
+    seed.scatter_(1, idx[:, None], 1.0)
+    if start == "logit":
+        seed = seed * output.detach()
+    return seed
+
+
+def _run(engine: LRPEngine, inputs: Tensor, targets: Any, start: str) -> Explanation:
+    """One forward + relevance backward with the engine installed."""
+    engine.recorder.clear()
+    x = inputs.detach()
+    if x.is_inference():
+        x = x.clone()
+    x.requires_grad_(True)
+    out = engine.model(x)
+    check_graph(out)
+    seed = _seed(out, targets, start)
+    (rel,) = torch.autograd.grad(out, x, seed)
+    comps = {}
+    for layer in engine.layer_map:
+        if layer.name in engine.record:
+            c = engine.recorder.data.get(layer.name)
+            comps[layer.name] = c if c is not None else rel.new_zeros(x.shape[0], layer.n_components)
+    engine.recorder.clear()
+    # one device reduction, one host sync per batch
+    total = rel.sum() + sum((c.sum() for c in comps.values()), rel.new_zeros(()))
+    if not bool(torch.isfinite(total)):
+        raise NonFiniteRelevanceError(
+            "relevances became NaN or infinite: raise epsilon / the stabiliser, or check the "
+            "model's outputs")
+    return Explanation(rel.detach(), comps, out.detach())
+
+
+def explain(model: nn.Module, inputs: Tensor, targets: Tensor | Sequence[int] | int | None = None,
+            rules: RuleConfig | dict | str | None = None, *, start: Start = "target",
+            kinds: Iterable[str] | None = None, layer_map: LayerMap | None = None) -> Explanation:
+    """LRP relevances of `inputs` for `targets` under the rule configuration `rules`.
+
+    start: "target" (one-hot 1.0 at targets), "predicted" (at the argmax) or "logit" (the
+    target logit's value). kinds: record only these layer kinds (None: every layer of the
+    layer map, classifier head included). layer_map: reuse a precomputed `discover_layers`.
+    """
+    cfg = RuleConfig.coerce(rules)
+    lm = layer_map if layer_map is not None else discover_layers(model)
+    with torch.inference_mode(False), torch.enable_grad(), \
+            LRPEngine(model, cfg, lm, _record_names(lm, kinds)) as engine:
+        return _run(engine, inputs, targets, start)
+
+
+def component_relevance(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]],
+                        rules: RuleConfig | dict | str | None = None, *,
+                        kinds: Iterable[str] | None = None, layer_map: LayerMap | None = None,
+                        start: Start = "target") -> ComponentScores:
+    """Mean over all samples of |R| and of R per component, accumulated on the device.
+
+    batches: (images, labels) already on the model's device; labels are the targets.
+    """
+    cfg = RuleConfig.coerce(rules)
+    lm = layer_map if layer_map is not None else discover_layers(model)
+    abs_sum: dict[str, Tensor] = {}
+    signed_sum: dict[str, Tensor] = {}
+    n = 0
+    with torch.inference_mode(False), torch.enable_grad(), \
+            LRPEngine(model, cfg, lm, _record_names(lm, kinds)) as engine:
+        for images, labels in batches:
+            exp = _run(engine, images, labels, start)
+            for name, r in exp.components.items():
+                a, s = r.abs().sum(0), r.sum(0)
+                if name in abs_sum:
+                    abs_sum[name] += a
+                    signed_sum[name] += s
+                else:
+                    abs_sum[name], signed_sum[name] = a, s
+            n += int(images.shape[0])
+    if n == 0:
+        raise ConfigError("component_relevance: no reference samples (empty batches)")
+    return ComponentScores(
+        abs={k: v / n for k, v in abs_sum.items()},
+        signed={k: v / n for k, v in signed_sum.items()},
+        criterion="lrp",
+        n_samples=n,
+        meta={"rules": cfg.to_dict(), "digest": cfg.digest(), "start": start},
+    )
