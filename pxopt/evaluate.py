@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pxopt.data.accuracy import restricted_correct
 from pxopt.device import resolve_device
 from pxopt.errors import ConfigError
 from pxopt.prune import Cap, Masker, PruneOrder, global_order
@@ -113,9 +114,7 @@ def _accuracy(model: nn.Module, batches: list, classes: torch.Tensor) -> float:
     correct = torch.zeros((), dtype=torch.long, device=classes.device)
     n = 0
     for x, y in batches:
-        logits = model(x)
-        pred = classes[logits.index_select(1, classes).argmax(1)]
-        correct += (pred == y).sum()
+        correct += restricted_correct(model(x), y, classes)
         n += y.numel()
     return float(correct.item()) / n
 

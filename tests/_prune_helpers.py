@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torchvision.models.resnet import BasicBlock
 
 
 @dataclass
@@ -60,21 +61,6 @@ def randomise_bn(model: nn.Module, seed: int = 0) -> None:
                 m.bias.copy_(torch.randn(n, generator=g))
 
 
-class Block(nn.Module):
-    def __init__(self, c: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c)
-        self.relu = nn.ReLU()
-        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c)
-
-    def forward(self, x):
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + x)
-
-
 class TinyResNet(nn.Module):
     """Stem conv + one residual block + a conv chain + hidden linear + classifier."""
 
@@ -83,13 +69,14 @@ class TinyResNet(nn.Module):
         self.stem = nn.Conv2d(in_ch, width, 3, stride=2, padding=1, bias=False)
         self.bn = nn.BatchNorm2d(width)
         self.relu = nn.ReLU()
-        self.block = Block(width)
+        self.block = BasicBlock(width, width)
         self.features = nn.Sequential(
             nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(),
             nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.ReLU(),
         )
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.hidden = nn.Linear(2 * width, 16)
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.hidden = nn.Linear(8 * width, 16)
+        self.act = nn.ReLU()
         self.fc = nn.Linear(16, num_classes)
 
     def forward(self, x):
@@ -97,7 +84,7 @@ class TinyResNet(nn.Module):
         x = self.block(x)
         x = self.features(x)
         x = torch.flatten(self.pool(x), 1)
-        return self.fc(torch.relu(self.hidden(x)))
+        return self.fc(self.act(self.hidden(x)))
 
 
 def calibrate_classifier(model: nn.Module, fc: nn.Linear, x: torch.Tensor) -> None:
@@ -134,3 +121,32 @@ def tiny_vit(seed: int = 0) -> nn.Module:
     nn.init.normal_(m.head.weight)  # timm may zero-initialise the head
     calibrate_classifier(m, m.head, torch.randn(256, 1, 28, 28))
     return m
+
+
+_TRAINED: dict[str, nn.Module] = {}
+
+
+def trained_tiny_resnet(epochs: int = 3) -> nn.Module:
+    """TinyResNet trained for a few seconds on MNIST-5k (cached per test session)."""
+    if "resnet" not in _TRAINED:
+        from pxopt.data import open_dataset
+
+        split = open_dataset("mnist-5k").splits["train"]
+        x = split.images.float().div(255).unsqueeze(1)
+        y = split.labels
+        torch.manual_seed(0)
+        model = TinyResNet(width=8)
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+        model.train()
+        for _ in range(epochs):
+            perm = torch.randperm(len(x))
+            for i in range(0, len(x), 64):
+                idx = perm[i:i + 64]
+                opt.zero_grad()
+                nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+                opt.step()
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        _TRAINED["resnet"] = model
+    return _TRAINED["resnet"]
