@@ -20,6 +20,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,15 +68,20 @@ def _as_user(cmd: list[str]) -> list[str]:
     return cmd
 
 
-@pytest.fixture(scope="session")
-def pg_server() -> Iterator[PgServer]:
+class PgUnavailable(RuntimeError):
+    """PostgreSQL binaries or driver missing."""
+
+
+@contextmanager
+def throwaway_server() -> Iterator[PgServer]:
+    """Start a private PostgreSQL server (trust auth, localhost, free port); stop and delete it."""
     bindir = _bin_dir()
     if bindir is None:
-        _missing("PostgreSQL server binaries (initdb, pg_ctl) not found")
+        raise PgUnavailable("PostgreSQL server binaries (initdb, pg_ctl) not found")
     try:
         import psycopg2  # noqa: F401
-    except ImportError:
-        _missing("psycopg2 is not installed (pip install 'pxopt[postgres]')")
+    except ImportError as exc:
+        raise PgUnavailable("psycopg2 is not installed (pip install 'pxopt[postgres]')") from exc
     root = Path(tempfile.mkdtemp(prefix="pxopt-pg-"))
     datadir = root / "data"
     if os.geteuid() == 0:
@@ -89,7 +95,7 @@ def pg_server() -> Iterator[PgServer]:
                       "--auth=trust", "--no-sync", "-E", "UTF8"]),
             **run,
         )
-        options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=50"
+        options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=100"
         subprocess.run(
             _as_user([str(bindir / "pg_ctl"), "-D", str(datadir), "-l", str(log), "-o", options,
                       "-w", "-t", "60", "start"]),
@@ -98,16 +104,32 @@ def pg_server() -> Iterator[PgServer]:
     except subprocess.CalledProcessError as exc:
         text = log.read_text() if log.exists() else ""
         shutil.rmtree(root, ignore_errors=True)
-        pytest.fail(f"could not start PostgreSQL: {exc.stderr.strip()} {text[-2000:]}")
-    server = PgServer("127.0.0.1", port, "postgres", datadir)
+        raise RuntimeError(f"could not start PostgreSQL: {exc.stderr.strip()} {text[-2000:]}") from exc
     try:
-        yield server
+        yield PgServer("127.0.0.1", port, "postgres", datadir)
     finally:
         subprocess.run(
             _as_user([str(bindir / "pg_ctl"), "-D", str(datadir), "-m", "immediate", "-w", "stop"]),
             capture_output=True, timeout=120,
         )
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    try:
+        with throwaway_server() as server:
+            yield server
+    except PgUnavailable as exc:
+        _missing(str(exc))
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+
+
+def create_database(server: PgServer, name: str) -> str:
+    """Create a database on the server; returns its URL."""
+    _admin(server, f'CREATE DATABASE "{name}"')
+    return server.url(name)
 
 
 def _admin(server: PgServer, sql: str) -> None:
