@@ -103,3 +103,7 @@ class FakePipeline:
 
     def curve(self, scores, ranking, on_rate=None):
         return self.evaluator(scores.rules, ranking, on_rate)
+
+    def criterion_scores(self, name: str):
+        quality = {"random": "alphabeta", "weight": "zplus"}.get(name, "epsilon")
+        return _Scores({"groups": {"low": {"rule": quality, "epsilon": 1e-6}}})

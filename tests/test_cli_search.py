@@ -125,3 +125,19 @@ def test_export_errors(fake: Path, capsys: pytest.CaptureFixture) -> None:
     bad.write_text(json.dumps(data))
     assert "epsilon" in _error(["prune", "--config", str(bad), "--rate", "0.5", "--out", "p.pt"], capsys)
     assert "--rate" in _error(["prune", "--config", str(fake / "b.json"), "--rate", "1.5", "--out", "p.pt"], capsys)
+
+
+def test_baselines_table_and_figure(fake: Path) -> None:
+    out = _run(["baselines", "--model", "builtin:tiny", "--criteria", "random,weight,lrp-epsilon",
+                "--out-dir", "b", "--rates", "0:1:0.25"])
+    assert "random" in out and "lrp-epsilon" in out
+    table = json.loads((fake / "b" / "builtin-tiny-baselines.json").read_text())
+    assert table["format"] == "pxopt.baselines/1"
+    assert set(table["criteria"]) == {"random", "weight", "lrp-epsilon"}
+    areas = {k: v["area"] for k, v in table["criteria"].items()}
+    assert areas["lrp-epsilon"] > areas["random"]
+    assert (fake / "b" / "builtin-tiny-baselines.html").stat().st_size > 1_000_000
+    # the report can overlay them
+    _run(["search", "--model", "builtin:tiny", "--study", "s", "--trials", "3", "--no-report", "--rates", "0:1:0.25"])
+    _run(["report", "--study", "s", "--out", "r.html", "--baselines", "b/builtin-tiny-baselines.json"])
+    assert "criterion random" in (fake / "r.html").read_text()
