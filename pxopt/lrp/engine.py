@@ -64,12 +64,29 @@ def check_graph(output: Tensor, extra_allowed: set[str] | frozenset[str] = froze
         seen.add(id(node))
         name = node.name()
         if name not in allowed:
+            op = name.removesuffix("Backward0").removesuffix("Backward1").lower()
+            where = _layer_below(node)
             raise UnsupportedLayerError(
-                f"operation {name.removesuffix('Backward0')!r} in the model's forward is not inside "
-                "a layer with an LRP rule (an unsupported block or functional op); refusing to "
-                "fall back to the plain gradient"
+                f"operation {op!r}{f' after layer {where!r}' if where else ''} in the model's "
+                "forward is not inside a layer with an LRP rule (an unknown block or functional "
+                "op); refusing to fall back to the plain gradient"
             )
         stack.extend(fn for fn, _ in node.next_functions)
+
+
+def _layer_below(node: Any, limit: int = 200) -> str | None:
+    """Name of the nearest rule layer feeding `node` (to say where an unknown op sits)."""
+    queue, seen = [node], set()
+    while queue and len(seen) < limit:
+        cur = queue.pop(0)
+        if cur is None or id(cur) in seen:
+            continue
+        seen.add(id(cur))
+        layer = getattr(cur, "layer", None)
+        if layer is not None and getattr(layer, "name", ""):
+            return layer.name
+        queue.extend(fn for fn, _ in cur.next_functions)
+    return None
 
 
 def _leaves(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:

@@ -136,7 +136,7 @@ class LayerRule:
         if self.rule.name not in LAYER_RULES:
             raise ConfigError(
                 f"rule {self.rule.name!r} cannot be applied to the linear/conv layer "
-                f"{self.name or '?'}; use one of {', '.join(LAYER_RULES)}"
+                f"{self.name or '?'!r}; use one of {', '.join(LAYER_RULES)}"
             )
         self.weight = self.weight.detach()
         self.bias = None if self.bias is None else self.bias.detach()
