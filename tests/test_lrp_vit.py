@@ -379,3 +379,41 @@ def test_predicted_and_target_start() -> None:
     assert torch.allclose(a.input, b.input)
     # explicit attention and LayerNorm round differently from the fused kernels
     assert (a.output - model(x).detach()).abs().max() <= 1e-5
+
+
+# --------------------------------------------------------------------------- integration
+
+
+def test_discover_layers_and_explain_dispatch_to_vit() -> None:
+    from pxopt.layers import discover_layers
+    from pxopt.lrp.explain import component_relevance, explain
+
+    model = tiny_timm()
+    lm = discover_layers(model)
+    assert [(la.name, la.kind, la.group) for la in lm[:3]] == [
+        ("patch_embed.proj", "conv", "input"), ("blocks.0.attn", "heads", "low"),
+        ("blocks.0.mlp.fc1", "mlp", "low")]
+    assert lm[-1].name == "head" and lm[-1].kind == "head" and lm[-1].group == "fc"
+    assert [la.n_components for la in lm.prunable(["heads"])] == [4] * 4
+    x, t = torch.randn(2, 1, 28, 28), torch.tensor([1, 2])
+    a = explain(model, x, t, {"softmax": "cp"})
+    b = explain_vit(model, x, t, {"softmax": "cp"})
+    assert torch.equal(a.input, b.input) and list(a.components) == list(b.components)
+    scores = component_relevance(model, [(x, t), (x, t)], {"softmax": "cp"}, kinds=["mlp"])
+    assert scores.n_samples == 4 and list(scores.abs) == [f"blocks.{i}.mlp.fc1" for i in range(4)]
+    assert torch.allclose(scores.abs["blocks.1.mlp.fc1"], b.components["blocks.1.mlp.fc1"].abs().mean(0))
+
+
+def test_conv_and_head_kinds_and_inference_mode() -> None:
+    model, x, t = tiny_tv(), torch.randn(2, 3, 32, 32), torch.tensor([1, 2])
+    with torch.inference_mode():
+        expl = explain_vit(model, x, t, None, kinds=["conv", "head"])
+    assert list(expl.components) == ["conv_proj", "heads.head"]
+    assert expl.components["conv_proj"].shape == (2, 64)
+    assert torch.equal(expl.components["heads.head"].argmax(1), t)
+
+
+def test_unknown_override_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="overrides"):
+        explain_vit(tiny_timm(), torch.randn(1, 1, 28, 28), torch.tensor([0]),
+                    {"overrides": {"blocks.9.attn.qkv": {"rule": "zplus"}}})

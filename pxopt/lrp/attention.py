@@ -220,19 +220,23 @@ class _Record(Function):
     """Identity that records the relevance of its value (summed over tokens) in backward."""
 
     @staticmethod
-    def forward(ctx, y: Tensor, record: Callable[[Tensor], None]) -> Tensor:
+    def forward(ctx, y: Tensor, record: Callable[[Tensor], None],
+                dims: tuple[int, ...] | None) -> Tensor:
         ctx.save_for_backward(y)
-        ctx.record = record
+        ctx.record, ctx.dims = record, dims
         return y.view_as(y)
 
     @staticmethod
     def backward(ctx, g: Tensor):  # type: ignore[override]
         (y,) = ctx.saved_tensors
         rel = y * g
-        ctx.record(rel.sum(dim=tuple(range(1, rel.dim() - 1))) if rel.dim() > 2 else rel)
-        return g, None
+        dims = ctx.dims if ctx.dims is not None else tuple(range(1, rel.dim() - 1))
+        ctx.record(rel.sum(dim=dims) if dims else rel)
+        return g, None, None
 
 
-def record_relevance(y: Tensor, record: Callable[[Tensor], None]) -> Tensor:
-    """y unchanged; its relevance (batch, features), summed over tokens, goes to `record`."""
-    return _Record.apply(y, record)
+def record_relevance(y: Tensor, record: Callable[[Tensor], None],
+                     dims: tuple[int, ...] | None = None) -> Tensor:
+    """y unchanged; its relevance summed over `dims` (default: the token dims, giving
+    (batch, features)) goes to `record` in the backward."""
+    return _Record.apply(y, record, dims)

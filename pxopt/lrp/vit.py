@@ -13,8 +13,7 @@ backward pass.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,9 +24,12 @@ from torch import Tensor, nn
 from torch.autograd import Function
 
 from pxopt.errors import ConfigError, NonFiniteRelevanceError, UnsupportedLayerError
+from pxopt.layers import Layer, LayerMap, register_discoverer
 from pxopt.lrp import attention as ops
 from pxopt.lrp.config import RuleConfig, RuleSpec
+from pxopt.lrp.explain import Explanation, _seed
 from pxopt.lrp.rules import LayerRule, LinearOp, conv2d_op, relevance_backward
+from pxopt.scores import ComponentScores
 
 LinearRule = Callable[[Tensor], Tensor]
 Recorder = Callable[[Tensor], None]
@@ -252,6 +254,7 @@ class Recording:
     mlp: dict[str, Tensor] = field(default_factory=dict)
     mlp_out: dict[str, Tensor] = field(default_factory=dict)
     input: dict[str, Tensor] = field(default_factory=dict)
+    conv: dict[str, Tensor] = field(default_factory=dict)
 
     def recorder(self, store: dict[str, Tensor], name: str) -> Recorder:
         def rec(t: Tensor) -> None:
@@ -403,9 +406,13 @@ def explainable_vit(model: nn.Module, rules: ViTRules, recording: Recording | No
             _patch_act(act, None, saved)
         rec_in = recording.recorder(recording.input, "input") if recording is not None else None
         pe_name = struct.patch_embed_name
-        _set_forward(struct.patch_embed,
-                     conv_rule(rules.rule_for(pe_name, "input"), pe_name, struct.patch_embed, rec_in),
-                     saved)
+        pe_rule = conv_rule(rules.rule_for(pe_name, "input"), pe_name, struct.patch_embed, rec_in)
+        if recording is not None and "conv" in want:
+            rec_c = recording.recorder(recording.conv, pe_name)
+            _set_forward(struct.patch_embed,
+                         lambda x: ops.record_relevance(pe_rule(x), rec_c, dims=(2, 3)), saved)
+        else:
+            _set_forward(struct.patch_embed, pe_rule, saved)
         if rules.residual_eps:
             _patch_residual_blocks(struct, rules.residual_eps, saved)
         yield struct
@@ -420,27 +427,10 @@ def explainable_vit(model: nn.Module, rules: ViTRules, recording: Recording | No
 # --------------------------------------------------------------------------- explain
 
 
-@dataclass
-class ViTExplanation:
-    """Result of `explain_vit`: input relevance, component relevances, unchanged logits."""
-
-    input: Tensor
-    components: dict[str, Tensor]
-    output: Tensor
-
-
-def start_gradient(output: Tensor, targets: Tensor | None, start: str) -> Tensor:
-    """Initial gradient g0 such that output * g0 is the starting relevance."""
-    if start == "predicted" or targets is None:
-        idx = output.argmax(dim=1)
-    else:
-        idx = torch.as_tensor(targets, device=output.device).long().reshape(-1)
-    onehot = torch.zeros_like(output).scatter_(1, idx[:, None], 1.0)
-    if start == "logit":
-        return onehot
-    if start in ("target", "predicted"):
-        return onehot / ops.stabilise(output.detach(), 1e-12)
-    raise ConfigError(f"start must be 'target', 'predicted' or 'logit', got {start!r}")
+def _start_gradient(output: Tensor, targets: Any, start: str) -> Tensor:
+    """Initial gradient g0 with output ⊙ g0 = the CNN engine's starting relevance."""
+    seed = _seed(output, targets, start)
+    return seed / ops.stabilise(output.detach(), 1e-30)
 
 
 @contextmanager
@@ -460,41 +450,111 @@ def _frozen_eval(model: nn.Module) -> Iterator[None]:
             m.training = t
 
 
-def explain_vit(model: nn.Module, inputs: Tensor, targets: Tensor | None, rules: Any, *,
-                start: str = "target", kinds: set[str] | list[str] | None = None,
-                mlp_outputs: bool = False, matmul_eps: float = 0.0, residual_eps: float = 0.0,
-                boundaries: tuple[float, float] = (0.25, 0.75)) -> ViTExplanation:
-    """LRP of a ViT in one forward and one backward pass.
-
-    components: per attention module (batch, heads), per MLP fc1 (batch, hidden), and
-    with `mlp_outputs` per fc2 (batch, dim); all summed over tokens.
-    """
-    vr = rules if isinstance(rules, ViTRules) else ViTRules.from_config(
-        rules, matmul_eps=matmul_eps, residual_eps=residual_eps)
+def _explain(model: nn.Module, inputs: Tensor, targets: Any, vr: ViTRules, start: str,
+             kinds: set[str], mlp_outputs: bool, boundaries: tuple[float, float]) -> Explanation:
     rec = Recording()
-    kind_set = set(kinds) if kinds is not None else None
-    x = inputs.detach().requires_grad_(True)
-    with _frozen_eval(model), torch.enable_grad(), \
-            explainable_vit(model, vr, rec, kinds=kind_set, mlp_outputs=mlp_outputs,
-                            boundaries=boundaries) as struct:
+    x = inputs.detach()
+    if x.is_inference():
+        x = x.clone()
+    x.requires_grad_(True)
+    with explainable_vit(model, vr, rec, kinds=kinds, mlp_outputs=mlp_outputs,
+                         boundaries=boundaries) as struct:
         out = model(x)
-        (grad,) = torch.autograd.grad(out, x, start_gradient(out, targets, start))
+        (grad,) = torch.autograd.grad(out, x, _start_gradient(out, targets, start))
     relevance = rec.input.get("input", x.detach() * grad)
     components: dict[str, Tensor] = {}
+    if "conv" in kinds and struct.patch_embed_name in rec.conv:
+        components[struct.patch_embed_name] = rec.conv[struct.patch_embed_name]
     for blk in struct.blocks:  # forward order
         for store, name in ((rec.heads, blk.attn_name), (rec.mlp, blk.fc1_name),
                             (rec.mlp_out, blk.fc2_name)):
             if name in store:
                 components[name] = store[name]
-    for name, t in (("input", relevance), *components.items()):
-        if not bool(torch.isfinite(t).all()):
-            raise NonFiniteRelevanceError(f"non-finite relevance at {name}: try a larger epsilon")
-    return ViTExplanation(relevance, components, out.detach())
+    if "head" in kinds and struct.head_names:
+        components[struct.head_names[-1]] = _seed(out, targets, start)
+    total = relevance.sum() + sum((c.sum() for c in components.values()), relevance.new_zeros(()))
+    if not bool(torch.isfinite(total)):
+        raise NonFiniteRelevanceError(
+            "relevances became NaN or infinite: raise epsilon / the stabiliser, or check the "
+            "model's outputs")
+    return Explanation(relevance.detach(), components, out.detach())
 
 
-def vit_head_dim(model: nn.Module) -> int:
-    """Per-head width of the first block (for masking heads)."""
-    blk = vit_structure(model).blocks[0]
-    width = blk.attn.embed_dim if isinstance(blk.attn, nn.MultiheadAttention) else \
-        blk.attn.num_heads * blk.attn.head_dim
-    return math.ceil(width / blk.num_heads)
+def _kinds(kinds: Any) -> set[str]:
+    return set(kinds) if kinds is not None else {"heads", "mlp"}
+
+
+def explain_vit(model: nn.Module, inputs: Tensor, targets: Any = None, rules: Any = None, *,
+                start: str = "target", kinds: Any = None, mlp_outputs: bool = False,
+                matmul_eps: float = 0.0, residual_eps: float = 0.0,
+                boundaries: tuple[float, float] = (0.25, 0.75)) -> Explanation:
+    """LRP of a ViT in one forward and one backward pass (`pxopt.lrp.explain` for ViTs).
+
+    components (kinds, default heads and mlp): per attention module (batch, heads), per MLP
+    fc1 (batch, hidden), with `mlp_outputs` per fc2 (batch, dim), all summed over tokens;
+    "conv" adds the patch embedding's channels, "head" the relevance at the logits.
+    `output` equals the model's logits within 1e-5 (explicit attention and LayerNorm round
+    differently from the fused kernels).
+    """
+    vr = ViTRules.from_config(rules, matmul_eps=matmul_eps, residual_eps=residual_eps)
+    vr.config.check_overrides({n for n, _ in model.named_modules() if n})
+    with torch.inference_mode(False), torch.enable_grad(), _frozen_eval(model):
+        return _explain(model, inputs, targets, vr, start, _kinds(kinds), mlp_outputs, boundaries)
+
+
+def component_relevance_vit(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]],
+                            rules: Any = None, *, kinds: Any = None, start: str = "target",
+                            mlp_outputs: bool = False, matmul_eps: float = 0.0,
+                            residual_eps: float = 0.0) -> ComponentScores:
+    """Mean over all samples of |R| and of R per component (`component_relevance` for ViTs)."""
+    vr = ViTRules.from_config(rules, matmul_eps=matmul_eps, residual_eps=residual_eps)
+    vr.config.check_overrides({n for n, _ in model.named_modules() if n})
+    abs_sum: dict[str, Tensor] = {}
+    signed_sum: dict[str, Tensor] = {}
+    n = 0
+    with torch.inference_mode(False), torch.enable_grad(), _frozen_eval(model):
+        for images, labels in batches:
+            exp = _explain(model, images, labels, vr, start, _kinds(kinds), mlp_outputs,
+                           (0.25, 0.75))
+            for name, r in exp.components.items():
+                a, sg = r.abs().sum(0), r.sum(0)
+                if name in abs_sum:
+                    abs_sum[name] += a
+                    signed_sum[name] += sg
+                else:
+                    abs_sum[name], signed_sum[name] = a, sg
+            n += int(images.shape[0])
+    if n == 0:
+        raise ConfigError("component_relevance: no reference samples (empty batches)")
+    return ComponentScores(
+        abs={k: v / n for k, v in abs_sum.items()},
+        signed={k: v / n for k, v in signed_sum.items()},
+        criterion="lrp", n_samples=n,
+        meta={"rules": vr.config.to_dict(), "digest": vr.config.digest(), "start": start,
+              "matmul_eps": vr.matmul_eps, "residual_eps": vr.residual_eps})
+
+
+# --------------------------------------------------------------------------- layer map
+
+
+def discover_vit(model: nn.Module, boundaries: tuple[float, float] = (0.25, 0.75)) -> LayerMap | None:
+    """Layer map of a ViT (None for other models): patch embedding `input`, per block the
+    attention ("heads") and MLP fc1 ("mlp") in the block's depth group, the classifier `fc`."""
+    if not is_vit(model):
+        return None
+    struct = vit_structure(model, boundaries)
+    pe = struct.patch_embed
+    layers = LayerMap([Layer(struct.patch_embed_name, pe, "conv", "input", int(pe.out_channels), -1)])
+    for blk in struct.blocks:
+        layers.append(Layer(blk.attn_name, blk.attn, "heads", blk.group, blk.num_heads, blk.index))
+        layers.append(Layer(blk.fc1_name, blk.fc1, "mlp", blk.group, int(blk.fc1.out_features),
+                            blk.index))
+    n = len(struct.blocks)
+    for i, name in enumerate(struct.head_names):
+        mod = model.get_submodule(name)
+        kind = "head" if i == len(struct.head_names) - 1 else "linear"
+        layers.append(Layer(name, mod, kind, "fc", int(mod.out_features), n + i))
+    return layers
+
+
+register_discoverer(discover_vit)
