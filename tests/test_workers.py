@@ -149,3 +149,16 @@ def test_spec_search_runs_baselines_and_the_real_objective_in_process(tmp_path, 
                                   storage=str(tmp_path / "f.db")), n_workers=1)
     with pytest.raises(ConfigError, match="--workers must be >= 1"):
         run_spec_search(spec, n_workers=0)
+
+
+def test_a_user_error_in_a_worker_process_reaches_the_parent_as_one_line(tmp_path):
+    from test_workers_toy import broken_data
+
+    from pxopt.errors import DataError
+
+    url = str(tmp_path / "e.db")
+    open_study(open_storage(url), "e", model_spec="toy", task=TASK)
+    plan = WorkerPlan(storage=url, study_name="e", n_trials=4, device="cpu")
+    with pytest.raises(DataError, match=r"^dataset folder '/nowhere' does not exist \(worker 0\)$"):
+        run_workers(broken_data, plan, 2)
+    assert optuna.load_study(study_name="e", storage=open_storage(url)).trials == []

@@ -64,6 +64,13 @@ def always_nan(ctx: WorkerContext) -> WorkerSetup:
     return WorkerSetup(objective=lambda trial: float("nan"))
 
 
+def broken_data(ctx: WorkerContext) -> WorkerSetup:
+    """A worker whose task cannot be built: a user error inside a spawned process."""
+    from pxopt.errors import DataError
+
+    raise DataError(f"dataset folder '/nowhere' does not exist (worker {ctx.index})")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("storage")
