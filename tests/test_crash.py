@@ -195,3 +195,20 @@ def test_repeated_failures_stop_the_run_instead_of_looping(tmp_path, capsys):
     trials = _load(url, "n")
     assert [t.state for t in trials] == [TrialState.FAIL] * 5
     assert "stopping after 5 failed trials in a row" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (a real CUDA OOM)")
+def test_real_cuda_oom_fails_only_that_trial(tmp_path):
+    study = optuna.create_study()
+
+    def objective(trial: optuna.Trial) -> float:
+        if trial.number == 0:
+            total = torch.cuda.get_device_properties(0).total_memory
+            torch.empty(2 * total, dtype=torch.uint8, device="cuda")  # raises OutOfMemoryError
+        return float(torch.ones(4, device="cuda").sum())
+
+    from pxopt.search.workers import CAUGHT
+
+    study.optimize(guard(objective), n_trials=2, catch=CAUGHT)
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    assert study.trials[0].user_attrs[FAIL_REASON].startswith("out of memory: CUDA out of memory")
