@@ -1,0 +1,589 @@
+"""Reproduce the paper's comparison (optimised LRP vs the usual criteria) on the offline models.
+
+For each built-in Fashion-MNIST model (ResNet, VGG, ViT; for the ViT both MLP neurons and
+attention heads) and each task (all 10 classes; 3 classes):
+
+1. search the LRP rule configuration with a fixed budget (`pxopt.search.run_search`) on a
+   *search* validation split, with the reference set of seed 0;
+2. evaluate the best configuration and every baseline criterion (`pxopt.criteria`) on
+   `--seeds` reference sets (seeds 1..S, none of them the search's) and on *held-out*
+   validation images, disjoint from the search split (same test-set draw, split per class);
+3. report mean and standard error over the seeds of the area (mean accuracy over the
+   rate grid, `Curve.area_normalised`) and of Top-PR, per criterion.
+
+    python benchmarks/results.py                       # full run (~30-40 min on 2 CPU cores)
+    python benchmarks/results.py --quick --models resnet --seeds 2
+    python benchmarks/results.py --render-only         # table + figure from the saved JSON
+
+Results are written after every seed (`benchmarks/results/paper_comparison.{json,md}`), so
+an interrupted run leaves what it finished (marked `"complete": false`); the searches live
+in SQLite files under `--work-dir` and resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import typer
+
+from pxopt.data import TensorSet, make_task
+from pxopt.device import configure_threads, resolve_device
+from pxopt.errors import ConfigError
+
+DATASET = "fashion-mnist"
+OUT_DIR = Path(__file__).resolve().parent / "results"
+STEM = "paper_comparison"
+RESULTS_FORMAT = "pxopt.results/1"
+
+# model key -> (model spec, component kinds evaluated separately)
+MODELS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "resnet": ("builtin:fmnist-resnet", ("conv",)),
+    "vgg": ("builtin:fmnist-vgg", ("conv",)),
+    "vit": ("builtin:fmnist-vit", ("mlp", "heads")),
+}
+# Order of the table and legend: the paper's ordering first, then the other criteria.
+CRITERIA: tuple[str, ...] = (
+    "optimised", "lrp-epsilon", "yeom-zplus", "ig", "taylor", "gradient", "activation", "weight", "random",
+)
+BASELINE_RANKING = "abs"  # components with the smallest |score| go first, as in the paper
+
+
+@dataclass
+class Settings:
+    """Budget of one run; `quick()` is the reduced form used by the slow test."""
+
+    models: tuple[str, ...] = ("resnet", "vgg", "vit")
+    tasks: tuple[int, ...] = (10, 3)
+    trials: int = 20
+    seeds: int = 5
+    n_ref: int = 10  # reference images per class (LRP and every criterion)
+    n_val_search: int = 30  # validation images per class the search sees
+    n_val_eval: int = 60  # held-out validation images per class for the reported numbers
+    rates: list[float] = field(default_factory=lambda: [round(0.05 * i, 2) for i in range(20)])
+    batch_size: int = 250
+    ig_steps: int = 16
+    threads: int = 1
+    device: str = "auto"
+    criteria: tuple[str, ...] = CRITERIA
+    out_dir: Path = OUT_DIR
+    work_dir: Path = Path(os.environ.get("PXOPT_RESULTS_WORK", Path.home() / ".cache" / "pxopt" / "results"))
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> Settings:
+        """A few minutes: fewer trials, two seeds, fewer images, a coarser rate grid."""
+        base = dict(trials=4, seeds=2, n_ref=4, n_val_search=10, n_val_eval=15,
+                    rates=[round(0.1 * i, 1) for i in range(10)], ig_steps=4)
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**base).validated()
+
+    def validated(self) -> Settings:
+        unknown = sorted(set(self.models) - set(MODELS))
+        if unknown:
+            raise ConfigError(f"unknown model {unknown[0]!r}; choose from {', '.join(MODELS)}")
+        bad = sorted(set(self.criteria) - set(CRITERIA))
+        if bad:
+            raise ConfigError(f"unknown criterion {bad[0]!r}; choose from {', '.join(CRITERIA)}")
+        for name in ("trials", "seeds", "n_ref", "n_val_search", "n_val_eval", "batch_size", "threads"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if any(k < 2 or k > 10 for k in self.tasks):
+            raise ConfigError(f"tasks are class counts between 2 and 10, got {list(self.tasks)}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["out_dir"], d["work_dir"] = str(self.out_dir), str(self.work_dir)
+        return d
+
+
+# -- data: one test-set draw split into a search part and a held-out part ----------------------
+def split_per_class(validation: TensorSet, n_first: int) -> tuple[TensorSet, TensorSet]:
+    """First `n_first` images of every class vs the rest: two disjoint validation sets."""
+    first: list[torch.Tensor] = []
+    rest: list[torch.Tensor] = []
+    for c in torch.unique(validation.labels).tolist():
+        idx = torch.nonzero(validation.labels == c).flatten()
+        if len(idx) <= n_first:
+            raise ConfigError(f"class {c} has {len(idx)} validation images; {n_first} + at least 1 needed")
+        first.append(idx[:n_first])
+        rest.append(idx[n_first:])
+    a, b = torch.cat(first), torch.cat(rest)
+    return (TensorSet(validation.images[a], validation.labels[a]),
+            TensorSet(validation.images[b], validation.labels[b]))
+
+
+@dataclass
+class Setting:
+    """One model, one component kind, one task: the search task and the held-out set."""
+
+    model_key: str
+    kind: str
+    n_classes: int
+    loaded: Any  # pxopt.models.LoadedModel
+    layer_map: Any
+    classes: list[int]
+    search_task: Any  # pxopt.data.Task (reference seed 0, search validation split)
+    held_out: TensorSet
+
+    @property
+    def key(self) -> str:
+        return f"{self.model_key}-{self.kind}-{self.n_classes}cls"
+
+
+def build_setting(model_key: str, kind: str, n_classes: int, loaded: Any, s: Settings) -> Setting:
+    """Draw the task once (seed 0) and split its validation images into search / held-out."""
+    from pxopt.layers import discover_layers
+
+    first = make_task(DATASET, classes=n_classes, n_ref=s.n_ref, n_val=s.n_val_search + s.n_val_eval,
+                      seed=0, transform=loaded.transform, num_model_classes=loaded.num_classes)
+    search_val, held_out = split_per_class(first.validation, s.n_val_search)
+    info = dict(first.info, validation_split=f"search: first {s.n_val_search}/class of the seed-0 draw")
+    search_task = dataclasses.replace(first, validation=search_val, n_val=s.n_val_search, info=info)
+    return Setting(model_key, kind, n_classes, loaded, discover_layers(loaded.model), list(first.classes),
+                   search_task, held_out)
+
+
+def eval_task(setting: Setting, seed: int, s: Settings) -> Any:
+    """Reference set of `seed` (train split) with the held-out validation images."""
+    t = make_task(DATASET, classes=setting.classes, n_ref=s.n_ref, n_val=1, seed=seed,
+                  transform=setting.loaded.transform, num_model_classes=setting.loaded.num_classes)
+    info = dict(t.info, validation_split=f"held out: images {s.n_val_search + 1}.. per class of the "
+                                         "seed-0 draw, never seen by the search")
+    return dataclasses.replace(t, validation=setting.held_out, n_val=s.n_val_eval, info=info)
+
+
+def pipeline_for(setting: Setting, task: Any, s: Settings) -> Any:
+    from pxopt.pipeline import Pipeline
+
+    return Pipeline(model=setting.loaded.model, task=task, layer_map=setting.layer_map,
+                    kinds=(setting.kind,), rates=list(s.rates), device=resolve_device(s.device),
+                    batch_size=s.batch_size, family=setting.loaded.family, model_spec=setting.loaded.spec)
+
+
+# -- search ---------------------------------------------------------------------------------
+def search(setting: Setting, s: Settings, log: Callable[[str], None]) -> dict[str, Any]:
+    """Run (or resume) the fixed-budget search on the search split; return the best trial."""
+    import optuna
+
+    from pxopt.search import StudySpec, run_search
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    s.work_dir.mkdir(parents=True, exist_ok=True)
+    name = f"results-{setting.key}"
+    spec = StudySpec(
+        name=name, model=setting.loaded.spec, data=DATASET, classes=setting.classes, n_ref=s.n_ref,
+        n_val=s.n_val_search, task_seed=0, batch_size=s.batch_size, components=setting.kind,
+        rates=list(s.rates), trials=s.trials, seed=0, baselines=True,
+        sampler={"name": "tpe", "n_startup_trials": max(2, min(6, s.trials // 3))},
+        pruner={"name": "median", "n_startup_trials": 4, "n_warmup_steps": max(1, len(s.rates) // 5)},
+    ).validated()
+    # Studies of another budget or image count are different studies: keep them apart.
+    url = f"sqlite:///{(s.work_dir / f'{name}-r{len(s.rates)}-ref{s.n_ref}.db').resolve()}"
+    pipe = pipeline_for(setting, setting.search_task, s)
+    start = time.perf_counter()
+
+    def progress(study: Any, trial: Any) -> None:
+        area = trial.user_attrs.get("area")
+        best = _best_value(study)
+        log(f"  [{setting.key}] trial {trial.number:>3} {trial.state.name.lower():<8} "
+            f"area {'-' if area is None else f'{area:.4f}'}  best {best}  "
+            f"({time.perf_counter() - start:.0f} s)")
+
+    result = run_search(spec, pipe.evaluate, family=setting.loaded.family, storage_url=url,
+                        timings=pipe.timings, callbacks=[progress])
+    best = result.best_trial
+    if best is None:
+        raise RuntimeError(f"{setting.key}: the search finished no trial")
+    states = [t.state.name for t in result.study.trials]
+    return {
+        "rules": best.user_attrs["rules"],
+        "ranking": best.user_attrs["ranking"],
+        "trial": best.number,
+        "baseline": best.user_attrs.get("baseline"),
+        "search_area_normalised": _normalised(best.user_attrs["curve"]),
+        "search_top_pr": best.user_attrs["top_pr"],
+        "n_trials": len(states),
+        "n_complete": states.count("COMPLETE"),
+        "n_pruned": states.count("PRUNED"),
+        "n_failed": states.count("FAIL"),
+        "seconds": round(time.perf_counter() - start, 1),
+        "storage": url,
+        "validation_images": len(setting.search_task.validation),
+    }
+
+
+def _best_value(study: Any) -> str:
+    try:
+        return f"{study.best_value:.4f}"
+    except ValueError:
+        return "-"
+
+
+def _normalised(curve: dict[str, Any]) -> float:
+    if "area_normalised" in curve:
+        return float(curve["area_normalised"])
+    span = curve["rates"][-1] - curve["rates"][0]
+    return float(curve["area"]) / span if span > 0 else float(curve["accuracies"][0])
+
+
+# -- evaluation -----------------------------------------------------------------------------
+def evaluate_seed(setting: Setting, best: dict[str, Any], seed: int, s: Settings) -> dict[str, Any]:
+    """Curves of the optimised rules and of every baseline for one reference set."""
+    pipe = pipeline_for(setting, eval_task(setting, seed, s), s)
+    out: dict[str, Any] = {}
+    for name in s.criteria:
+        start = time.perf_counter()
+        if name == "optimised":
+            scores, ranking = pipe.scores(best["rules"]), best["ranking"]
+        else:
+            scores = pipe.criterion_scores(name, kinds=(setting.kind,), seed=seed, steps=s.ig_steps)
+            ranking = BASELINE_RANKING
+        curve = pipe.curve(scores, ranking)
+        out[name] = {
+            "area_normalised": float(curve.area_normalised),
+            "top_pr": float(curve.top_pr),
+            "accuracies": [float(a) for a in curve.accuracies],
+            "seconds": round(time.perf_counter() - start, 2),
+        }
+    return out
+
+
+def mean_se(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and standard error (sample std / sqrt(n)); SE is NaN for a single value."""
+    x = np.asarray(values, dtype=np.float64)
+    if len(x) == 0:
+        return math.nan, math.nan
+    se = float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else math.nan
+    return float(x.mean()), se
+
+
+def summarise(per_seed: dict[str, dict[str, Any]], criteria: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Per criterion: mean/SE of area and Top-PR, and the mean/SE curve, over the seeds done."""
+    summary: dict[str, dict[str, Any]] = {}
+    for name in criteria:
+        runs = [seed_runs[name] for seed_runs in per_seed.values() if name in seed_runs]
+        if not runs:
+            continue
+        area, area_se = mean_se([r["area_normalised"] for r in runs])
+        top, top_se = mean_se([r["top_pr"] for r in runs])
+        acc = np.asarray([r["accuracies"] for r in runs], dtype=np.float64)
+        curve_se = acc.std(axis=0, ddof=1) / math.sqrt(len(runs)) if len(runs) > 1 else np.full(acc.shape[1], np.nan)
+        summary[name] = {
+            "area_mean": area, "area_se": area_se, "top_pr_mean": top, "top_pr_se": top_se,
+            "n_seeds": len(runs), "curve_mean": acc.mean(axis=0).tolist(), "curve_se": curve_se.tolist(),
+        }
+    return summary
+
+
+def run_setting(setting: Setting, s: Settings, record: dict[str, Any], save: Callable[[], None],
+                log: Callable[[str], None]) -> None:
+    """Search, then evaluate on every seed, saving after each step."""
+    start = time.perf_counter()
+    record.update({
+        "model": setting.model_key, "model_spec": setting.loaded.spec, "components": setting.kind,
+        "n_classes": setting.n_classes, "classes": setting.classes,
+        "class_names": list(setting.search_task.class_names),
+        "layers": {la.name: int(la.n_components) for la in setting.layer_map.prunable((setting.kind,))},
+        "held_out_validation_images": len(setting.held_out),
+        "per_seed": {}, "summary": {}, "complete": False,
+    })
+    log(f"[{setting.key}] search: {s.trials} trials on {len(setting.search_task.validation)} search "
+        f"images, {len(setting.held_out)} held-out images for evaluation")
+    record["search"] = search(setting, s, log)
+    save()
+    for seed in range(1, s.seeds + 1):
+        t0 = time.perf_counter()
+        record["per_seed"][str(seed)] = evaluate_seed(setting, record["search"], seed, s)
+        record["summary"] = summarise(record["per_seed"], s.criteria)
+        areas = ", ".join(f"{k} {v['area_normalised']:.3f}" for k, v in record["per_seed"][str(seed)].items())
+        log(f"[{setting.key}] seed {seed}/{s.seeds} ({time.perf_counter() - t0:.0f} s): {areas}")
+        save()
+    record["complete"] = True
+    record["seconds"] = round(time.perf_counter() - start, 1)
+    save()
+
+
+# -- output ---------------------------------------------------------------------------------
+def _fmt(mean: float, se: float, pct: bool = False) -> str:
+    if not math.isfinite(mean):
+        return "-"
+    scale, unit = (100.0, "%") if pct else (1.0, "")
+    m = f"{mean * scale:.0f}{unit}" if pct else f"{mean:.3f}"
+    if not math.isfinite(se):
+        return m
+    return f"{m} ± {se * scale:.0f}{unit}" if pct else f"{m} ± {se:.3f}"
+
+
+def table_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per (setting, criterion), in CRITERIA order (the JSON `table`)."""
+    rows = []
+    for key, rec in results["settings"].items():
+        for name in CRITERIA:
+            sm = rec.get("summary", {}).get(name)
+            if sm is None:
+                continue
+            rows.append({"setting": key, "model": rec["model"], "components": rec["components"],
+                         "n_classes": rec["n_classes"], "criterion": name,
+                         **{k: sm[k] for k in ("area_mean", "area_se", "top_pr_mean", "top_pr_se", "n_seeds")}})
+    return rows
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The table as Markdown: one block per task, criteria as rows, settings as columns."""
+    s = results["settings_used"]
+    lines = [
+        "# Optimised LRP vs baseline criteria on the built-in Fashion-MNIST models",
+        "",
+        ("**PARTIAL RESULTS** (the run did not finish; missing cells were not computed)."
+         if not results.get("complete") else "Complete run."),
+        "",
+        f"Area = mean top-1 accuracy over pruning rates {s['rates'][0]}..{s['rates'][-1]} "
+        f"({len(s['rates'])} rates, trapezoid rule / span); Top-PR = highest rate keeping >= 95 % of "
+        f"the unpruned accuracy. Mean ± standard error over {s['seeds']} reference sets (seeds "
+        f"1..{s['seeds']}, {s['n_ref']} images/class); one-shot pruning, no fine-tuning.",
+        f"The search ({s['trials']} trials, reference seed 0) tuned on {s['n_val_search']} validation "
+        f"images/class; **all numbers below come from {s['n_val_eval']} other validation images/class "
+        "that the search never saw** (Fashion-MNIST test split).",
+        "",
+    ]
+    recs = results["settings"]
+    for n_classes in s["tasks"]:
+        keys = [k for k, r in recs.items() if r.get("n_classes") == n_classes and r.get("summary")]
+        if not keys:
+            continue
+        lines += [f"## {n_classes} classes" + (f" ({', '.join(recs[keys[0]]['class_names'])})" if n_classes < 10 else ""),
+                  ""]
+        for metric, label, pct in (("area", "Area", False), ("top_pr", "Top-PR", True)):
+            header = "| " + label + " | " + " | ".join(_setting_label(recs[k]) for k in keys) + " |"
+            lines += [header, "|---" * (len(keys) + 1) + "|"]
+            for name in CRITERIA:
+                cells = []
+                for k in keys:
+                    sm = recs[k]["summary"].get(name)
+                    cells.append("-" if sm is None else _fmt(sm[f"{metric}_mean"], sm[f"{metric}_se"], pct))
+                if any(c != "-" for c in cells):
+                    lines.append(f"| {name} | " + " | ".join(cells) + " |")
+            lines.append("")
+        accs = []
+        for k in keys:
+            runs = recs[k]["summary"].get("random") or next(iter(recs[k]["summary"].values()))
+            accs.append(f"{_setting_label(recs[k])} {runs['curve_mean'][0] * 100:.1f} %")
+        lines += ["Unpruned accuracy on the held-out images: " + ", ".join(accs) + ".", ""]
+        search_lines = []
+        for k in keys:
+            se = recs[k].get("search")
+            if se:
+                src = f"baseline `{se['baseline']}`" if se.get("baseline") else f"trial {se['trial']}"
+                search_lines.append(f"{_setting_label(recs[k])}: best = {src}, area {se['search_area_normalised']:.3f}"
+                                    f" on the search split ({se['n_complete']} complete / {se['n_pruned']} pruned / "
+                                    f"{se['n_failed']} failed trials, {se['seconds']:.0f} s)")
+        if search_lines:
+            lines += ["Search: " + "; ".join(search_lines) + ".", ""]
+    lines += [f"Command: `{results['command']}`", "",
+              f"Wall time: {results['wall_seconds'] / 60:.1f} min on {results['machine']}.", ""]
+    return "\n".join(lines)
+
+
+def _setting_label(rec: dict[str, Any]) -> str:
+    comp = {"conv": "channels", "mlp": "MLP neurons", "heads": "heads"}[rec["components"]]
+    return f"{_MODEL_LABELS.get(rec['model'], rec['model'])} {comp}"
+
+
+_MODEL_LABELS = {"resnet": "ResNet", "vgg": "VGG", "vit": "ViT"}
+
+
+_COLOURS = {"optimised": "#d62728", "lrp-epsilon": "#1f77b4", "yeom-zplus": "#2ca02c", "ig": "#9467bd",
+            "taylor": "#8c564b", "gradient": "#e377c2", "activation": "#bcbd22", "weight": "#17becf",
+            "random": "#7f7f7f"}
+
+
+def figure(results: dict[str, Any]) -> Any:
+    """Accuracy vs pruning rate, mean ± SE bands; columns = model/components, rows = tasks."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    recs = results["settings"]
+    tasks = list(results["settings_used"]["tasks"])
+    cols: list[tuple[str, str]] = []
+    for rec in recs.values():
+        if (rec["model"], rec["components"]) not in cols:
+            cols.append((rec["model"], rec["components"]))
+    titles = []
+    for n in tasks:
+        for m, c in cols:
+            rec = recs.get(f"{m}-{c}-{n}cls")
+            titles.append(f"{_setting_label(rec) if rec else m}, {n} classes")
+    fig = make_subplots(rows=len(tasks), cols=max(len(cols), 1), subplot_titles=titles,
+                        shared_yaxes=True, horizontal_spacing=0.04, vertical_spacing=0.12)
+    rates = results["settings_used"]["rates"]
+    shown: set[str] = set()
+    for r, n in enumerate(tasks, start=1):
+        for c, (m, comp) in enumerate(cols, start=1):
+            rec = recs.get(f"{m}-{comp}-{n}cls")
+            for name in CRITERIA:
+                sm = (rec or {}).get("summary", {}).get(name)
+                if sm is None:
+                    continue
+                mean = np.asarray(sm["curve_mean"])
+                se = np.nan_to_num(np.asarray(sm["curve_se"], dtype=np.float64))
+                colour = _COLOURS[name]
+                band = f"rgba({int(colour[1:3], 16)},{int(colour[3:5], 16)},{int(colour[5:7], 16)},0.18)"
+                fig.add_trace(go.Scatter(x=rates + rates[::-1], y=np.r_[mean + se, (mean - se)[::-1]],
+                                         fill="toself", fillcolor=band, line={"width": 0}, hoverinfo="skip",
+                                         showlegend=False, legendgroup=name), row=r, col=c)
+                fig.add_trace(go.Scatter(x=rates, y=mean, mode="lines", name=name, legendgroup=name,
+                                         line={"color": colour, "width": 3 if name == "optimised" else 1.5},
+                                         showlegend=name not in shown,
+                                         hovertemplate=f"{name}<br>rate %{{x}}<br>acc %{{y:.3f}}<extra></extra>"),
+                              row=r, col=c)
+                shown.add(name)
+    fig.update_xaxes(title_text="pruning rate", range=[0, rates[-1]])
+    fig.update_yaxes(range=[0, 1.02])
+    for r in range(1, len(tasks) + 1):
+        fig.update_yaxes(title_text="top-1 accuracy (held-out)", row=r, col=1)
+    status = "" if results.get("complete") else " (PARTIAL)"
+    fig.update_layout(
+        title=f"One-shot pruning on Fashion-MNIST: optimised LRP vs criteria "
+              f"(mean ± SE over {results['settings_used']['seeds']} reference sets){status}",
+        width=max(420 * len(cols), 700), height=380 * len(tasks) + 120, template="plotly_white",
+        legend={"orientation": "h", "y": -0.12},
+    )
+    return fig
+
+
+def render_png(fig: Any, path: Path) -> str | None:
+    """PNG through kaleido (with Debian's chromium); returns the reason when it cannot."""
+    os.environ.setdefault("BROWSER_PATH", "/usr/bin/chromium")
+    try:
+        fig.write_image(str(path), scale=1)
+        return None
+    except Exception as exc:  # kaleido/chromium missing or failing: the HTML is still there
+        return f"{type(exc).__name__}: {exc}"
+
+
+def write_outputs(results: dict[str, Any], out_dir: Path, *, png: bool = False) -> None:
+    """JSON (everything), Markdown table, HTML figure, and the PNG when asked."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results["table"] = table_rows(results)
+    tmp = out_dir / f"{STEM}.json.tmp"
+    tmp.write_text(json.dumps(results, indent=1, allow_nan=True))
+    tmp.replace(out_dir / f"{STEM}.json")
+    (out_dir / f"{STEM}.md").write_text(markdown(results))
+    if any(r.get("summary") for r in results["settings"].values()):
+        fig = figure(results)
+        fig.write_html(out_dir / f"{STEM}.html", include_plotlyjs="cdn")
+        if png:
+            reason = render_png(fig, out_dir / f"{STEM}.png")
+            if reason:
+                print(f"PNG not rendered: {reason}", file=sys.stderr)
+
+
+def _machine() -> str:
+    return f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def run(s: Settings, *, command: str, log: Callable[[str], None] = print,
+        load: Callable[[str], Any] | None = None, png: bool = True) -> dict[str, Any]:
+    """The whole comparison; returns the results dict (also written to `s.out_dir`)."""
+    configure_threads(s.threads)
+    if load is None:
+        from pxopt.models import load_model
+
+        def load(spec: str) -> Any:
+            return load_model(spec, device=s.device)
+    started = time.perf_counter()
+    results: dict[str, Any] = {
+        "format": RESULTS_FORMAT, "complete": False, "command": command, "machine": _machine(),
+        "git_commit": _git_commit(), "settings_used": s.to_dict(), "settings": {}, "errors": {},
+        "wall_seconds": 0.0,
+        "note": ("search on the 'search' validation split (reference seed 0); every reported number "
+                 "on held-out validation images the search did not use, reference seeds 1..S"),
+    }
+
+    def save(png_now: bool = False) -> None:
+        results["wall_seconds"] = round(time.perf_counter() - started, 1)
+        write_outputs(results, s.out_dir, png=png_now)
+
+    for model_key in s.models:
+        spec, kinds = MODELS[model_key]
+        log(f"loading {spec} ...")
+        loaded = load(spec)
+        for n_classes in s.tasks:
+            for kind in kinds:
+                setting = build_setting(model_key, kind, n_classes, loaded, s)
+                record: dict[str, Any] = {}
+                results["settings"][setting.key] = record
+                try:
+                    run_setting(setting, s, record, save, log)
+                except Exception as exc:  # one broken setting must not lose the others
+                    results["errors"][setting.key] = f"{type(exc).__name__}: {exc}"
+                    log(f"[{setting.key}] FAILED: {type(exc).__name__}: {exc}")
+                    save()
+    results["complete"] = not results["errors"]
+    save(png_now=png)
+    log(f"done in {results['wall_seconds'] / 60:.1f} min -> {s.out_dir / STEM}.{{json,md,html,png}}")
+    return results
+
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+@app.command()
+def main(
+    trials: int = typer.Option(None, help="Search budget per setting (default 20; quick 4)."),
+    seeds: int = typer.Option(None, help="Reference sets evaluated (default 5; quick 2)."),
+    models: str = typer.Option("resnet,vgg,vit", help="Comma-separated: resnet, vgg, vit."),
+    tasks: str = typer.Option("10,3", help="Comma-separated class counts."),
+    quick: bool = typer.Option(False, "--quick", help="Reduced budget (a few minutes)."),
+    n_ref: int = typer.Option(None, help="Reference images per class."),
+    n_val_search: int = typer.Option(None, help="Search validation images per class."),
+    n_val_eval: int = typer.Option(None, help="Held-out validation images per class."),
+    threads: int = typer.Option(1, help="torch CPU threads."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda[:N]."),
+    out_dir: Path = typer.Option(OUT_DIR, help="Where the table and figure go."),
+    work_dir: Path = typer.Option(None, help="Where the search studies (SQLite) go."),
+    render_only: bool = typer.Option(False, "--render-only", help="Re-write table/figure from the JSON."),
+    png: bool = typer.Option(True, help="Render the PNG figure (kaleido + chromium)."),
+) -> None:
+    """Search, then evaluate optimised LRP and every baseline on held-out images."""
+    if render_only:
+        path = out_dir / f"{STEM}.json"
+        write_outputs(json.loads(path.read_text()), out_dir, png=png)
+        print(f"re-rendered from {path}")
+        return
+    overrides = dict(trials=trials, seeds=seeds, n_ref=n_ref, n_val_search=n_val_search, n_val_eval=n_val_eval,
+                     models=tuple(m.strip() for m in models.split(",") if m.strip()),
+                     tasks=tuple(int(t) for t in tasks.split(",") if t.strip()),
+                     threads=threads, device=device, out_dir=out_dir, work_dir=work_dir)
+    if quick:
+        s = Settings.quick(**overrides)
+    else:
+        s = dataclasses.replace(Settings(), **{k: v for k, v in overrides.items() if v is not None}).validated()
+    command = "python benchmarks/results.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    run(s, command=command.strip(), png=png)
+
+
+if __name__ == "__main__":
+    app()
