@@ -26,6 +26,7 @@ import multiprocessing.connection
 import os
 import signal
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -182,7 +183,9 @@ def _requeue_interrupted(study: optuna.Study, trial_id: int) -> None:
         storage.set_trial_user_attr(trial_id, FAIL_REASON, INTERRUPTED)
         storage.set_trial_state_values(trial_id, TrialState.FAIL)
         frozen = storage.get_trial(trial_id)
-    if frozen.state != TrialState.FAIL or not frozen.params:
+    if frozen.state != TrialState.FAIL or frozen.user_attrs.get(FAIL_REASON) != INTERRUPTED:
+        return  # finished before the interrupt (or failed for its own reason): nothing to redo
+    if not frozen.params:
         return
     history = [*frozen.system_attrs.get("retry_history", []), frozen.number]
     study.add_trial(
@@ -209,6 +212,9 @@ def _sigint_once() -> Iterator[None]:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         raise KeyboardInterrupt
 
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set in the main thread; Python's default applies
+        return
     previous = signal.signal(signal.SIGINT, handler)
     try:
         yield
