@@ -1,0 +1,123 @@
+"""The paper-comparison benchmark (benchmarks/results.py): splits, statistics, table, and a reduced run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pxopt.data import TensorSet
+from pxopt.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_results_module():
+    spec = importlib.util.spec_from_file_location("pxopt_bench_results", ROOT / "benchmarks" / "results.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+R = _load_results_module()
+
+
+def test_split_per_class_is_disjoint_and_balanced() -> None:
+    labels = torch.tensor([0] * 5 + [3] * 5 + [7] * 5)
+    images = torch.arange(15, dtype=torch.float32).view(15, 1, 1, 1)  # image value = its index
+    first, rest = R.split_per_class(TensorSet(images, labels), 2)
+    assert torch.bincount(first.labels).tolist()[::1] == [2, 0, 0, 2, 0, 0, 0, 2]
+    assert torch.bincount(rest.labels).tolist() == [3, 0, 0, 3, 0, 0, 0, 3]
+    ids_first = set(first.images.flatten().tolist())
+    ids_rest = set(rest.images.flatten().tolist())
+    assert not ids_first & ids_rest
+    assert ids_first | ids_rest == set(range(15))
+    # labels stay attached to their images
+    assert all(labels[int(i)] == y for i, y in zip(rest.images.flatten(), rest.labels, strict=True))
+
+
+def test_split_per_class_refuses_too_few_images() -> None:
+    labels = torch.tensor([0, 0, 1])
+    with pytest.raises(ConfigError, match="class 1"):
+        R.split_per_class(TensorSet(torch.zeros(3, 1, 1, 1), labels), 1)
+
+
+def test_mean_se() -> None:
+    mean, se = R.mean_se([0.5, 0.7, 0.9])
+    assert mean == pytest.approx(0.7)
+    assert se == pytest.approx(0.2 / math.sqrt(3))
+    assert math.isnan(R.mean_se([0.4])[1])
+
+
+def _fake_results(complete: bool = True) -> dict:
+    rates = [0.0, 0.5]
+    per_seed = {
+        "1": {"optimised": {"area_normalised": 0.8, "top_pr": 0.5, "accuracies": [0.9, 0.7]},
+              "random": {"area_normalised": 0.6, "top_pr": 0.0, "accuracies": [0.9, 0.3]}},
+        "2": {"optimised": {"area_normalised": 0.9, "top_pr": 0.5, "accuracies": [0.9, 0.9]},
+              "random": {"area_normalised": 0.5, "top_pr": 0.0, "accuracies": [0.9, 0.1]}},
+    }
+    summary = R.summarise(per_seed, R.CRITERIA)
+    settings = R.Settings(models=("resnet",), tasks=(3,), seeds=2, rates=rates)
+    return {
+        "format": R.RESULTS_FORMAT, "complete": complete, "command": "python benchmarks/results.py --quick",
+        "machine": "test", "settings_used": settings.to_dict(), "errors": {}, "wall_seconds": 12.0,
+        "settings": {"resnet-conv-3cls": {
+            "model": "resnet", "components": "conv", "n_classes": 3, "class_names": ["a", "b", "c"],
+            "summary": summary, "per_seed": per_seed,
+            "search": {"baseline": None, "trial": 3, "search_area_normalised": 0.85, "n_complete": 3,
+                       "n_pruned": 1, "n_failed": 0, "seconds": 5.0}}},
+    }
+
+
+def test_summary_and_table(tmp_path: Path) -> None:
+    results = _fake_results(complete=False)
+    sm = results["settings"]["resnet-conv-3cls"]["summary"]
+    assert set(sm) == {"optimised", "random"}  # criteria without runs are left out, not zero
+    assert sm["optimised"]["area_mean"] == pytest.approx(0.85)
+    assert sm["random"]["curve_mean"] == pytest.approx([0.9, 0.2])
+    assert sm["random"]["curve_se"][1] == pytest.approx(0.1)  # std(0.3, 0.1) / sqrt(2)
+    R.write_outputs(results, tmp_path, png=False)
+    md = (tmp_path / "paper_comparison.md").read_text()
+    assert "PARTIAL" in md and "never saw" in md
+    assert "| optimised | 0.850 ± 0.050 |" in md
+    assert "| random | 0% ± 0% |" in md
+    saved = json.loads((tmp_path / "paper_comparison.json").read_text())
+    assert [row["criterion"] for row in saved["table"]] == ["optimised", "random"]
+    assert (tmp_path / "paper_comparison.html").stat().st_size > 1000
+
+
+def test_settings_reject_unknown_model() -> None:
+    with pytest.raises(ConfigError, match="unknown model"):
+        R.Settings(models=("alexnet",)).validated()
+
+
+@pytest.mark.slow
+def test_reduced_run_on_builtin_resnet(tmp_path: Path) -> None:
+    """Reduced form of the full run: real built-in ResNet, 2 trials, 2 seeds, one task."""
+    s = R.Settings.quick(models=("resnet",), tasks=(3,), trials=2, seeds=2, out_dir=tmp_path / "out",
+                         work_dir=tmp_path / "work", n_val_search=6, n_val_eval=8)
+    results = R.run(s, command="test", log=lambda _msg: None, png=False)
+    assert results["complete"], results["errors"]
+    rec = results["settings"]["resnet-conv-3cls"]
+    assert rec["search"]["n_trials"] >= 2
+    assert rec["held_out_validation_images"] == 3 * 8
+    assert sorted(rec["per_seed"]) == ["1", "2"]
+    assert list(rec["summary"]) == list(R.CRITERIA)
+    for name, sm in rec["summary"].items():
+        assert sm["n_seeds"] == 2, name
+        for key in ("area_mean", "area_se", "top_pr_mean", "top_pr_se"):
+            assert math.isfinite(sm[key]), (name, key)
+        assert 0.0 <= sm["area_mean"] <= 1.0
+        assert len(sm["curve_mean"]) == len(s.rates)
+    # the built-in model is trained: unpruned accuracy well above chance on the held-out images
+    assert rec["summary"]["random"]["curve_mean"][0] > 0.6
+    saved = json.loads((tmp_path / "out" / "paper_comparison.json").read_text())
+    assert len(saved["table"]) == len(R.CRITERIA)
+    assert "held-out" in saved["note"] or "held out" in saved["note"]
