@@ -94,6 +94,8 @@ ROWS: list[Row] = [
         r"cannot open storage 'postgresql\+psycopg2?://pxopt:\*\*\*@127\.0\.0\.1:1/pxopt': .*refused"),
     Row("storage-bad-url", ["search", "--storage", "nosuchdb://x@y/z", "--study", "good",
                             "--model", GOOD_MODEL], r"cannot open storage 'nosuchdb://x@y/z'"),
+    Row("storage-not-a-database", ["search", "--storage", "{dir}/garbage.json", "--study", "good",
+                                   "--model", GOOD_MODEL], r"cannot open storage '.*garbage\.json': file is not a database"),
     Row("study-of-another-model", ["search", "--storage", "{db}", "--study", "good",
                                    "--model", "builtin:other", "--trials", "6"],
         r"study 'good' was created for model 'builtin:tiny', not 'builtin:other': use another --study name"),
