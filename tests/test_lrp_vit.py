@@ -417,3 +417,23 @@ def test_unknown_override_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="overrides"):
         explain_vit(tiny_timm(), torch.randn(1, 1, 28, 28), torch.tensor([0]),
                     {"overrides": {"blocks.9.attn.qkv": {"rule": "zplus"}}})
+
+
+@pytest.mark.parametrize("softmax", ["attnlrp", "cp"])
+@pytest.mark.parametrize("make", [tiny_timm, tiny_tv])
+def test_fused_attention_path_equals_explicit_ops(softmax: str, make: object) -> None:
+    """With matmul_eps 0 the fused kernel + gradient scaling is the same rule as the explicit ops."""
+    # float64: in float32 the epsilon rule amplifies 1e-7 rounding differences of the two
+    # forward paths wherever a Linear output is close to zero
+    model = make().double()  # type: ignore[operator]
+    x = torch.randn(3, *((1, 28, 28) if isinstance(model, TimmViT) else (3, 32, 32))).double()
+    t = torch.tensor([1, 2, 3])
+    cfg = eps_config(1e-6, softmax)
+    fused = explain_vit(model, x, t, cfg, fused=True)
+    explicit = explain_vit(model, x, t, cfg, fused=False)
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a - b).norm() / b.norm())
+
+    assert rel(fused.input, explicit.input) < 1e-9
+    for name, r in explicit.components.items():
+        assert rel(fused.components[name], r) < 1e-9, name

@@ -240,3 +240,43 @@ def record_relevance(y: Tensor, record: Callable[[Tensor], None],
     """y unchanged; its relevance summed over `dims` (default: the token dims, giving
     (batch, features)) goes to `record` in the backward."""
     return _Record.apply(y, record, dims)
+
+
+class _ScaleGrad(Function):
+    """Identity forwards; the incoming gradient scaled by `factor` backwards."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, factor: float) -> Tensor:
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        return g * ctx.factor, None
+
+
+def scale_grad(x: Tensor, factor: float) -> Tensor:
+    """x unchanged; relevance through it scaled by `factor` (lxt's `divide_gradient`)."""
+    return _ScaleGrad.apply(x, factor)
+
+
+def fused_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, rule: str,
+                    record: Callable[[Tensor], None] | None = None) -> Tensor:
+    """softmax(q kᵀ · scale) v through the fused kernel, for the rules that allow it.
+
+    With the uniform rule at epsilon 0, the relevance split is a constant factor on each
+    operand's gradient (q, k: ¼, v: ½ for AttnLRP; q, k detached for CP) and the softmax
+    rule is its plain gradient, so scaled_dot_product_attention's own backward gives the
+    exact AttnLRP / CP-LRP relevance (lxt's construction). Head relevance: half the head
+    output's, as in `uniform_matmul`.
+    """
+    if rule == "attnlrp":
+        q, k, v = scale_grad(q, 0.25), scale_grad(k, 0.25), scale_grad(v, 0.5)
+    elif rule == "cp":
+        q, k = q.detach(), k.detach()
+    else:
+        raise ValueError(f"softmax rule {rule!r} needs the explicit attention")
+    out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    if record is not None:
+        out = record_relevance(out, lambda r: record(r * 0.5), dims=(-2, -1))
+    return out

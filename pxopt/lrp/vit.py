@@ -172,17 +172,18 @@ class ViTRules:
     config: RuleConfig
     matmul_eps: float = 0.0
     residual_eps: float = 0.0
+    fused: bool = True  # fused attention kernel where the rule allows it (exactly equal)
 
     @classmethod
-    def from_config(cls, rules: Any, *, matmul_eps: float = 0.0,
-                    residual_eps: float = 0.0) -> ViTRules:
+    def from_config(cls, rules: Any, *, matmul_eps: float = 0.0, residual_eps: float = 0.0,
+                    fused: bool = True) -> ViTRules:
         """Accept a `RuleConfig`, its JSON dict or string, or None (defaults)."""
         if isinstance(rules, ViTRules):
             return rules
         for value, label in ((matmul_eps, "matmul_eps"), (residual_eps, "residual_eps")):
             if not value >= 0:
                 raise ConfigError(f"{label}: must be >= 0, got {value}")
-        return cls(RuleConfig.coerce(rules), matmul_eps, residual_eps)
+        return cls(RuleConfig.coerce(rules), matmul_eps, residual_eps, fused)
 
     @property
     def softmax(self) -> str:
@@ -271,6 +272,8 @@ def _attention_core(q: Tensor, k: Tensor, v: Tensor, scale: float, rules: ViTRul
                     record: Recorder | None) -> Tensor:
     """softmax(q kᵀ · scale) v over (batch, heads, tokens, dim), rules on every op."""
     eps = rules.matmul_eps
+    if eps == 0.0 and rules.softmax in ("attnlrp", "cp") and rules.fused:
+        return ops.fused_attention(q, k, v, scale, rules.softmax, record)
     if rules.softmax == "cp":
         with torch.no_grad():
             a = torch.softmax((q * scale) @ k.transpose(-2, -1), dim=-1)
@@ -486,17 +489,20 @@ def _kinds(kinds: Any) -> set[str]:
 
 def explain_vit(model: nn.Module, inputs: Tensor, targets: Any = None, rules: Any = None, *,
                 start: str = "target", kinds: Any = None, mlp_outputs: bool = False,
-                matmul_eps: float = 0.0, residual_eps: float = 0.0,
+                matmul_eps: float = 0.0, residual_eps: float = 0.0, fused: bool = True,
                 boundaries: tuple[float, float] = (0.25, 0.75)) -> Explanation:
     """LRP of a ViT in one forward and one backward pass (`pxopt.lrp.explain` for ViTs).
 
     components (kinds, default heads and mlp): per attention module (batch, heads), per MLP
     fc1 (batch, hidden), with `mlp_outputs` per fc2 (batch, dim), all summed over tokens;
     "conv" adds the patch embedding's channels, "head" the relevance at the logits.
+    fused: run AttnLRP / CP-LRP attention through the fused kernel when matmul_eps is 0
+    (exactly the same rule); False forces the explicit q·kᵀ, softmax, A·V ops.
     `output` equals the model's logits within 1e-5 (explicit attention and LayerNorm round
     differently from the fused kernels).
     """
-    vr = ViTRules.from_config(rules, matmul_eps=matmul_eps, residual_eps=residual_eps)
+    vr = ViTRules.from_config(rules, matmul_eps=matmul_eps, residual_eps=residual_eps,
+                              fused=fused)
     vr.config.check_overrides({n for n, _ in model.named_modules() if n})
     with torch.inference_mode(False), torch.enable_grad(), _frozen_eval(model):
         return _explain(model, inputs, targets, vr, start, _kinds(kinds), mlp_outputs, boundaries)
