@@ -72,13 +72,16 @@ def test_slice_equals_mask():
     order = global_order(scores, lm, "conv")
     x = task.x[:16]
     slicer = Slicer(model, lm, "conv")
-    assert set(slicer.sliceable) == {"block.conv1", "features.0"}
+    assert {p.name for p in slicer.pairs} == {"block.conv1", "features.0"}
+    assert {o.name for o in slicer.outs} == {"stem", "block.conv2", "features.3"}  # scattered back
     with Masker(model, lm, "conv") as masker:
         for rate in (0.2, 0.5, 0.9):
             masker.set_pruned(order.pruned_at(rate))
             masked = model(x)
             slicer.apply(order.pruned_at(rate))
-            assert model.block.conv1.weight.shape[0] < 8 or rate == 0.2 and order.per_layer_counts(rate)["block.conv1"] == 0
+            counts = order.per_layer_counts(rate)
+            assert model.block.conv1.weight.shape[0] == 8 - counts["block.conv1"]
+            assert model.block.conv2.weight.shape[:2] == (8 - counts["block.conv2"], 8 - counts["block.conv1"])
             sliced = model(x)
             slicer.undo()
             torch.testing.assert_close(sliced, masked, rtol=1e-5, atol=1e-5)
@@ -137,6 +140,16 @@ def test_vit_mlp_and_heads_curves():
         scores = {la.name: torch.rand(la.n_components, generator=g) for la in lm.prunable(kinds)}
         c = accuracy_curve(model, task, lm, scores, kinds=kinds)
         assert c.accuracies[0] == 1.0 and c.accuracies[-1] < 1.0
-    mlp = accuracy_curve(model, task, lm, scores | {la.name: torch.rand(la.n_components, generator=g)
-                                                    for la in lm.prunable("mlp")}, kinds="mlp", mode="slice")
-    assert set(mlp.meta["sliced_layers"]) == {"blocks.0.mlp.fc1", "blocks.1.mlp.fc1"}
+        masked = accuracy_curve(model, task, lm, scores, kinds=kinds, mode="mask")
+        assert masked.accuracies == c.accuracies
+    assert set(c.meta["sliced_layers"]) == {"blocks.0.attn", "blocks.1.attn"}
+    order = global_order(scores, lm, "heads")
+    x = task.x[:8]
+    with Masker(model, lm, "heads") as masker, Slicer(model, lm, "heads") as slicer:
+        masker.set_pruned(order.pruned_at(0.5))
+        ref = model(x)
+        slicer.apply(order.pruned_at(0.5))
+        assert model.blocks[0].attn.qkv.weight.shape[0] < 96
+        torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-5)
+    assert model.blocks[0].attn.num_heads == 4
+    assert model.blocks[0].attn.qkv.weight.shape[0] == 96 and model.blocks[0].attn.attn_dim == 32

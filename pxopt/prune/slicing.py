@@ -1,11 +1,16 @@
 """Evaluate a masked model faster by temporarily slicing zeroed channels out.
 
-Where a pruned layer feeds another weight layer through only its BatchNorm and
-element-wise / pooling ops (conv -> BN -> ReLU -> conv; fc1 -> GELU -> fc2), a masked
-channel is exactly zero there, so dropping it from the producer's output and from the
-consumer's input changes nothing but the summation order (results agree to float
-rounding). Both sides then cost about (1 - p) of their FLOPs. The original Parameter
-objects are put back on `undo`, so nothing is copied back and masks stay valid.
+A masked channel is exactly zero after its layer (and BatchNorm), so it need not be computed:
+- pairs: where a pruned layer feeds another weight layer through only its BatchNorm and
+  element-wise / pooling ops (conv -> BN -> ReLU -> conv; fc1 -> GELU -> fc2), the channel
+  is dropped from the producer's output and the consumer's input (both cost ~(1 - p));
+- scatter: any other pruned conv / linear (e.g. a ResNet block's last conv, whose output
+  joins the residual sum) computes only its kept channels and a forward hook writes them
+  into a zero tensor of the full width (exact: the dropped channels are zeros anyway);
+- heads: timm `Attention` (plain: no gate, no scale-norm) runs with only its kept heads
+  (q/k/v rows and output-projection columns sliced, `num_heads` / `attn_dim` set).
+Results agree with the masked model up to float summation order. The original Parameter
+objects and attributes are put back on `undo`, so nothing is copied back and masks stay valid.
 """
 
 from __future__ import annotations
@@ -20,6 +25,26 @@ from torch import nn
 from pxopt.prune._layers import prunable_layers
 from pxopt.prune.graph import find_following
 
+_MISSING = object()
+
+
+def _keep(mask: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Indices of kept channels; one (zeroed) channel if all are pruned (no empty tensors)."""
+    keep = (~mask.to("cpu", torch.bool)).nonzero().flatten()
+    if keep.numel() == 0:
+        keep = torch.zeros(1, dtype=torch.long)
+    return keep.to(device)
+
+
+def _scatter(keep: torch.Tensor, n: int, dim: int) -> Any:
+    """Forward hook: write the kept channels into zeros of the full width."""
+    def hook(module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
+        shape = list(out.shape)
+        shape[dim] = n
+        return out.new_zeros(shape).index_copy_(dim % out.ndim, keep, out)
+
+    return hook
+
 
 @dataclass
 class _Pair:
@@ -30,12 +55,30 @@ class _Pair:
     consumer_name: str
 
 
+@dataclass
+class _Out:
+    name: str
+    producer: nn.Module
+    bn: nn.Module | None
+
+
+def _plain_timm_attention(mod: nn.Module) -> bool:
+    return (isinstance(getattr(mod, "qkv", None), nn.Linear) and isinstance(getattr(mod, "proj", None), nn.Linear)
+            and hasattr(mod, "attn_dim") and getattr(mod, "gate", None) is None
+            and isinstance(getattr(mod, "norm", nn.Identity()), nn.Identity)
+            and getattr(mod, "q_bias", None) is None)
+
+
 class Slicer:
     """Swaps in sliced weights for the current masks; `undo` restores the originals exactly."""
 
     def __init__(self, model: nn.Module, layer_map: Iterable[Any], kinds: str | Sequence[str] | None = None):
         self.pairs: list[_Pair] = []
+        self.outs: list[_Out] = []
+        self.heads: list[tuple[str, nn.Module]] = []
         for layer in prunable_layers(layer_map, kinds):
+            if layer.kind == "heads" and _plain_timm_attention(layer.module):
+                self.heads.append((layer.name, layer.module))
             if layer.kind not in ("conv", "linear", "mlp"):
                 continue
             if not isinstance(layer.module, (nn.Conv2d, nn.Linear)):
@@ -45,13 +88,17 @@ class Slicer:
             fol = find_following(model, layer.name, layer.n_components)
             if fol.consumer is not None:
                 self.pairs.append(_Pair(layer.name, layer.module, fol.bn, fol.consumer, fol.consumer_name or ""))
+            else:
+                self.outs.append(_Out(layer.name, layer.module, fol.bn))
         # (module, kind, attribute) -> original object, for undo.
         self._orig: dict[tuple[int, str, str], tuple[nn.Module, str, str, Any]] = {}
+        self._hooks: list[Any] = []
+        self._attrs: list[tuple[nn.Module, str, Any]] = []
 
     @property
     def sliceable(self) -> list[str]:
         """Names of the layers whose pruned channels are sliced out during evaluation."""
-        return [p.name for p in self.pairs]
+        return [p.name for p in self.pairs] + [o.name for o in self.outs] + [h[0] for h in self.heads]
 
     def apply(self, pruned: Mapping[str, torch.Tensor]) -> None:
         """Slice out the pruned channels of every sliceable layer (masks must already be applied)."""
@@ -70,10 +117,7 @@ class Slicer:
             mask = pruned.get(p.name)
             if mask is None or not bool(mask.any()):
                 continue
-            keep = (~mask.to("cpu", torch.bool)).nonzero().flatten()
-            if keep.numel() == 0:  # keep one (zeroed) channel rather than build empty tensors
-                keep = torch.zeros(1, dtype=torch.long)
-            keep = keep.to(p.producer.weight.device)
+            keep = _keep(mask, p.producer.weight.device)
             add(p.producer, "_parameters", "weight", 0, keep)
             add(p.producer, "_parameters", "bias", 0, keep)
             if p.bn is not None:
@@ -82,6 +126,38 @@ class Slicer:
                 for attr in ("running_mean", "running_var"):
                     add(p.bn, "_buffers", attr, 0, keep)
             add(p.consumer, "_parameters", "weight", 1, keep)
+        for o in self.outs:
+            mask = pruned.get(o.name)
+            if mask is None or not bool(mask.any()):
+                continue
+            keep = _keep(mask, o.producer.weight.device)
+            add(o.producer, "_parameters", "weight", 0, keep)
+            add(o.producer, "_parameters", "bias", 0, keep)
+            last = o.producer
+            if o.bn is not None:
+                last = o.bn
+                for attr in ("weight", "bias"):
+                    add(o.bn, "_parameters", attr, 0, keep)
+                for attr in ("running_mean", "running_var"):
+                    add(o.bn, "_buffers", attr, 0, keep)
+            dim = 1 if isinstance(o.producer, nn.Conv2d) else -1
+            self._hooks.append(last.register_forward_hook(_scatter(keep, int(mask.numel()), dim)))
+        for name, attn in self.heads:
+            mask = pruned.get(name)
+            if mask is None or not bool(mask.any()):
+                continue
+            kept = (~mask.to("cpu", torch.bool)).nonzero().flatten()
+            if kept.numel() == 0:
+                kept = torch.zeros(1, dtype=torch.long)
+            h, hd = int(attn.num_heads), int(attn.head_dim)
+            cols = (kept[:, None] * hd + torch.arange(hd)).flatten().to(attn.qkv.weight.device)
+            rows = torch.cat([cols + s * h * hd for s in range(3)])
+            add(attn.qkv, "_parameters", "weight", 0, rows)
+            add(attn.qkv, "_parameters", "bias", 0, rows)
+            add(attn.proj, "_parameters", "weight", 1, cols)
+            for attr, val in (("num_heads", int(kept.numel())), ("attn_dim", int(kept.numel()) * hd)):
+                self._attrs.append((attn, attr, attn.__dict__.get(attr, _MISSING)))
+                setattr(attn, attr, val)
         with torch.no_grad():
             for (mid, store, attr), steps in ops.items():
                 mod = mods[mid]
@@ -97,6 +173,15 @@ class Slicer:
         for mod, store, attr, orig in self._orig.values():
             getattr(mod, store)[attr] = orig
         self._orig.clear()
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        for mod, attr, old in reversed(self._attrs):
+            if old is _MISSING:
+                mod.__dict__.pop(attr, None)
+            else:
+                setattr(mod, attr, old)
+        self._attrs.clear()
 
     def __enter__(self) -> Slicer:
         return self
