@@ -108,19 +108,21 @@ def _op_of(module: nn.Module) -> LinearOp:
     return LinearOp("linear")
 
 
-def _merged(module: nn.Module, bn: nn.Module | None) -> tuple[Tensor, Tensor | None]:
-    """Weight and bias of module with the following BatchNorm merged in (zennit's formula)."""
-    w = module.weight.detach()
+def _merged(module: nn.Module, bn: nn.Module | None) -> tuple[Tensor | None, Tensor | None]:
+    """Per-output-channel scale and bias of `module` with the following BatchNorm merged in.
+
+    zennit's formula (scale = gamma / sqrt(var + eps), bias = (b - mean) * scale + beta);
+    the weight itself is never copied: LRP uses weight * scale implicitly.
+    """
     b = None if module.bias is None else module.bias.detach()
     if bn is None:
-        return w, b
+        return None, b
     var, mean = bn.running_var.detach(), bn.running_mean.detach()
     gamma = bn.weight.detach() if bn.weight is not None else torch.ones_like(var)
     beta = bn.bias.detach() if bn.bias is not None else torch.zeros_like(var)
     scale = gamma / (var + bn.eps) ** 0.5
-    w = w * scale.view(-1, *([1] * (w.ndim - 1)))
     b = ((b if b is not None else torch.zeros_like(mean)) - mean) * scale + beta
-    return w, b
+    return scale, b
 
 
 class Recorder:
@@ -236,7 +238,7 @@ class LRPEngine:
     def _install_linear(self, name: str, module: nn.Module, bn: nn.Module | None,
                         group: str) -> None:
         op = _op_of(module)
-        weight, bias = _merged(module, bn)
+        scale, bias = _merged(module, bn)
         cls_forward = type(module).forward
         if bn is None:
             def true_forward(x: Tensor) -> Tensor:
@@ -248,7 +250,8 @@ class LRPEngine:
                 return bn_forward(bn, cls_forward(module, x))
 
         rule = LayerRule(
-            self.rules.rule_for(name, group), op, weight, bias, forward_fn=true_forward,
+            self.rules.rule_for(name, group), op, module.weight, bias, out_scale=scale,
+            forward_fn=true_forward,
             recorder=self.recorder.callback(name, op) if name in self.record else None,
             name=name,
         )
@@ -279,7 +282,9 @@ def _pass_forward(module: nn.Module) -> Any:
 
     def fn(x: Tensor) -> Tensor:
         # an in-place activation would overwrite a tensor saved for the backward
-        return cls_forward(module, x.clone() if inplace else x)
+        if inplace:
+            return torch.relu(x) if type(module) is nn.ReLU else cls_forward(module, x.clone())
+        return cls_forward(module, x)
 
     def forward(x: Tensor) -> Tensor:
         return lrp_pass(x, fn)

@@ -115,22 +115,25 @@ def conv2d_op(stride: Any = 1, padding: Any = 0, dilation: Any = 1, groups: int 
 # ---------------------------------------------------------------------------------------
 @dataclass
 class LayerRule:
-    """Everything the backward of one layer needs: rule, operator, (merged) parameters.
+    """Everything the backward of one layer needs: rule, operator, parameters.
 
-    `weight`/`bias` are the effective parameters of the layer as LRP sees it (BatchNorm
-    merged in); `forward_fn(x)` computes the layer's true output (may differ in rounding
-    from op(x, weight) + bias, e.g. conv followed by the original BatchNorm, so the model's
-    forward output stays bit-identical). `recorder(R)` receives the output relevance.
+    The effective weight LRP sees is ``weight * out_scale`` (per output channel), so a
+    following BatchNorm is merged without materialising a merged weight: `out_scale` is
+    gamma / sqrt(var + eps) and `bias` the merged bias. `forward_fn(x)` computes the
+    layer's true output (e.g. the original conv, then the original BatchNorm, so the
+    model's forward output stays bit-identical); by default op(x, weight, bias).
+    `recorder(R)` receives the relevance at the output in the backward.
     """
 
     rule: RuleSpec
     op: LinearOp
     weight: Tensor
     bias: Tensor | None = None
+    out_scale: Tensor | None = None
     forward_fn: Callable[[Tensor], Tensor] | None = None
     recorder: Callable[[Tensor], None] | None = None
     name: str = ""
-    _cache: dict[str, Tensor] = field(default_factory=dict, repr=False)
+    _abs: Tensor | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.rule.name not in LAYER_RULES:
@@ -140,16 +143,17 @@ class LayerRule:
             )
         self.weight = self.weight.detach()
         self.bias = None if self.bias is None else self.bias.detach()
+        if self.out_scale is not None:
+            self.out_scale = self.out_scale.detach()
+        if self.forward_fn is None and self.out_scale is not None:
+            raise ConfigError("LayerRule: out_scale needs the layer's forward_fn")
 
-    def w(self, key: str) -> Tensor:
-        """Cached weight variants: abs, pos, neg, sq, ones (computed once per layer)."""
-        if key not in self._cache:
-            w = self.weight
-            self._cache[key] = {
-                "abs": w.abs, "pos": lambda: w.clamp(min=0), "neg": lambda: w.clamp(max=0),
-                "sq": lambda: w * w, "ones": lambda: torch.ones_like(w),
-            }[key]()
-        return self._cache[key]
+    @property
+    def abs_weight(self) -> Tensor:
+        """|W|, computed once per installed layer (only rules that need it pay for it)."""
+        if self._abs is None:
+            self._abs = self.weight.abs()
+        return self._abs
 
     def output(self, x: Tensor) -> Tensor:
         if self.forward_fn is not None:
@@ -165,26 +169,53 @@ class LayerRule:
         return t.expand_as(x)
 
 
+class _Ops:
+    """The four linear maps of the merged layer W_m = s * W (s per output channel):
+    forward with W_m or |W_m| = |s| |W|, and their transposes."""
+
+    def __init__(self, layer: LayerRule, x_shape: Sequence[int], ndim: int) -> None:
+        self.layer, self.shape, op = layer, x_shape, layer.op
+        s = layer.out_scale
+        self.s = None if s is None else op.bias(s, ndim)
+        self.abs_s = None if s is None else self.s.abs()
+
+    def fw(self, u: Tensor) -> Tensor:
+        out = self.layer.op.forward(u, self.layer.weight)
+        return out if self.s is None else out * self.s
+
+    def fa(self, u: Tensor) -> Tensor:
+        out = self.layer.op.forward(u, self.layer.abs_weight)
+        return out if self.abs_s is None else out * self.abs_s
+
+    def tw(self, g: Tensor) -> Tensor:
+        g = g if self.s is None else g * self.s
+        return self.layer.op.transpose(self.layer.weight, g, self.shape)
+
+    def ta(self, g: Tensor) -> Tensor:
+        g = g if self.abs_s is None else g * self.abs_s
+        return self.layer.op.transpose(self.layer.abs_weight, g, self.shape)
+
+
 def relevance_backward(layer: LayerRule, x: Tensor, z: Tensor, r: Tensor) -> Tensor:
     """Relevance of the input x of `layer`, given its output z (bias included) and R at z."""
-    rule, op, w, b = layer.rule, layer.op, layer.weight, layer.bias
+    rule, op, b = layer.rule, layer.op, layer.bias
     name = rule.name
-    T = op.transpose  # noqa: N806 (math notation)
-    shape = x.shape
+    m = _Ops(layer, x.shape, z.ndim)
     bias = op.bias(b, z.ndim) if b is not None else None
 
     if name in ("epsilon", "norm"):
         eps = rule["epsilon"] if name == "epsilon" else STABILIZER
-        return x * T(w, r / stabilize(z, eps), shape)
+        return x * m.tw(r / stabilize(z, eps))
 
     if name in ("gamma", "alphabeta", "zplus"):
         zn = z if bias is None else z - bias  # z without bias
-        a = op.forward(x.abs(), layer.w("abs"))  # |w| |x|
+        xa = x.abs()
+        a = m.fa(xa)  # |w| |x|
         p = (zn + a) * 0.5  # w+x+ + w-x-
         if name == "zplus":
             bp = p if bias is None else p + bias.clamp(min=0)
             g = r / stabilize(bp, STABILIZER)
-            return 0.5 * (x * T(w, g, shape) + x.abs() * T(layer.w("abs"), g, shape))
+            return 0.5 * (x * m.tw(g) + xa * m.ta(g))
         n = (zn - a) * 0.5  # w+x- + w-x+
         if name == "alphabeta":
             alpha, beta = rule["alpha"], rule["beta"]
@@ -205,22 +236,32 @@ def relevance_backward(layer: LayerRule, x: Tensor, z: Tensor, r: Tensor) -> Ten
             g2 = torch.where(z < 0, r / stabilize(dn, STABILIZER), 0.0)
             u = (1.0 + 0.5 * gamma) * (g0 + g2)
             v = (0.5 * gamma) * (g0 - g2)
-        return x * T(w, u, shape) + x.abs() * T(layer.w("abs"), v, shape)
+        return x * m.tw(u) + xa * m.ta(v)
 
     if name == "zbox":
+        # W+ = (W + |W|) / 2 and W- = (W - |W|) / 2 of the merged weight
         low, high = layer.bound("low", x), layer.bound("high", x)
         zn = z if bias is None else z - bias  # the bias cancels in zennit's ZBox
-        wp, wn = layer.w("pos"), layer.w("neg")
-        d = zn - op.forward(low, wp) - op.forward(high, wn)
+        fl_w, fl_a, fh_w, fh_a = m.fw(low), m.fa(low), m.fw(high), m.fa(high)
+        d = zn - 0.5 * (fl_w + fl_a) - 0.5 * (fh_w - fh_a)
         g = r / stabilize(d, STABILIZER)
-        return x * T(w, g, shape) - low * T(wp, g, shape) - high * T(wn, g, shape)
+        tw, ta = m.tw(g), m.ta(g)
+        return x * tw - low * (0.5 * (tw + ta)) - high * (0.5 * (tw - ta))
 
-    if name in ("flat", "wsquare"):
-        wm = layer.w("ones") if name == "flat" else layer.w("sq")
-        d = op.forward(torch.ones_like(x), wm)
-        if name == "wsquare" and bias is not None:  # zennit squares the bias too
+    if name == "flat":  # all weights 1, bias 0 (zennit)
+        ones = torch.ones_like(layer.weight)
+        d = op.forward(torch.ones_like(x), ones)
+        return op.transpose(ones, r / stabilize(d, STABILIZER), x.shape)
+
+    if name == "wsquare":  # weights and bias squared (zennit)
+        w2 = layer.weight * layer.weight
+        s2 = None if m.s is None else m.s * m.s
+        d = op.forward(torch.ones_like(x), w2)
+        d = d if s2 is None else d * s2
+        if bias is not None:
             d = d + bias * bias
-        return T(wm, r / stabilize(d, STABILIZER), shape)
+        g = r / stabilize(d, STABILIZER)
+        return op.transpose(w2, g if s2 is None else g * s2, x.shape)
 
     raise ConfigError(f"unknown layer rule {name!r}")  # pragma: no cover
 
