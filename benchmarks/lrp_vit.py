@@ -75,11 +75,11 @@ def pxopt_lrp(model: nn.Module, x: torch.Tensor, t: torch.Tensor, softmax: str,
     explain_vit(model, x, t, {"softmax": softmax}, kinds=["heads", "mlp"], fused=fused)
 
 
-def time_rounds(methods: dict[str, Callable[[], None]], rounds: int,
-                device: torch.device) -> dict[str, list[float]]:
-    """One warm-up call each, then `rounds` rounds with every method once per round."""
+def time_rounds(methods: dict[str, Callable[[], None]], rounds: int, device: torch.device,
+                warmup: bool = True) -> dict[str, list[float]]:
+    """One warm-up call each (if asked), then `rounds` rounds with every method once per round."""
     times: dict[str, list[float]] = {k: [] for k in methods}
-    for fn in methods.values():
+    for fn in methods.values() if warmup else ():
         fn()
     for _ in range(rounds):
         for name, fn in methods.items():
@@ -171,7 +171,9 @@ def main(argv: list[str] | None = None) -> None:
                                                                   False)
             if not args.no_lxt and model_name.startswith("torchvision"):
                 methods.update(lxt_methods(model, x, t))
-            record(model_name, b, time_rounds(methods, args.rounds, device))
+            # warm-up on the smallest batch only (the larger ones then run warm)
+            record(model_name, b, time_rounds(methods, args.rounds, device,
+                                              warmup=b == min(args.batches)))
     write(rows, args, threads, device)
 
 
@@ -196,7 +198,7 @@ def write(rows: list[dict], args: argparse.Namespace, threads: int, device: torc
         f"- command: `{meta['command']}`", f"- date: {meta['date']}",
         f"- machine: {machine} ({platform.platform()}), device {device}",
         f"- torch {torch.__version__}, Python {meta['python']}; median of {args.rounds} "
-        "interleaved rounds after one warm-up call",
+        "interleaved rounds (one warm-up call per method at the smallest batch)",
         "- pxopt: default composite (epsilon 1e-6 everywhere), components: heads + MLP fc1 "
         "neurons; lxt: input relevance only (it has no component collection)", "",
         "| model | batch | method | median s | × fwd+bwd | × forward |",
