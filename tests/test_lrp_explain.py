@@ -121,7 +121,9 @@ def test_conservation_resnet_bias_free() -> None:
 
 
 def test_small_custom_cnn_matches_zennit() -> None:
+    """Includes BatchNorm channels with negative scale (merged scale s < 0)."""
     model = randomise_bn(small_cnn()).double().eval()
+    model[1].weight.data[::2] *= -1
     x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
     for name, rules in COMPOSITES.items():
         rel, comps = zennit_relevance(model, x, [2, 3], rules)

@@ -119,3 +119,58 @@ def test_pass_rule_rejected_on_a_weighted_layer() -> None:
     lin = torch.nn.Linear(3, 3)
     with pytest.raises(ConfigError, match="pass"):
         lrp_linear(torch.randn(1, 3), lin.weight, lin.bias, "pass", name="fc")
+
+
+def _reference(rule: dict, x, w, b, s, r, stride=1, padding=1):
+    """The rules term by term on the merged weight W_m = s W (zennit's definitions)."""
+    import torch.nn.functional as F
+
+    wm = w * s.view(-1, 1, 1, 1)
+    conv = lambda inp, wt, bb=None: F.conv2d(inp, wt, bb, stride, padding)  # noqa: E731
+    xp, xn = x.clamp(min=0), x.clamp(max=0)
+    wp, wn = wm.clamp(min=0), wm.clamp(max=0)
+    bp, bn = b.clamp(min=0), b.clamp(max=0)
+
+    def stab(d):
+        return d + 1e-6 * ((d == 0).to(d) + d.sign())
+
+    def grad(outs, ins, grads):
+        return torch.autograd.grad(outs, ins, grads)
+
+    xs = [t.clone().requires_grad_(True) for t in (xp, xn, xp, xn)]
+    z = conv(x, wm, b)
+    if rule["rule"] == "gamma":
+        g = rule["gamma"]
+        o = [conv(xs[0], wm + g * wp, b + g * bp), conv(xs[1], wm + g * wn),
+             conv(xs[2], wm + g * wn, b + g * bn), conv(xs[3], wm + g * wp)]
+        g0 = (z > 0) * r / stab(o[0] + o[1])
+        g2 = (z < 0) * r / stab(o[2] + o[3])
+        gr = grad(o, xs, [g0, g0, g2, g2])
+        return sum(i * gg for i, gg in zip(xs, gr, strict=True))
+    al, be = (rule["alpha"], rule["beta"]) if rule["rule"] == "alphabeta" else (1.0, 0.0)
+    o = [conv(xs[0], wp, bp), conv(xs[1], wn), conv(xs[2], wn, bn), conv(xs[3], wp)]
+    g0 = r / stab(o[0] + o[1])
+    g2 = r / stab(o[2] + o[3])
+    gr = grad(o, xs, [g0, g0, g2, g2])
+    return al * (xs[0] * gr[0] + xs[1] * gr[1]) - be * (xs[2] * gr[2] + xs[3] * gr[3])
+
+
+@pytest.mark.parametrize("rule", [{"rule": "gamma", "gamma": 0.4},
+                                  {"rule": "alphabeta", "alpha": 2.0, "beta": 1.0},
+                                  {"rule": "zplus"}])
+def test_merged_scale_with_negative_channels(rule: dict) -> None:
+    """A BatchNorm merged as an output scale s (some s < 0) equals the rule on s * W."""
+    from pxopt.lrp.config import RuleSpec
+    from pxopt.lrp.rules import LayerRule, conv2d_op, relevance_backward
+
+    w = torch.randn(6, 4, 3, 3, dtype=torch.float64)
+    s = torch.randn(6, dtype=torch.float64)
+    b = torch.randn(6, dtype=torch.float64)
+    x = torch.randn(2, 4, 7, 7, dtype=torch.float64)
+    op = conv2d_op(1, 1, 1, 1, w.shape)
+    z = torch.nn.functional.conv2d(x, w * s.view(-1, 1, 1, 1), b, 1, 1)
+    r = torch.randn_like(z)
+    layer = LayerRule(RuleSpec.from_dict(rule), op, w, b, out_scale=s, forward_fn=lambda t: t)
+    got = relevance_backward(layer, x, z, r)
+    want = _reference(rule, x, w, b, s, r)
+    assert _rel_err(got, want) < 1e-10

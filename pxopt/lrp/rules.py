@@ -42,9 +42,25 @@ from pxopt.lrp.config import STABILIZER, RuleSpec
 LAYER_RULES = ("epsilon", "gamma", "alphabeta", "zplus", "flat", "wsquare", "zbox", "norm")
 
 
+def _sign_eps(d: Tensor, eps: float) -> Tensor:
+    """eps * sign(d) with sign(0) = +1 (also for -0.0), as a new tensor of d's dtype."""
+    return torch.where(d >= 0, d.new_tensor(eps), d.new_tensor(-eps))
+
+
 def stabilize(z: Tensor, eps: float) -> Tensor:
-    """z + eps * sign(z) with sign(0) = +1 (zennit's `stabilize`)."""
-    return torch.where(z >= 0, z + eps, z - eps)
+    """z + eps * sign(z) with sign(0) = +1 (zennit's `stabilize`, bit for bit)."""
+    return _sign_eps(z, eps).add_(z)
+
+
+def _div_stab(r: Tensor, d: Tensor, eps: float) -> Tensor:
+    """r / stab(d) with a single temporary."""
+    e = _sign_eps(d, eps).add_(d)
+    return torch.div(r, e, out=e)
+
+
+def _axpy_(y: Tensor, x: Tensor, k: Tensor | float) -> Tensor:
+    """y += x * k in place, k a scalar or a broadcastable tensor."""
+    return y.addcmul_(x, k) if isinstance(k, Tensor) else y.add_(x, alpha=k)
 
 
 # ---------------------------------------------------------------------------------------
@@ -197,46 +213,76 @@ class _Ops:
 
 
 def relevance_backward(layer: LayerRule, x: Tensor, z: Tensor, r: Tensor) -> Tensor:
-    """Relevance of the input x of `layer`, given its output z (bias included) and R at z."""
+    """Relevance of the input x of `layer`, given its output z (bias included) and R at z.
+
+    Written with few passes and in-place updates of temporaries (elementwise work, not
+    the convolutions, dominates on CPU); tests/test_lrp_rules.py states the same rules
+    term by term (`_reference`) and checks both against zennit.
+    """
     rule, op, b = layer.rule, layer.op, layer.bias
     name = rule.name
     m = _Ops(layer, x.shape, z.ndim)
     bias = op.bias(b, z.ndim) if b is not None else None
+    s, abs_s = m.s, m.abs_s
+
+    def vec(k: float, absolute: bool = False) -> Tensor | float:
+        """k * s (or k * |s|) shaped for the output, or plain k without a merged scale."""
+        if s is None:
+            return k
+        return (abs_s if absolute else s) * k
 
     if name in ("epsilon", "norm"):
         eps = rule["epsilon"] if name == "epsilon" else STABILIZER
-        return x * m.tw(r / stabilize(z, eps))
+        g = _div_stab(r, z, eps)
+        if s is not None:
+            g.mul_(s)
+        return op.transpose(layer.weight, g, x.shape).mul_(x)
 
     if name in ("gamma", "alphabeta", "zplus"):
-        zn = z if bias is None else z - bias  # z without bias
+        # z = W_m x + b; A = |W_m| |x|; P = (zn + A) / 2, N = (zn - A) / 2, zn = z - b
         xa = x.abs()
-        a = m.fa(xa)  # |w| |x|
-        p = (zn + a) * 0.5  # w+x+ + w-x-
-        if name == "zplus":
-            bp = p if bias is None else p + bias.clamp(min=0)
-            g = r / stabilize(bp, STABILIZER)
-            return 0.5 * (x * m.tw(g) + xa * m.ta(g))
-        n = (zn - a) * 0.5  # w+x- + w-x+
-        if name == "alphabeta":
-            alpha, beta = rule["alpha"], rule["beta"]
-            dp = p if bias is None else p + bias.clamp(min=0)
-            dn = n if bias is None else n + bias.clamp(max=0)
-            g0 = r / stabilize(dp, STABILIZER)
-            g2 = r / stabilize(dn, STABILIZER)
-            u = 0.5 * (alpha * g0 - beta * g2)
-            v = 0.5 * (alpha * g0 + beta * g2)
-        else:  # generalised gamma (zennit 0.5.1, 4 terms, output-sign dependent)
+        a = op.forward(xa, layer.abs_weight)  # |W| |x|, times |s| below
+        if name == "gamma":
+            # zennit: g0 = [z > 0] R / stab(zn + gamma P + b + gamma b+),
+            #         g2 = [z < 0] R / stab(zn + gamma N + b + gamma b-);
+            # u = (1 + gamma/2)(g0 + g2), v = gamma/2 (g0 - g2). Only one of g0, g2 is
+            # nonzero per position, so with sz = sign(z):
+            # d = k1 z + c_mid + sz (k A + c_half),  g = R sz / stab(d) * sz.
             gamma = rule["gamma"]
-            dp = zn + gamma * p
-            dn = zn + gamma * n
+            k, k1 = 0.5 * gamma, 1.0 + 0.5 * gamma
+            sz = z.sign()
+            t = a.mul_(vec(k, True))
             if bias is not None:
-                dp = dp + bias + gamma * bias.clamp(min=0)
-                dn = dn + bias + gamma * bias.clamp(max=0)
-            g0 = torch.where(z > 0, r / stabilize(dp, STABILIZER), 0.0)
-            g2 = torch.where(z < 0, r / stabilize(dn, STABILIZER), 0.0)
-            u = (1.0 + 0.5 * gamma) * (g0 + g2)
-            v = (0.5 * gamma) * (g0 - g2)
-        return x * m.tw(u) + xa * m.ta(v)
+                c_p = bias + gamma * bias.clamp(min=0) - k1 * bias
+                c_n = bias + gamma * bias.clamp(max=0) - k1 * bias
+                t.add_(0.5 * (c_p - c_n))
+            t.mul_(sz).add_(z, alpha=k1)
+            if bias is not None:
+                t.add_(0.5 * (c_p + c_n))
+            gs = _div_stab(r * sz, t, STABILIZER)  # g * sz
+            v = gs * vec(k, True)
+            u = gs.mul_(sz).mul_(vec(k1))
+        else:
+            # P + b+ = z/2 + A/2 + (b+ - b/2);  N + b- = z/2 - A/2 + (b- - b/2)
+            ah = a.mul_(vec(0.5, True))
+            zh = z * 0.5
+            dp = zh + ah
+            if bias is not None:
+                dp.add_(bias.clamp(min=0) - 0.5 * bias)
+            g0 = _div_stab(r, dp, STABILIZER)
+            if name == "zplus":  # R = (x W^T g + |x| |W|^T g) / 2
+                u = g0 * vec(0.5)
+                v = g0.mul_(vec(0.5, True))
+            else:  # alphabeta: u = (a g0 - b g2)/2, v = (a g0 + b g2)/2
+                alpha, beta = rule["alpha"], rule["beta"]
+                dn = zh.sub_(ah)
+                if bias is not None:
+                    dn.add_(bias.clamp(max=0) - 0.5 * bias)
+                g2 = _div_stab(r, dn, STABILIZER)
+                u = _axpy_(g0 * vec(0.5 * alpha), g2, vec(-0.5 * beta))
+                v = _axpy_(g0.mul_(vec(0.5 * alpha, True)), g2, vec(0.5 * beta, True))
+        out = op.transpose(layer.weight, u, x.shape).mul_(x)
+        return out.addcmul_(xa, op.transpose(layer.abs_weight, v, x.shape))
 
     if name == "zbox":
         # W+ = (W + |W|) / 2 and W- = (W - |W|) / 2 of the merged weight
@@ -315,7 +361,7 @@ class NormSumFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, r: Tensor) -> tuple[Tensor, Tensor, None]:  # type: ignore[override]
         a, b, out = ctx.saved_tensors
-        g = r / stabilize(out, ctx.eps)
+        g = _div_stab(r, out, ctx.eps)
         return a * g, b * g, None
 
 
@@ -335,7 +381,7 @@ class NormFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, r: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
         x, out = ctx.saved_tensors
-        g = r / stabilize(out, ctx.eps)
+        g = _div_stab(r, out, ctx.eps)
         with torch.enable_grad():
             xd = x.detach().requires_grad_(True)
             (gx,) = torch.autograd.grad(ctx.fn(xd), xd, g)
