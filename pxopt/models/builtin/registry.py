@@ -1,0 +1,164 @@
+"""The built-in reference models: architecture, training recipe, accuracy target, cache.
+
+A trained model is cached under `<cache>/builtin/<name>-<key>/` where the key hashes the
+recipe, the architecture arguments and the training data's contents, so changing any of
+them trains a new model instead of reusing a stale one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pxopt.errors import CheckpointError, ModelSpecError
+from pxopt.models.builtin import archs
+from pxopt.models.builtin.train import Recipe
+
+FORMAT = 1  # bump when the training code changes what a recipe produces
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    name: str
+    factory: Callable[..., nn.Module]
+    recipe: Recipe
+    target: float  # minimum test accuracy (10 classes) the recipe must reach
+    description: str
+    arch_kwargs: dict = field(default_factory=dict)
+
+    def build(self, num_classes: int = 10) -> nn.Module:
+        return self.factory(num_classes=num_classes, **self.arch_kwargs)
+
+    def key(self, data_hash: str) -> str:
+        blob = json.dumps(
+            {"format": FORMAT, "name": self.name, "arch": self.arch_kwargs,
+             "recipe": self.recipe.to_dict(), "data": data_hash},
+            sort_keys=True,
+        )  # fmt: skip
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+BUILTINS: dict[str, BuiltinModel] = {
+    m.name: m
+    for m in (
+        BuiltinModel(
+            "fmnist-resnet",
+            archs.FmnistResNet,
+            Recipe(epochs=3, lr=3e-3),
+            0.91,
+            "torchvision ResNet, BasicBlock, widths 32-64-128, stride-2 3x3 stem (0.31 M params)",
+        ),
+        BuiltinModel(
+            "fmnist-vgg",
+            archs.fmnist_vgg,
+            Recipe(epochs=3, lr=3e-3),
+            0.90,
+            "torchvision VGG, features 32-M-64-M-128-128-M with BatchNorm, 256-unit classifier (0.54 M params)",
+        ),
+        BuiltinModel(
+            "fmnist-vit",
+            archs.fmnist_vit,
+            Recipe(epochs=5, lr=2e-3, weight_decay=0.05),
+            0.87,
+            "timm VisionTransformer, patch 7, dim 128, depth 4, 4 heads (0.54 M params)",
+        ),
+    )
+}
+
+
+def get_builtin(name: str) -> BuiltinModel:
+    if name not in BUILTINS:
+        raise ModelSpecError(f"unknown built-in model {name!r} (available: {', '.join(BUILTINS)})")
+    return BUILTINS[name]
+
+
+def _fmnist():
+    from pxopt.data.sources import fashion_mnist
+
+    return fashion_mnist()
+
+
+def model_dir(entry: BuiltinModel) -> tuple[Path, str]:
+    from pxopt.data.paths import cache_dir
+
+    ds = _fmnist()
+    return cache_dir("builtin") / f"{entry.name}-{entry.key(ds.content_hash)}", ds.content_hash
+
+
+def train_builtin(name: str, *, device: str = "auto", progress: bool = True) -> tuple[nn.Module, dict]:
+    """Train a built-in model from scratch and write it (weights + metadata JSON) to the cache."""
+    import timm
+    import torchvision
+    from safetensors.torch import save_file
+
+    from pxopt.device import configure_threads
+    from pxopt.models.builtin.train import train_model
+    from pxopt.models.builtin.transform import FmnistTransform
+
+    entry = get_builtin(name)
+    folder, data_hash = model_dir(entry)
+    ds = _fmnist()
+    transform = FmnistTransform()
+    train = (transform.apply_batch(ds.splits["train"].images), ds.splits["train"].labels)
+    test = (transform.apply_batch(ds.splits["val"].images), ds.splits["val"].labels)
+    configure_threads()
+    model = entry.build()
+    result = train_model(model, entry.recipe, train, test, device=device, progress=progress,
+                         description=f"training builtin:{name}")  # fmt: skip
+    meta = {
+        "name": name,
+        "description": entry.description,
+        "params": sum(p.numel() for p in model.parameters()),
+        **result,
+        "target_accuracy": entry.target,
+        "recipe": entry.recipe.to_dict(),
+        "arch": entry.arch_kwargs,
+        "data": {"dataset": "fashion-mnist", "source": ds.source, "content_sha256": data_hash},
+        "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__,
+                     "timm": timm.__version__, "python": platform.python_version()},
+        "cpu": platform.processor() or platform.machine(),
+        "trained_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "format": FORMAT,
+    }  # fmt: skip
+    tmp = folder.with_name(folder.name + ".partial")
+    tmp.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp / "model.safetensors"))
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    if folder.exists():
+        import shutil
+
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+    return model, meta
+
+
+def load_builtin(
+    name: str, *, device: str = "auto", progress: bool = True, train_if_missing: bool = True
+) -> tuple[nn.Module, dict]:
+    """The cached trained model (trained now on first use) and its metadata."""
+    entry = get_builtin(name)
+    folder, _ = model_dir(entry)
+    weights, meta_file = folder / "model.safetensors", folder / "meta.json"
+    if not (weights.is_file() and meta_file.is_file()):
+        if not train_if_missing:
+            raise ModelSpecError(f"builtin:{name} is not trained yet; run: pxopt train builtin:{name}")
+        return train_builtin(name, device=device, progress=progress)
+    from pxopt.models.checkpoint import fit_state_dict, read_state_dict
+
+    model = entry.build()
+    fit_state_dict(model, read_state_dict(weights), str(weights))
+    try:
+        meta = json.loads(meta_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{meta_file} is not valid JSON; retrain with --force") from exc
+    meta["weights_file"] = str(weights)
+    return model, meta

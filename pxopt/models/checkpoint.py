@@ -1,0 +1,90 @@
+"""Reading state dicts safely and fitting them into an architecture, with one-line errors."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pxopt.errors import CheckpointError
+
+_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "state_dict_ema")
+_PREFIXES = ("module.", "_orig_mod.")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Load a .safetensors file or a torch file with `weights_only=True` onto the CPU.
+
+    Training checkpoints that wrap the weights ({'state_dict': ...}, {'model': ...}) are
+    unwrapped, and DataParallel / torch.compile prefixes are stripped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        if path.suffix.lower() == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj = load_file(str(path), device="cpu")
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {_first_line(exc)}") from exc
+    except Exception as exc:  # safetensors raises its own SafetensorError
+        if type(exc).__name__ != "SafetensorError":
+            raise
+        raise CheckpointError(f"cannot read checkpoint {path}: {_first_line(exc)}") from exc
+    return unwrap(obj, path)
+
+
+def unwrap(obj: object, path: str | Path = "checkpoint") -> dict[str, torch.Tensor]:
+    if isinstance(obj, dict) and not _is_state_dict(obj):
+        for key in _WRAPPER_KEYS:
+            if isinstance(obj.get(key), dict) and _is_state_dict(obj[key]):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not obj or not _is_state_dict(obj):
+        raise CheckpointError(
+            f"checkpoint {path} holds no state dict (a dict of tensors, possibly under "
+            f"'state_dict' or 'model')"
+        )
+    out = {}
+    for key, value in obj.items():
+        for prefix in _PREFIXES:
+            if key.startswith(prefix):
+                key = key[len(prefix) :]
+        out[key] = value
+    return out
+
+
+def _is_state_dict(obj: dict) -> bool:
+    return bool(obj) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def fit_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load `state` strictly into `model`; mismatches become one CheckpointError line."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
+    if wrong:
+        problems.append(f"{len(wrong)} shape mismatches (e.g. {'; '.join(wrong[:2])})")
+    if problems:
+        raise CheckpointError(f"{source} does not fit the architecture: {'; '.join(problems)}")
+    model.load_state_dict(state, strict=True)

@@ -1,0 +1,110 @@
+"""`load_model`: dispatch a parsed spec to its backend and finish the model uniformly."""
+
+from __future__ import annotations
+
+from pxopt.device import resolve_device
+from pxopt.errors import ModelSpecError
+from pxopt.models.loaded import Built, LoadedModel, classifier_name, count_outputs, model_family
+from pxopt.models.spec import ModelSpec, parse_spec
+
+
+def _build_arch(spec: ModelSpec, *, pretrained: bool, allow_download: bool,
+                num_classes: int | None = None, progress: bool = True) -> Built:  # fmt: skip
+    if spec.kind == "torchvision":
+        from pxopt.models import tv
+
+        return tv.build(spec.name, spec.tag, pretrained=pretrained,
+                        allow_download=allow_download, num_classes=num_classes)  # fmt: skip
+    if spec.kind == "timm":
+        from pxopt.models import timm_backend
+
+        return timm_backend.build(spec.name, spec.tag, pretrained=pretrained,
+                                  allow_download=allow_download, num_classes=num_classes)  # fmt: skip
+    if spec.kind == "builtin":
+        from pxopt.data.sources import FASHION_MNIST_CLASSES
+        from pxopt.models.builtin import FmnistTransform, get_builtin, load_builtin
+
+        entry = get_builtin(spec.name)
+        if pretrained:
+            model, meta = load_builtin(spec.name, progress=progress)
+        else:
+            model, meta = entry.build(num_classes or 10), {"description": entry.description}
+        names = list(FASHION_MNIST_CLASSES) if not num_classes or num_classes == 10 else None
+        return Built(model, f"builtin:{spec.name}", FmnistTransform(), (1, 28, 28), names, meta)
+    raise ModelSpecError(f"{spec} cannot be used as an architecture")
+
+
+def _build_file(spec: ModelSpec, *, allow_download: bool) -> Built:
+    from pathlib import Path
+
+    from pxopt.models.checkpoint import fit_state_dict, read_state_dict
+
+    path = Path(spec.name).expanduser()
+    if not path.is_file():
+        raise ModelSpecError(f"checkpoint file {path} does not exist")
+    state = read_state_dict(path)
+    assert spec.arch is not None
+    built = _build_arch(spec.arch, pretrained=False, allow_download=allow_download)
+    head = classifier_name(built.model)
+    key = f"{head}.weight" if head else None
+    if key and key in state and state[key].ndim == 2:
+        n_ckpt = int(state[key].shape[0])
+        if n_ckpt != count_outputs(built.model):  # a fine-tuned head: rebuild with its size
+            built = _build_arch(spec.arch, pretrained=False, allow_download=allow_download,
+                                num_classes=n_ckpt)  # fmt: skip
+    fit_state_dict(built.model, state, f"checkpoint {path}")
+    built.meta["checkpoint"] = str(path.resolve())
+    built.spec = f"file:{spec.name}@{built.spec}"
+    return built
+
+
+def load_model(spec: str, *, device: str = "auto", allow_download: bool = False,
+               progress: bool = True) -> LoadedModel:  # fmt: skip
+    """Load a model by spec (see `describe_supported()`); offline unless `allow_download`.
+
+    Returns it in eval mode on `device` with frozen parameters, plus its preprocessing.
+    Missing weights raise ModelSpecError naming the file, its folder and the command that
+    fetches it; unreadable or ill-fitting checkpoints raise CheckpointError.
+    """
+    parsed = parse_spec(spec)
+    dev = resolve_device(device)
+    if parsed.kind == "file":
+        built = _build_file(parsed, allow_download=allow_download)
+    else:
+        built = _build_arch(parsed, pretrained=True, allow_download=allow_download, progress=progress)
+    model = built.model.eval().to(dev)
+    model.requires_grad_(False)
+    return LoadedModel(
+        model=model,
+        spec=built.spec,
+        transform=built.transform,
+        num_classes=count_outputs(model),
+        input_size=built.input_size,
+        family=model_family(model),
+        class_names=built.class_names,
+        meta={"device": str(dev), **built.meta},
+    )
+
+
+def describe_supported() -> str:
+    """Human-readable list of spec forms, families and built-in models."""
+    from pxopt.models.builtin import BUILTINS
+
+    lines = [
+        "Model specs:",
+        "  torchvision:<name>[:<WEIGHTS>]   e.g. torchvision:resnet50:IMAGENET1K_V2, torchvision:vit_b_16",
+        "  timm:<name>[.<tag>]              e.g. timm:vit_base_patch16_224.augreg2_in21k_ft_in1k",
+        "  file:<ckpt.pth|.safetensors>@<arch spec>   e.g. file:finetuned.pth@torchvision:resnet18",
+        "  builtin:<name>                   Fashion-MNIST reference models, trained on first use",
+        "  <name>                           bare torchvision name with default weights (resnet50, vgg16, vit_b_16)",
+        "",
+        "Families: cnn (ResNet, VGG, EfficientNet, ... conv channels) and vit (vision",
+        "transformers: MLP neurons and attention heads).",
+        "Weights load offline from $TORCH_HOME/hub/checkpoints (torchvision) and the Hugging",
+        "Face cache (timm); pass --allow-download where the network is reachable.",
+        "",
+        "Built-in models:",
+    ]
+    for entry in BUILTINS.values():
+        lines.append(f"  builtin:{entry.name:<14} target >= {entry.target:.0%}  {entry.description}")
+    return "\n".join(lines)
