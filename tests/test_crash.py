@@ -6,6 +6,7 @@ The kills are real: the worker is a separate `python` process running `run_worke
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -212,3 +213,36 @@ def test_real_cuda_oom_fails_only_that_trial(tmp_path):
     study.optimize(guard(objective), n_trials=2, catch=CAUGHT)
     assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE]
     assert study.trials[0].user_attrs[FAIL_REASON].startswith("out of memory: CUDA out of memory")
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_pxopt_search_prints_resume_and_the_same_command_continues(tmp_path):
+    """The real `pxopt search` command (fake pipeline, one in-process worker)."""
+    db = tmp_path / "cli.db"
+    args = ["cli", "search", "--model", "builtin:tiny", "--study", "c", "--storage", str(db),
+            "--trials", "6", "--rates", "0,0.25,0.5,0.75", "--no-report", "--out-dir", str(tmp_path)]
+    marker = tmp_path / "hanging"
+    env = {**os.environ, "PXOPT_TEST_HANG_AT": "3", "PXOPT_TEST_MARKER": str(marker)}
+    proc = subprocess.Popen([sys.executable, str(TOY), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    _wait_for(marker, proc)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err
+    resume = re.search(r"Resume with: (pxopt search .*)$", err, re.MULTILINE)
+    assert resume and "--study c" in resume.group(1) and str(db) in resume.group(1)
+    url = f"sqlite:///{db}"
+    after = _load(url, "c")
+    assert [t.state for t in after[:3]] == [TrialState.COMPLETE] * 3
+    assert after[3].state == TrialState.FAIL and "interrupted" in after[3].user_attrs[FAIL_REASON]
+    assert [t.state for t in after[4:]] == [TrialState.WAITING]
+
+    env["PXOPT_TEST_HANG_AT"] = "-1"  # the same command again
+    done = subprocess.run([sys.executable, str(TOY), *args], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    final = _load(url, "c")
+    assert sum(t.state == TrialState.COMPLETE for t in final) == 6
+    assert final[4].state == TrialState.COMPLETE and final[4].params == after[3].params
+    assert [t.user_attrs.get("area") for t in final[:3]] == [t.user_attrs.get("area") for t in after[:3]]

@@ -71,7 +71,44 @@ def broken_data(ctx: WorkerContext) -> WorkerSetup:
     raise DataError(f"dataset folder '/nowhere' does not exist (worker {ctx.index})")
 
 
+def _fake_cli(argv: list[str]) -> int:
+    """`pxopt ...` with the search tests' fake pipeline; the Nth evaluation hangs.
+
+    Env: PXOPT_TEST_HANG_AT (0-based evaluation index to hang at), PXOPT_TEST_MARKER.
+    """
+    import os
+
+    from search_fakes import FakePipeline
+
+    import pxopt.pipeline
+    from pxopt.cli import main as cli_main
+
+    hang_at = int(os.environ.get("PXOPT_TEST_HANG_AT", "-1"))
+    marker = os.environ.get("PXOPT_TEST_MARKER")
+    calls = [0]
+
+    class HangingFake(FakePipeline):
+        def evaluate(self, rules, ranking, on_rate=None):
+            calls[0] += 1
+            if calls[0] - 1 == hang_at:
+                if marker:
+                    Path(marker).write_text("hanging")
+                time.sleep(3600)
+            return super().evaluate(rules, ranking, on_rate)
+
+    pxopt.pipeline.Pipeline.from_spec = HangingFake.from_spec
+    sys.argv = [sys.argv[0], *argv]  # what the resume hint is made of
+    try:
+        cli_main(argv)
+    except SystemExit as exc:
+        return 0 if exc.code is None else int(exc.code)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "cli":
+        return _fake_cli(argv[1:])
     parser = argparse.ArgumentParser()
     parser.add_argument("storage")
     parser.add_argument("study")

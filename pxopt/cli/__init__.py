@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
     try:
-        app(args=args, standalone_mode=False)
+        code = app(args=args, standalone_mode=False)
     except PxoptError as exc:
         if debug:
             raise
@@ -67,3 +67,6 @@ def main(argv: list[str] | None = None) -> None:
             err_console.print(f"[bold red]error:[/] {exc.format_message()}", highlight=False)
             raise SystemExit(2) from None
         raise
+    # Without standalone mode, typer *returns* the code of `typer.Exit(n)` and of Ctrl-C (130)
+    if isinstance(code, int) and not isinstance(code, bool) and code != 0:
+        raise SystemExit(code)

@@ -20,6 +20,7 @@ until Optuna's heartbeat check (run by any worker before each new trial) marks i
 
 from __future__ import annotations
 
+import logging
 import math
 import multiprocessing as mp
 import multiprocessing.connection
@@ -201,6 +202,27 @@ def _requeue_interrupted(study: optuna.Study, trial_id: int) -> None:
     )
 
 
+class _NoInterruptTraceback(logging.Filter):
+    """Optuna logs a failed trial with its traceback; for Ctrl-C that is noise, not news."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+@contextmanager
+def _quiet_interrupts() -> Iterator[None]:
+    logger = logging.getLogger("optuna.study._optimize")
+    quiet = _NoInterruptTraceback()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
+
+
 @contextmanager
 def _sigint_once() -> Iterator[None]:
     """First SIGINT raises KeyboardInterrupt, later ones are ignored while we clean up.
@@ -255,7 +277,7 @@ def run_worker(
     objective = guard(setup.objective, on_start=lambda t: current.append(t._trial_id))
     deadline = None if plan.timeout is None else time.monotonic() + plan.timeout
     failures = 0
-    with _sigint_once(), warnings.catch_warnings():
+    with _sigint_once(), _quiet_interrupts(), warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         try:
             while True:
