@@ -8,9 +8,9 @@ in four settings: masks only / masks + channel slicing, each with and without th
 stop. Ratio = curve seconds / plain-pass seconds. Writes benchmarks/results/curve_cost.md
 and .json.
 
-Models come from `pxopt.models.load_model("builtin:fmnist-...")` when that exists; else the
-built-in architectures (`pxopt.models.builtin.archs`) are trained here for `--train-steps`
-steps (the result says which).
+Models come from `pxopt.models.load_model("builtin:fmnist-...")` (`--source builtin`), or
+the built-in architectures (`pxopt.models.builtin.archs`) trained here for `--train-steps`
+steps (`--source quick`); the result says which.
 """
 
 from __future__ import annotations
@@ -36,15 +36,13 @@ from pxopt.layers import discover_layers  # noqa: E402
 KINDS = {"resnet": ("conv",), "vgg": ("conv",), "vit": ("mlp",), "vit-heads": ("heads",)}
 
 
-def get_model(name: str, train_steps: int) -> tuple[torch.nn.Module, object, str]:
+def get_model(name: str, train_steps: int, source: str) -> tuple[torch.nn.Module, object, str]:
     base = "vit" if name.startswith("vit") else name
-    try:
+    if source == "builtin":
         from pxopt.models import load_model
 
         lm = load_model(f"builtin:fmnist-{base}", device="cpu")
-        return lm.model, lm.transform, f"builtin:fmnist-{base} (pxopt.models)"
-    except ImportError:
-        pass
+        return lm.model, lm.transform, f"builtin:fmnist-{base} (pxopt.models.load_model)"
     from pxopt.data import open_dataset
     from pxopt.models.builtin import archs
     from pxopt.models.builtin.transform import FmnistTransform
@@ -78,7 +76,7 @@ def timed(fn, repeats: int) -> tuple[float, object]:
 
 def bench_one(name: str, args: argparse.Namespace) -> dict:
     """Plain pass and the four curve settings for one model, measured back to back."""
-    model, tf, source = get_model(name, args.train_steps)
+    model, tf, source = get_model(name, args.train_steps, args.source)
     task = make_task("fashion-mnist", classes=None, n_ref=10, n_val=args.n_val, seed=0, transform=tf,
                      num_model_classes=10)
     lm = discover_layers(model)
@@ -109,6 +107,9 @@ def main() -> None:
     ap.add_argument("--n-val", type=int, default=100, help="validation images per class")
     ap.add_argument("--batch-size", type=int, default=250)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--source", choices=("builtin", "quick"), default="builtin",
+                    help="builtin: pxopt.models.load_model (trains on first use, minutes); quick: the"
+                         " built-in architectures trained here for --train-steps steps")
     ap.add_argument("--train-steps", type=int, default=300)
     ap.add_argument("--repeats", type=int, default=2, help="curve repeats (median)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "curve_cost"))
