@@ -171,8 +171,9 @@ def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
     The mean subtraction stays in the graph: it is linear and conserves relevance
     (Σ x_i (h_i − mean h) = Σ (x_i − mean x) h_i), the affine bias absorbs its share.
     """
-    var, mean = torch.var_mean(x, dim=-1, keepdim=True, correction=0)
-    y = (x - mean) * torch.rsqrt(var + eps).detach()
+    with torch.no_grad():  # the fused kernel's 1/std (var_mean is ~6x slower on CPU)
+        _, _, rstd = torch.native_layer_norm(x, x.shape[-1:], None, None, eps)
+    y = (x - x.mean(dim=-1, keepdim=True)) * rstd
     if weight is not None:
         y = y * weight
     if bias is not None:
