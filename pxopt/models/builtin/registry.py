@@ -110,6 +110,7 @@ def train_builtin(name: str, *, device: str = "auto", progress: bool = True) -> 
     train = (transform.apply_batch(ds.splits["train"].images), ds.splits["train"].labels)
     test = (transform.apply_batch(ds.splits["val"].images), ds.splits["val"].labels)
     configure_threads()
+    torch.manual_seed(entry.recipe.seed)  # the initial weights are part of the recipe
     model = entry.build()
     result = train_model(model, entry.recipe, train, test, device=device, progress=progress,
                          description=f"training builtin:{name}")  # fmt: skip
@@ -138,6 +139,7 @@ def train_builtin(name: str, *, device: str = "auto", progress: bool = True) -> 
 
         shutil.rmtree(folder)
     tmp.rename(folder)
+    meta["weights_file"] = str(folder / "model.safetensors")
     return model, meta
 
 
