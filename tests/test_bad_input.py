@@ -74,6 +74,8 @@ n_ref = 2
 n_val = 4
 [prune]
 rates = [0.0, 0.5]
+[sampler]
+name = "random"
 [space]
 {space}
 """)
@@ -112,9 +114,68 @@ ROWS: list[Row] = [
         r"is not valid JSON"),
     Row("space-negative-epsilon", ["search", "--storage", "{db}", "--spec", "{dir}/negspace.toml"],
         r"space\.low\.epsilon must be > 0"),
+    # --- real model, data and LRP (tiny checkpoints and folders built by the fixture) ---
+    Row("model-unknown-kind", ["search", "--storage", "{db}", "--study", "m1", "--model", "nosuch:thing"],
+        r"unknown model spec kind 'nosuch'", fake=False),
+    Row("model-unknown-torchvision", ["search", "--storage", "{db}", "--study", "m2",
+                                      "--model", "torchvision:resnet5000"],
+        r"unknown torchvision model 'resnet5000'", fake=False),
+    Row("data-missing-folder", ["search", "--storage", "{db}", "--study", "d1", "--model", "{real}",
+                                "--data", "{dir}/nowhere"], r"dataset '.*nowhere' is neither", fake=False),
+    Row("data-empty-folder", ["search", "--storage", "{db}", "--study", "d2", "--model", "{real}",
+                              "--data", "{dir}/empty"], r"empty has no class folders \(expected <root>/\[train\|val\]",
+        fake=False),
+    Row("data-class-below-n-ref", ["search", "--storage", "{db}", "--study", "d3", "--model", "{real}",
+                                   "--data", "{dir}/imgs", "--n-ref", "3", "--n-val", "1"],
+        r"n_ref=3 but class 'c' .*only 1 images", fake=False),
+    Row("checkpoint-corrupted", ["search", "--storage", "{db}", "--study", "c1",
+                                 "--model", "file:{dir}/corrupt.pth@builtin:fmnist-resnet"],
+        r"cannot read checkpoint .*corrupt\.pth", fake=False),
+    Row("checkpoint-other-architecture", ["search", "--storage", "{db}", "--study", "c2",
+                                          "--model", "file:{dir}/vgg.pth@builtin:fmnist-resnet"],
+        r"vgg\.pth does not fit the architecture: .*missing keys", fake=False),
+    Row("checkpoint-missing", ["search", "--storage", "{db}", "--study", "c3",
+                               "--model", "file:{dir}/absent.pth@builtin:fmnist-resnet"],
+        r"checkpoint file .*absent\.pth does not exist", fake=False),
+    Row("study-of-another-model-real", ["search", "--storage", "{db}", "--study", "good", "--model", "{real}",
+                                        "--classes", "3", "--n-ref", "2", "--n-val", "4", "--trials", "6"],
+        r"study 'good' was created for model 'builtin:tiny', not 'file:.*good\.pth@builtin:fmnist-resnet'",
+        fake=False),
+    Row("epsilon-too-small-nan", ["search", "--storage", "{db}", "--spec", "{dir}/tinyeps.toml",
+                                  "--no-report", "--out-dir", "{dir}/out"],
+        r"^NonFiniteRelevanceError: relevances became NaN or infinite", kind="failed-trial", fake=False),
     Row("prune-rate-one", ["prune", "--config", "{dir}/ok.json", "--rate", "1.0", "--out", "{dir}/o.pt"],
         r"--rate must be in \[0, 1\), got 1\.0"),
 ]
+
+
+def _real_files(tmp: Path) -> None:
+    """Checkpoints of the built-in ResNet architecture (no training) and image folders.
+
+    `zeroed.pth` has one conv layer with zero weights (as after heavy pruning): its
+    pre-activations are exactly 0, so only the epsilon stabiliser keeps LRP finite there.
+    """
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from pxopt.models.builtin.archs import FmnistResNet, fmnist_vgg
+
+    torch.manual_seed(0)
+    model = FmnistResNet()
+    torch.save(model.state_dict(), tmp / "good.pth")
+    with torch.no_grad():
+        model.layer2[0].conv1.weight.zero_()
+    torch.save(model.state_dict(), tmp / "zeroed.pth")
+    torch.save(fmnist_vgg().state_dict(), tmp / "vgg.pth")
+    (tmp / "corrupt.pth").write_bytes(b"PK\x03\x04 not a checkpoint" * 10)
+    rng = np.random.default_rng(0)
+    for cls, n in (("a", 5), ("b", 5), ("c", 1)):
+        folder = tmp / "imgs" / cls
+        folder.mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8)).save(folder / f"{i}.png")
+    (tmp / "empty").mkdir()
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +189,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     _export(tmp, "neg", mid={"rule": "epsilon", "epsilon": -1e-3})
     (tmp / "garbage.json").write_text("{not json")
     _space_spec(tmp, "negspace", 'low = { rules = ["epsilon"], epsilon = -1e-3 }')
+    _real_files(tmp)
+    tiny = "\n".join(f'{g} = {{ rules = ["epsilon"], epsilon = 1e-300 }}'
+                     for g in ("input", "low", "mid", "high", "fc"))
+    _space_spec(tmp, "tinyeps", 'ranking = ["abs"]\n' + tiny, model=f"file:{tmp}/zeroed.pth@builtin:fmnist-resnet")
     mp = pytest.MonkeyPatch()
     mp.setattr(pxopt.pipeline.Pipeline, "from_spec", FakePipeline.from_spec)
     try:
@@ -137,7 +202,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         assert code == 0
     finally:
         mp.undo()
-    return {"db": db, "dir": str(tmp)}
+    return {"db": db, "dir": str(tmp), "real": f"file:{tmp}/good.pth@builtin:fmnist-resnet"}
 
 
 def _exit_code(args: list[str]) -> int:
@@ -173,6 +238,13 @@ def test_bad_input(row: Row, world: dict[str, str], monkeypatch: pytest.MonkeyPa
         assert len(lines) == 1 and err.rstrip().endswith(lines[0]), err
         assert re.search(row.expect, lines[0]), lines[0]
         assert "secret" not in err
+    else:  # the run ends normally; its trials failed with the reason recorded
+        assert code == 0, err
+        name = re.search(r"--spec \S+/(\w+)\.toml", " ".join(args)).group(1)
+        study = optuna.load_study(study_name=name, storage=open_storage(world["db"], heartbeat_interval=None))
+        assert study.trials and all(t.state == TrialState.FAIL for t in study.trials)
+        assert all(re.search(row.expect, t.user_attrs["fail_reason"]) for t in study.trials)
+        assert "Traceback" not in err
     assert _good_trials(world["db"]) == before  # the earlier study is untouched and readable
 
 

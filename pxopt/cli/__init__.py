@@ -11,6 +11,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from pxopt.errors import PxoptError
 
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     except PxoptError as exc:
         if debug:
             raise
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise SystemExit(2) from None
     except typer.Exit as exc:
         raise SystemExit(exc.exit_code) from None
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:  # click usage errors arrive here in non-standalone mode
         usage_error = getattr(exc, "exit_code", None)
         if usage_error is not None and hasattr(exc, "format_message"):
-            err_console.print(f"[bold red]error:[/] {exc.format_message()}", highlight=False)
+            err_console.print(f"[bold red]error:[/] {escape(exc.format_message())}", highlight=False)
             raise SystemExit(2) from None
         raise
     # Without standalone mode, typer *returns* the code of `typer.Exit(n)` and of Ctrl-C (130)
