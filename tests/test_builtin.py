@@ -13,7 +13,6 @@ from safetensors.torch import load_file
 from pxopt.data.sources import FASHION_MNIST_CLASSES, Dataset, Split
 from pxopt.models import load_model
 from pxopt.models.builtin import registry
-from pxopt.models.builtin.train import Recipe
 
 
 def _tiny_dataset() -> Dataset:

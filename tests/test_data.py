@@ -185,3 +185,25 @@ def test_batches_on_cuda(tiny_fmnist):
     x, _ = next(task.reference_batches(8, "cuda"))
     assert x.is_cuda
     assert next(task.reference_batches(8, "cuda"))[0].data_ptr() == x.data_ptr()
+
+
+def test_fashion_mnist_from_torchvision_raw_folder(tmp_path, monkeypatch):
+    monkeypatch.delenv("PXOPT_FASHION_MNIST", raising=False)
+    monkeypatch.setattr("pxopt.data.sources.DEBIAN_FASHION_MNIST", tmp_path / "no-debian")
+    monkeypatch.setenv("PXOPT_CACHE", str(tmp_path / "cache"))
+    raw = tmp_path / "cache" / "data" / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    labels = np.arange(10).repeat(2)
+    for stem in ("train", "t10k"):  # uncompressed, as torchvision leaves them
+        header = bytes([0, 0, 8, 3]) + b"".join(d.to_bytes(4, "big") for d in (20, 28, 28))
+        (raw / f"{stem}-images-idx3-ubyte").write_bytes(header + bytes(20 * 784))
+        (raw / f"{stem}-labels-idx1-ubyte").write_bytes(
+            bytes([0, 0, 8, 1]) + (20).to_bytes(4, "big") + labels.astype(np.uint8).tobytes()
+        )
+    ds = open_dataset("fashion-mnist")
+    assert ds.source == str(raw) and len(ds.splits["val"]) == 20
+    (raw / "t10k-images-idx3-ubyte").write_bytes(header + bytes(100))  # truncated
+    from pxopt.data.sources import _read_idx
+
+    with pytest.raises(DataError, match="truncated"):
+        _read_idx(raw / "t10k-images-idx3-ubyte")
