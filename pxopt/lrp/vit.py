@@ -283,18 +283,47 @@ def _attention_core(q: Tensor, k: Tensor, v: Tensor, scale: float, rules: ViTRul
     return ops.uniform_matmul(a, v, eps=eps, record=record)
 
 
+def _qkv_fn(spec: RuleSpec, name: str, weight: Tensor, bias: Tensor | None, heads: int,
+            head_dim: int, cp: bool) -> Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]:
+    """x -> q, k, v (batch, heads, tokens, head_dim) through the packed in-projection.
+
+    Under CP-LRP no relevance reaches q and k, so only the v rows carry the rule and q, k
+    are computed without a graph: the backward skips two thirds of the in-projection.
+    """
+    if not cp:
+        rule = linear_rule(spec, name, weight, bias)
+
+        def qkv(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            b, n, _ = x.shape
+            t = rule(x).reshape(b, n, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+            return t[0], t[1], t[2]
+        return qkv
+    width = heads * head_dim
+    w_qk, w_v = weight[: 2 * width], weight[2 * width:]
+    b_qk, b_v = (None, None) if bias is None else (bias[: 2 * width], bias[2 * width:])
+    v_rule = linear_rule(spec, name, w_v, b_v)
+
+    def qkv_cp(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        b, n, _ = x.shape
+        with torch.no_grad():
+            qk = F.linear(x, w_qk, b_qk).reshape(b, n, 2, heads, head_dim).permute(2, 0, 3, 1, 4)
+        v = v_rule(x).reshape(b, n, heads, head_dim).transpose(1, 2)
+        return qk[0], qk[1], v
+    return qkv_cp
+
+
 def _patch_tv_attention(blk: ViTBlock, rules: ViTRules, rec: Recorder | None,
                         saved: list) -> None:
     mha: nn.MultiheadAttention = blk.attn  # type: ignore[assignment]
     if not mha._qkv_same_embed_dim or mha.bias_k is not None or mha.add_zero_attn:
         raise UnsupportedLayerError(f"{blk.attn_name}: only packed self-attention is supported")
-    in_rule = linear_rule(rules.rule_for(blk.attn_name, blk.group), blk.attn_name,
-                          mha.in_proj_weight, mha.in_proj_bias)
+    heads = mha.num_heads
+    head_dim = mha.embed_dim // heads
+    qkv = _qkv_fn(rules.rule_for(blk.attn_name, blk.group), blk.attn_name, mha.in_proj_weight,
+                  mha.in_proj_bias, heads, head_dim, rules.softmax == "cp")
     out_name = f"{blk.attn_name}.out_proj"
     out_rule = linear_rule(rules.rule_for(out_name, blk.group), out_name,
                            mha.out_proj.weight, mha.out_proj.bias)
-    heads = mha.num_heads
-    head_dim = mha.embed_dim // heads
 
     def forward(query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
                 need_weights: bool = True, attn_mask: Tensor | None = None,
@@ -304,8 +333,7 @@ def _patch_tv_attention(blk: ViTBlock, rules: ViTRules, rec: Recorder | None,
             raise UnsupportedLayerError(f"{blk.attn_name}: only unmasked self-attention is supported")
         x = query if mha.batch_first else query.transpose(0, 1)
         b, n, d = x.shape
-        qkv = in_rule(x)
-        q, k, v = qkv.reshape(b, n, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = qkv(x)
         out = _attention_core(q, k, v, head_dim ** -0.5, rules, rec)
         out = out.transpose(1, 2).reshape(b, n, d)
         out = out_rule(out)
@@ -317,13 +345,15 @@ def _patch_tv_attention(blk: ViTBlock, rules: ViTRules, rec: Recorder | None,
 def _patch_timm_attention(blk: ViTBlock, rules: ViTRules, rec: Recorder | None,
                           saved: list) -> None:
     attn = blk.attn
+    name = f"{blk.attn_name}.qkv"
+    qkv = _qkv_fn(rules.rule_for(name, blk.group), name, attn.qkv.weight, attn.qkv.bias,
+                  attn.num_heads, attn.head_dim, rules.softmax == "cp")
 
     def forward(x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         if attn_mask is not None or is_causal:
             raise UnsupportedLayerError(f"{blk.attn_name}: masked attention is not supported")
         b, n, _ = x.shape
-        qkv = attn.qkv(x).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
+        q, k, v = qkv(x)
         q, k = attn.q_norm(q), attn.k_norm(k)
         out = _attention_core(q, k, v, attn.scale, rules, rec)
         out = out.transpose(1, 2).reshape(b, n, -1)
@@ -393,9 +423,8 @@ def explainable_vit(model: nn.Module, rules: ViTRules, recording: Recording | No
                 _patch_tv_attention(blk, rules, rec_h, saved)
             else:
                 _patch_timm_attention(blk, rules, rec_h, saved)
-                for sub in ("qkv", "proj"):
-                    name = f"{blk.attn_name}.{sub}"
-                    _patch_linear(getattr(blk.attn, sub), name, rules.rule_for(name, blk.group), saved)
+                name = f"{blk.attn_name}.proj"  # qkv runs inside the patched attention
+                _patch_linear(blk.attn.proj, name, rules.rule_for(name, blk.group), saved)
             rec_m = recording.recorder(recording.mlp, blk.fc1_name) \
                 if recording is not None and "mlp" in want else None
             _patch_act(blk.act, rec_m, saved)
