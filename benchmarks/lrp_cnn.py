@@ -90,28 +90,27 @@ class _RssPeak:
 
 def measure(fn: Callable[[], object], device: torch.device, repeats: int,
             warmup: int) -> tuple[float, float]:
-    """Median seconds over `repeats` and peak memory (MiB) of one call."""
+    """Median seconds over `repeats` timed calls and their peak memory (MiB)."""
     for _ in range(warmup):
         fn()
     _sync(device)
-    times = []
+    times, mems = [], []
     for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t)
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        fn()
-        _sync(device)
-        mem = (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    else:
-        with _RssPeak() as rss:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+            t = time.perf_counter()
             fn()
-        mem = rss.delta / 2**20
-    return statistics.median(times), mem
+            _sync(device)
+            times.append(time.perf_counter() - t)
+            mems.append((torch.cuda.max_memory_allocated(device) - base) / 2**20)
+        else:
+            with _RssPeak() as rss:
+                t = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t)
+            mems.append(rss.delta / 2**20)
+    return statistics.median(times), max(mems)
 
 
 # ---------------------------------------------------------------------------------------
@@ -168,17 +167,18 @@ def run(args: argparse.Namespace) -> tuple[list[dict], int | None]:
             x = torch.randn(batch, 3, args.size, args.size, device=device)
             y = torch.randint(0, 1000, (batch,), device=device)
 
-            def forward() -> object:
+            def forward(model: nn.Module = model, x: torch.Tensor = x) -> object:
                 with torch.no_grad():
                     return model(x)
 
-            def fwd_bwd() -> object:
+            def fwd_bwd(model: nn.Module = model, x: torch.Tensor = x,
+                        y: torch.Tensor = y) -> object:
                 xx = x.clone().requires_grad_(True)
                 out = model(xx)
                 return torch.autograd.grad(out.gather(1, y[:, None]).sum(), xx)[0]
 
             base = {"model": name, "batch": batch}
-            t_fwd, m_fwd = measure(forward, device, args.repeats, args.warmup)
+            t_fwd, m_fwd = measure(forward, device, args.repeats, max(args.warmup, 1))
             t_fb, m_fb = measure(fwd_bwd, device, args.repeats, args.warmup)
             rows.append({**base, "method": "forward", "time": t_fwd, "mem": m_fwd})
             rows.append({**base, "method": "forward+backward", "time": t_fb, "mem": m_fb})
@@ -186,7 +186,8 @@ def run(args: argparse.Namespace) -> tuple[list[dict], int | None]:
             for comp in args.composites:
                 rules = COMPOSITES[comp]
 
-                def pxopt_lrp(rules: dict = rules) -> object:
+                def pxopt_lrp(rules: dict = rules, model: nn.Module = model,
+                              x: torch.Tensor = x, y: torch.Tensor = y, lm: object = lm) -> object:
                     return explain(model, x, y, rules, layer_map=lm)
 
                 t, m = measure(pxopt_lrp, device, args.repeats, args.warmup)
@@ -194,7 +195,8 @@ def run(args: argparse.Namespace) -> tuple[list[dict], int | None]:
                 if not args.no_zennit:
                     composite = zennit_attributor(model, rules, lm)
 
-                    def zennit_lrp(composite=composite) -> object:  # noqa: ANN001
+                    def zennit_lrp(composite: object = composite, model: nn.Module = model,
+                                   x: torch.Tensor = x, y: torch.Tensor = y) -> object:
                         with composite.context(model) as hooked:
                             xx = x.clone().requires_grad_(True)
                             out = hooked(xx)
@@ -257,7 +259,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--composites", nargs="+", default=list(COMPOSITES), choices=list(COMPOSITES))
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--quick", action="store_true", help="1 repeat, batch 8 only")
+    p.add_argument("--quick", action="store_true",
+                   help="1 repeat, no warm-up (except one forward), batch 8 only")
     p.add_argument("--no-zennit", action="store_true")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None)
@@ -266,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     args.argv = argv if argv is not None else sys.argv[1:]
     if args.quick:
-        args.repeats, args.batches = 1, [8]
+        args.repeats, args.warmup, args.batches = 1, 0, [8]
     rows, threads = run(args)
     write(rows, args, threads, args.out)
 
