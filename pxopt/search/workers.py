@@ -548,6 +548,21 @@ class SpecFactory:
         return WorkerSetup(objective, make_sampler(spec, offset), make_pruner(spec.pruner, len(spec.rates)))
 
 
+def heartbeat_from_env() -> int:
+    """Heartbeat interval in seconds: `PXOPT_HEARTBEAT` (default 60); a killed worker's
+    trial is retried after twice this time."""
+    raw = os.environ.get("PXOPT_HEARTBEAT", "").strip()
+    if not raw:
+        return DEFAULT_HEARTBEAT_INTERVAL
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ConfigError(f"PXOPT_HEARTBEAT must be a whole number of seconds >= 1, got {raw!r}")
+    return value
+
+
 def run_spec_search(
     spec: Any,
     *,
@@ -582,7 +597,8 @@ def run_spec_search(
         space = SearchSpace.build(spec.space, family=pipeline.family, zbox_bounds=pipeline.input_bounds())
         enqueue_baselines(study, space)
     plan = WorkerPlan(
-        storage=url, study_name=spec.name, n_trials=spec.trials, timeout=spec.timeout, device=spec.device
+        storage=url, study_name=spec.name, n_trials=spec.trials, timeout=spec.timeout, device=spec.device,
+        heartbeat_interval=heartbeat_from_env(),
     )
     factory = SpecFactory(spec, pipeline if n_workers == 1 else None)
     if n_workers > 1:
