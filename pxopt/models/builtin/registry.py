@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import time
 from collections.abc import Callable
@@ -129,7 +130,7 @@ def train_builtin(name: str, *, device: str = "auto", progress: bool = True) -> 
         "trained_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "format": FORMAT,
     }  # fmt: skip
-    tmp = folder.with_name(folder.name + ".partial")
+    tmp = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(tmp / "model.safetensors"))
@@ -147,13 +148,18 @@ def load_builtin(
     name: str, *, device: str = "auto", progress: bool = True, train_if_missing: bool = True
 ) -> tuple[nn.Module, dict]:
     """The cached trained model (trained now on first use) and its metadata."""
+    from filelock import FileLock
+
     entry = get_builtin(name)
     folder, _ = model_dir(entry)
     weights, meta_file = folder / "model.safetensors", folder / "meta.json"
     if not (weights.is_file() and meta_file.is_file()):
         if not train_if_missing:
             raise ModelSpecError(f"builtin:{name} is not trained yet; run: pxopt train builtin:{name}")
-        return train_builtin(name, device=device, progress=progress)
+        # parallel search workers must not all train the same model: one trains, the rest wait
+        with FileLock(str(folder) + ".lock"):
+            if not (weights.is_file() and meta_file.is_file()):
+                return train_builtin(name, device=device, progress=progress)
     from pxopt.models.checkpoint import fit_state_dict, read_state_dict
 
     model = entry.build()
