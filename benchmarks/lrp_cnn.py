@@ -88,29 +88,45 @@ class _RssPeak:
         return self.peak - self.base
 
 
-def measure(fn: Callable[[], object], device: torch.device, repeats: int,
-            warmup: int) -> tuple[float, float]:
-    """Median seconds over `repeats` timed calls and their peak memory (MiB)."""
+def _timed(fn: Callable[[], object], device: torch.device) -> tuple[float, float]:
+    """Seconds and peak memory (MiB) of one call."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        return time.perf_counter() - t, (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    with _RssPeak() as rss:
+        t = time.perf_counter()
+        fn()
+        dt_ = time.perf_counter() - t
+    return dt_, rss.delta / 2**20
+
+
+def measure(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int,
+            baseline: Callable[[], object] | None = None) -> dict:
+    """Median time, peak memory and, with a baseline, the median of paired ratios.
+
+    Each timed call of `fn` follows a call of `baseline` and its ratio is taken pairwise,
+    which cancels slow drifts in the load of a shared machine.
+    """
     for _ in range(warmup):
         fn()
     _sync(device)
-    times, mems = [], []
+    times, mems, ratios = [], [], []
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-            base = torch.cuda.memory_allocated(device)
-            t = time.perf_counter()
-            fn()
-            _sync(device)
-            times.append(time.perf_counter() - t)
-            mems.append((torch.cuda.max_memory_allocated(device) - base) / 2**20)
-        else:
-            with _RssPeak() as rss:
-                t = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t)
-            mems.append(rss.delta / 2**20)
-    return statistics.median(times), max(mems)
+        if baseline is not None:
+            tb, _ = _timed(baseline, device)
+        t, mem = _timed(fn, device)
+        times.append(t)
+        mems.append(mem)
+        if baseline is not None:
+            ratios.append(t / tb)
+    out = {"time": statistics.median(times), "mem": max(mems)}
+    if ratios:
+        out["vs_fb"] = statistics.median(ratios)
+    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -178,11 +194,12 @@ def run(args: argparse.Namespace) -> tuple[list[dict], int | None]:
                 return torch.autograd.grad(out.gather(1, y[:, None]).sum(), xx)[0]
 
             base = {"model": name, "batch": batch}
-            t_fwd, m_fwd = measure(forward, device, args.repeats, max(args.warmup, 1))
-            t_fb, m_fb = measure(fwd_bwd, device, args.repeats, args.warmup)
-            rows.append({**base, "method": "forward", "time": t_fwd, "mem": m_fwd})
-            rows.append({**base, "method": "forward+backward", "time": t_fb, "mem": m_fb})
-            print(f"{name} b{batch}: forward {t_fwd:.3f}s, fwd+bwd {t_fb:.3f}s", flush=True)
+            fwd = measure(forward, device, args.repeats, max(args.warmup, 1))
+            fb = measure(fwd_bwd, device, args.repeats, max(args.warmup, 1))
+            rows.append({**base, "method": "forward", **fwd})
+            rows.append({**base, "method": "forward+backward", **fb})
+            print(f"{name} b{batch}: forward {fwd['time']:.3f}s, fwd+bwd {fb['time']:.3f}s",
+                  flush=True)
             for comp in args.composites:
                 rules = COMPOSITES[comp]
 
@@ -190,8 +207,9 @@ def run(args: argparse.Namespace) -> tuple[list[dict], int | None]:
                               x: torch.Tensor = x, y: torch.Tensor = y, lm: object = lm) -> object:
                     return explain(model, x, y, rules, layer_map=lm)
 
-                t, m = measure(pxopt_lrp, device, args.repeats, args.warmup)
-                row = {**base, "method": f"pxopt {comp}", "time": t, "mem": m, "vs_fb": t / t_fb}
+                px = measure(pxopt_lrp, device, args.repeats, args.warmup, fwd_bwd)
+                row = {**base, "method": f"pxopt {comp}", **px}
+                msg = f"  {comp}: pxopt {px['time']:.3f}s ({px['vs_fb']:.2f}x fwd+bwd)"
                 if not args.no_zennit:
                     composite = zennit_attributor(model, rules, lm)
 
@@ -203,14 +221,13 @@ def run(args: argparse.Namespace) -> tuple[list[dict], int | None]:
                             seed = torch.zeros_like(out).scatter_(1, y[:, None], 1.0)
                             return torch.autograd.grad(out, xx, seed)[0]
 
-                    zt, zm = measure(zennit_lrp, device, args.repeats, args.warmup)
-                    rows.append({**base, "method": f"zennit {comp}", "time": zt, "mem": zm,
-                                 "vs_fb": zt / t_fb})
-                    row["speedup"] = zt / t
+                    zn = measure(zennit_lrp, device, args.repeats, args.warmup, fwd_bwd)
+                    rows.append({**base, "method": f"zennit {comp}", **zn})
+                    # speed-up from the paired ratios (both relative to fwd+bwd)
+                    row["speedup"] = zn["vs_fb"] / px["vs_fb"]
+                    msg += f", zennit {zn['time']:.3f}s ({zn['vs_fb']:.2f}x), speed-up {row['speedup']:.2f}x"
                 rows.append(row)
-                print(f"  {comp}: pxopt {t:.3f}s ({t / t_fb:.2f}x fwd+bwd)"
-                      + (f", zennit {row['speedup'] * t:.3f}s, speed-up {row['speedup']:.2f}x"
-                         if "speedup" in row else ""), flush=True)
+                print(msg, flush=True)
     return rows, threads
 
 
@@ -232,7 +249,9 @@ def write(rows: list[dict], args: argparse.Namespace, threads: int | None, path:
         f"median of {args.repeats} timed call(s) after {args.warmup} warm-up call(s)",
         f"- memory: {memnote}",
         "- ratios: time / (forward + input-gradient backward) of the same model and batch, "
-        "measured in this run; speed-up = zennit time / pxopt time",
+        "measured in this run as the median of paired ratios (each timed call right after a "
+        "forward+backward call, to cancel load drift on a shared machine); speed-up = zennit "
+        "ratio / pxopt ratio",
         "- pxopt LRP records every conv/linear channel's relevance; zennit computes only the "
         "input relevance (favours zennit)",
         "",
