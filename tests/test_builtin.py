@@ -50,6 +50,7 @@ def test_train_writes_weights_and_metadata(tiny_builtins):
     assert stored["recipe"]["epochs"] == 6 and stored["recipe"]["seed"] == 0
     assert set(stored["versions"]) >= {"torch", "torchvision", "timm"}
     assert stored["threads"] == torch.get_num_threads() and stored["train_seconds"] > 0
+    assert 0 < stored["train_cpu_seconds"]
     assert stored["data"]["content_sha256"] == _tiny_dataset().content_hash
     weights = load_file(str(trained / "model.safetensors"))
     assert torch.equal(weights["fc.weight"], model.state_dict()["fc.weight"])

@@ -88,6 +88,7 @@ def train_model(
     loss_fn = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
     history: list[float] = []
     start_time = time.perf_counter()
+    start_cpu = time.process_time()
     bar = _progress(progress)
     with bar:
         task = bar.add_task(description, total=total, loss=float("nan"))
@@ -115,11 +116,15 @@ def train_model(
                 on_epoch(epoch, acc)
         bar.update(task, completed=total)
     seconds = time.perf_counter() - start_time
+    cpu_seconds = time.process_time() - start_cpu
     model.eval()
     return {
         "test_accuracy": history[-1],
         "accuracy_per_epoch": history,
         "train_seconds": round(seconds, 1),
+        # CPU time of this process: with one thread, what the wall time would be on an idle
+        # machine (the shared machine inflates train_seconds)
+        "train_cpu_seconds": round(cpu_seconds, 1),
         "threads": torch.get_num_threads(),
         "device": str(dev),
     }
