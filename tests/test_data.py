@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +66,7 @@ def test_task_is_deterministic_by_seed_and_recorded(tiny_fmnist):
     d = a.describe()
     assert d["classes"] == a.classes and d["seed"] == 5 and d["n_ref"] == 4 and len(a.classes) == 3
     assert d["n_reference"] == 12 and d["n_validation"] == 6
+    assert json.loads(json.dumps(d)) == d
 
 
 def test_class_names_case_insensitive_and_unknown(tiny_fmnist):
