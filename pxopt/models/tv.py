@@ -85,6 +85,11 @@ def build(
     weights = weights_enum(name, tag)
     transform = _transform_of(weights)
     meta: dict = {"library": "torchvision", "torchvision_version": torchvision.__version__}
+    if pretrained and weights is None:
+        raise ModelSpecError(
+            f"torchvision model {name!r} has no pretrained weights; load your own with "
+            f"file:<checkpoint>@torchvision:{name}"
+        )
     if not pretrained or weights is None:
         kwargs = {"num_classes": num_classes} if num_classes else {}
         model = builder(weights=None, **kwargs)
