@@ -185,13 +185,31 @@ class Pipeline:
         """Phase timings of the last `evaluate` (attribution, curve, cache hit)."""
         return dict(self.last_timings)
 
+    def prune_set(self, scores: ComponentScores, ranking: str, rate: float) -> dict[str, torch.Tensor]:
+        """Components pruned at `rate` (layer -> bool mask), as the curve prunes them."""
+        from pxopt.prune import global_order
+
+        order = global_order(scores.select(ranking), self.layer_map, self.kinds, cap=self._cap())
+        return order.pruned_at(rate)
+
+    def accuracy(self, model: nn.Module | None = None) -> float:
+        """Task accuracy of `model` (default: the pipeline's) on the validation set."""
+        from pxopt.data import restricted_correct
+
+        model = model or self.model
+        correct = total = 0
+        with torch.inference_mode():
+            for images, labels in self.validation_batches():
+                correct += int(restricted_correct(model(images), labels, self.task.classes))
+                total += int(labels.numel())
+        return correct / max(total, 1)
+
     @contextmanager
     def pruned(self, scores: ComponentScores, ranking: str, rate: float) -> Iterator[dict[str, torch.Tensor]]:
         """Mask the model in place at `rate` (undone on exit); yields the pruned components."""
-        from pxopt.prune import Masker, global_order
+        from pxopt.prune import Masker
 
-        order = global_order(scores.select(ranking), self.layer_map, self.kinds, cap=self._cap())
-        pruned = order.pruned_at(rate)
+        pruned = self.prune_set(scores, ranking, rate)
         with Masker(self.model, self.layer_map, self.kinds) as masker:
             masker.set_pruned(pruned)
             yield pruned

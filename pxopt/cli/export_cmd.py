@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import typer
@@ -68,48 +67,36 @@ def register(app: typer.Typer) -> None:
         result = {"rate": rate, "accuracy": accuracy, "unpruned_accuracy": curve.accuracies[0],
                   "stored_accuracy": match, "config": str(config), "model": spec.model}
         out.parent.mkdir(parents=True, exist_ok=True)
+        from pxopt.prune import physical_prune
+        from pxopt.prune.physical import count, latency_ms
+
+        pruned = pipeline.prune_set(scores, exp["ranking"], rate)
+        example = pipeline.validation_batches()[0][0][:1]
         if physical:
-            result.update(_physical(pipeline, scores, exp["ranking"], rate, out))
+            res = physical_prune(pipeline.model, pipeline.layer_map, pruned, example, kinds=pipeline.kinds,
+                                 scores=scores.select(exp["ranking"]))
+            result["physical_accuracy"] = pipeline.accuracy(res.model)
+            result.update(res.summary())
+            target = res.save(out.with_suffix(""))
+            torch.save({"state_dict": res.model.state_dict(), "pxopt": result}, out)
+            typer.echo(
+                f"physically pruned: accuracy {result['physical_accuracy']:.4f}; params {res.params_before} -> "
+                f"{res.params_after}; MACs {res.macs_before:.4g} -> {res.macs_after:.4g}; CPU latency "
+                f"{res.latency.get('cpu_before_ms', float('nan')):.2f} -> {res.latency.get('cpu_after_ms', float('nan')):.2f} ms"
+                f" (replayable: {target}/)"
+            )
         else:
-            with pipeline.pruned(scores, exp["ranking"], rate) as pruned:
-                result["pruned"] = {k: v.nonzero().flatten().tolist() for k, v in pruned.items()}
-                result["latency_ms"] = _latency_ms(pipeline)
-                torch.save({"state_dict": pipeline.model.state_dict(), "pxopt": result}, out)
+            macs, params = count(pipeline.model, example)
             est = pipeline.study_attrs()
-            saved = sum(est["pxopt.layer_macs"].get(k, 0.0) * len(v) for k, v in result["pruned"].items())
-            result["macs"] = est["pxopt.total_macs"]
-            result["macs_effective"] = est["pxopt.total_macs"] - saved
-            typer.echo(f"masked model (same shapes): MACs {result['macs']:.3g}, effective after masking "
-                       f"~{result['macs_effective']:.3g}; latency {result['latency_ms']:.2f} ms/batch")
+            saved = sum(est["pxopt.layer_macs"].get(k, 0.0) * int(v.sum()) for k, v in pruned.items())
+            with pipeline.pruned(scores, exp["ranking"], rate):
+                result["latency_ms"] = latency_ms(pipeline.model, example, min_run_time=0.2)
+                result["pruned"] = {k: v.nonzero().flatten().tolist() for k, v in pruned.items()}
+                result.update(macs=macs, params=params, macs_effective=macs - saved)
+                torch.save({"state_dict": pipeline.model.state_dict(), "pxopt": result}, out)
+            typer.echo(f"masked model (same shapes, {params} params): MACs {macs:.4g}, ~{macs - saved:.4g} "
+                       f"without the masked components; CPU latency {result['latency_ms']:.2f} ms/image "
+                       "(use --physical for a smaller, faster model)")
         out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
         typer.echo(f"saved {out} (+ {out.with_suffix('.json')})")
 
-
-def _latency_ms(pipeline, repeats: int = 5) -> float:
-    """Median forward time of one validation batch (ms)."""
-    import torch
-
-    images, _ = next(iter(pipeline.task.validation_batches(pipeline.batch_size, pipeline.device)))
-    times = []
-    with torch.inference_mode():
-        pipeline.model(images)
-        for _ in range(repeats):
-            if pipeline.device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            pipeline.model(images)
-            if pipeline.device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append((time.perf_counter() - start) * 1000)
-    return sorted(times)[len(times) // 2]
-
-
-def _physical(pipeline, scores, ranking: str, rate: float, out: Path) -> dict:
-    """Physical removal via `pxopt.prune` (issue 5); refuses clearly where it is missing."""
-    try:
-        from pxopt.prune import physical_prune  # type: ignore[attr-defined]
-    except ImportError:
-        raise ConfigError("--physical needs pxopt.prune.physical_prune, not available in this build") from None
-    with pipeline.pruned(scores, ranking, rate) as pruned:
-        pruned_cpu = {k: v.clone() for k, v in pruned.items()}
-    return physical_prune(pipeline.model, pipeline.layer_map, pruned_cpu, out=out)
