@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import platform
 import statistics
 import sys
@@ -30,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pxopt.criteria import compute_scores  # noqa: E402
 from pxopt.data import make_task  # noqa: E402
+from pxopt.device import resolve_device  # noqa: E402
 from pxopt.evaluate import DEFAULT_RATES, _accuracy, accuracy_curve  # noqa: E402
 from pxopt.layers import discover_layers  # noqa: E402
 
@@ -41,7 +43,7 @@ def get_model(name: str, train_steps: int, source: str) -> tuple[torch.nn.Module
     if source == "builtin":
         from pxopt.models import load_model
 
-        lm = load_model(f"builtin:fmnist-{base}", device="cpu")
+        lm = load_model(f"builtin:fmnist-{base}", device="cpu")  # moved to --device in bench_one
         return lm.model, lm.transform, f"builtin:fmnist-{base} (pxopt.models.load_model)"
     from pxopt.data import open_dataset
     from pxopt.models.builtin import archs
@@ -68,8 +70,12 @@ def get_model(name: str, train_steps: int, source: str) -> tuple[torch.nn.Module
 def timed(fn, repeats: int) -> tuple[float, object]:
     times, out = [], None
     for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
         out = fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     return statistics.median(times), out
 
@@ -79,11 +85,13 @@ def bench_one(name: str, args: argparse.Namespace) -> dict:
     model, tf, source = get_model(name, args.train_steps, args.source)
     task = make_task("fashion-mnist", classes=None, n_ref=10, n_val=args.n_val, seed=0, transform=tf,
                      num_model_classes=10)
+    dev = resolve_device(args.device)
+    model = model.to(dev)
     lm = discover_layers(model)
     kinds = KINDS[name]
-    scores = compute_scores("lrp-epsilon", model, task.reference_batches(50, "cpu"), lm, kinds=kinds)
-    data = [(x, y) for x, y in task.validation_batches(args.batch_size, "cpu")]
-    classes = torch.tensor(task.classes)
+    scores = compute_scores("lrp-epsilon", model, task.reference_batches(50, dev), lm, kinds=kinds)
+    data = [(x, y) for x, y in task.validation_batches(args.batch_size, dev)]
+    classes = torch.tensor(task.classes, device=dev)
     _accuracy(model, data, classes)  # warm-up
     plain, acc = timed(lambda: _accuracy(model, data, classes), 5)
     row = {"model": name, "source": source, "kinds": list(kinds), "n_val": sum(len(y) for _, y in data),
@@ -107,6 +115,7 @@ def main() -> None:
     ap.add_argument("--n-val", type=int, default=100, help="validation images per class")
     ap.add_argument("--batch-size", type=int, default=250)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     ap.add_argument("--source", choices=("builtin", "quick"), default="builtin",
                     help="builtin: pxopt.models.load_model (trains on first use, minutes); quick: the"
                          " built-in architectures trained here for --train-steps steps")
@@ -124,7 +133,8 @@ def main() -> None:
         "command": "python " + " ".join(sys.argv),
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} thread(s),"
-                   f" torch {torch.__version__}, CUDA {'yes' if torch.cuda.is_available() else 'no'}",
+                   f" torch {torch.__version__}, device {args.device}, load average"
+                   f" {' '.join(f'{v:.1f}' for v in os.getloadavg())} at the end (shared machine)",
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out + ".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
