@@ -146,8 +146,9 @@ class _Loader:
                     raise
                 self.skipped.append(str(split.paths[i]))
                 return None
-            transform = self.transform or _default_folder_transform()
-            return transform(image)
+            if self.transform is None:  # folders need one size: the standard ImageNet eval
+                self.transform = _default_folder_transform()
+            return self.transform(image)
         raise AssertionError("tensor splits are converted in batches")
 
     def load_tensor_batch(self, split: Split, idx: np.ndarray) -> torch.Tensor:
