@@ -4,11 +4,15 @@ The model is made explainable by temporary instance-level `forward` replacements
 (attention, LayerNorm, MLP activations, Linear layers, patch embedding, optionally the
 blocks for the residual rule); `explainable_vit` removes them on exit, so the model is
 restored exactly. Attention is computed as explicit q·kᵀ, softmax and A·V ops that
-carry rules (see `pxopt.lrp.attention`), batched over heads.
+carry rules (see `pxopt.lrp.attention`), batched over heads; for AttnLRP and CP-LRP with
+the uniform rule at epsilon 0 (the default) the fused attention kernel gives exactly the
+same relevance and is used instead.
 
-Relevance convention: modified gradient × input (like lxt and the CNN engine), so the
-forward values equal those of the original model and an explanation costs about one
-backward pass.
+Relevance convention: modified gradient × input, as in lxt: the value flowing backward is
+a gradient and the relevance of a tensor t is t ⊙ grad. Every op left unpatched (reshapes,
+class token, position embedding, pooling, LayerScale, plain residual sums) then gets the
+exact z-rule automatically, which is why transformers use this convention. The CNN
+engine's layer rules (relevance convention) are bridged by `_RelevanceRule`.
 """
 
 from __future__ import annotations
@@ -396,8 +400,6 @@ def _patch_act(module: nn.Module, rec: Recorder | None, saved: list) -> None:
     if not isinstance(module, _ACTIVATIONS) and type(module).__name__ not in (
             "GELU", "GELUTanh", "QuickGELU", "Swish", "SiLU"):
         raise UnsupportedLayerError(f"activation {type(module).__name__} is not supported")
-    if isinstance(module, nn.Identity):
-        return
     fn = module.forward
     _set_forward(module, lambda x: ops.pass_activation(fn, x, rec), saved)
 
