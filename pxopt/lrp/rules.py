@@ -297,7 +297,8 @@ def relevance_backward(layer: LayerRule, x: Tensor, z: Tensor, r: Tensor) -> Ten
         # W+ = (W + |W|) / 2 and W- = (W - |W|) / 2 of the merged weight
         low, high = layer.bound("low", x), layer.bound("high", x)
         zn = z if bias is None else z - bias  # the bias cancels in zennit's ZBox
-        fl_w, fl_a, fh_w, fh_a = m.fw(low), m.fa(low), m.fw(high), m.fa(high)
+        # the bounds are the same for every sample: convolve one and broadcast
+        fl_w, fl_a, fh_w, fh_a = m.fw(low[:1]), m.fa(low[:1]), m.fw(high[:1]), m.fa(high[:1])
         d = zn - 0.5 * (fl_w + fl_a) - 0.5 * (fh_w - fh_a)
         g = r / stabilize(d, STABILIZER)
         tw, ta = m.tw(g), m.ta(g)
