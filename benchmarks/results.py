@@ -71,8 +71,8 @@ class Settings:
     trials: int = 20
     seeds: int = 5
     n_ref: int = 10  # reference images per class (LRP and every criterion)
-    n_val_search: int = 30  # validation images per class the search sees
-    n_val_eval: int = 60  # held-out validation images per class for the reported numbers
+    val_search: int = 200  # validation images per task the search sees (split evenly over classes)
+    val_eval: int = 300  # held-out validation images per task for the reported numbers
     rates: list[float] = field(default_factory=lambda: [round(0.05 * i, 2) for i in range(20)])
     batch_size: int = 250
     ig_steps: int = 16
@@ -85,7 +85,7 @@ class Settings:
     @classmethod
     def quick(cls, **overrides: Any) -> Settings:
         """A few minutes: fewer trials, two seeds, fewer images, a coarser rate grid."""
-        base = dict(trials=4, seeds=2, n_ref=4, n_val_search=10, n_val_eval=15,
+        base = dict(trials=4, seeds=2, n_ref=4, val_search=30, val_eval=45,
                     rates=[round(0.1 * i, 1) for i in range(10)], ig_steps=4)
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**base).validated()
@@ -97,7 +97,7 @@ class Settings:
         bad = sorted(set(self.criteria) - set(CRITERIA))
         if bad:
             raise ConfigError(f"unknown criterion {bad[0]!r}; choose from {', '.join(CRITERIA)}")
-        for name in ("trials", "seeds", "n_ref", "n_val_search", "n_val_eval", "batch_size", "threads"):
+        for name in ("trials", "seeds", "n_ref", "val_search", "val_eval", "batch_size", "threads"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if any(k < 2 or k > 10 for k in self.tasks):
@@ -148,11 +148,12 @@ def build_setting(model_key: str, kind: str, n_classes: int, loaded: Any, s: Set
     """Draw the task once (seed 0) and split its validation images into search / held-out."""
     from pxopt.layers import discover_layers
 
-    first = make_task(DATASET, classes=n_classes, n_ref=s.n_ref, n_val=s.n_val_search + s.n_val_eval,
+    n_search, n_eval = per_class(s.val_search, n_classes), per_class(s.val_eval, n_classes)
+    first = make_task(DATASET, classes=n_classes, n_ref=s.n_ref, n_val=n_search + n_eval,
                       seed=0, transform=loaded.transform, num_model_classes=loaded.num_classes)
-    search_val, held_out = split_per_class(first.validation, s.n_val_search)
-    info = dict(first.info, validation_split=f"search: first {s.n_val_search}/class of the seed-0 draw")
-    search_task = dataclasses.replace(first, validation=search_val, n_val=s.n_val_search, info=info)
+    search_val, held_out = split_per_class(first.validation, n_search)
+    info = dict(first.info, validation_split=f"search: first {n_search}/class of the seed-0 draw")
+    search_task = dataclasses.replace(first, validation=search_val, n_val=n_search, info=info)
     return Setting(model_key, kind, n_classes, loaded, discover_layers(loaded.model), list(first.classes),
                    search_task, held_out)
 
@@ -161,9 +162,16 @@ def eval_task(setting: Setting, seed: int, s: Settings) -> Any:
     """Reference set of `seed` (train split) with the held-out validation images."""
     t = make_task(DATASET, classes=setting.classes, n_ref=s.n_ref, n_val=1, seed=seed,
                   transform=setting.loaded.transform, num_model_classes=setting.loaded.num_classes)
-    info = dict(t.info, validation_split=f"held out: images {s.n_val_search + 1}.. per class of the "
+    n_search = per_class(s.val_search, setting.n_classes)
+    info = dict(t.info, validation_split=f"held out: images {n_search + 1}.. per class of the "
                                          "seed-0 draw, never seen by the search")
-    return dataclasses.replace(t, validation=setting.held_out, n_val=s.n_val_eval, info=info)
+    return dataclasses.replace(t, validation=setting.held_out, n_val=per_class(s.val_eval, setting.n_classes),
+                               info=info)
+
+
+def per_class(total: int, n_classes: int) -> int:
+    """Images per class for a per-task total (at least one)."""
+    return max(1, total // n_classes)
 
 
 def pipeline_for(setting: Setting, task: Any, s: Settings) -> Any:
@@ -186,7 +194,7 @@ def search(setting: Setting, s: Settings, log: Callable[[str], None]) -> dict[st
     name = f"results-{setting.key}"
     spec = StudySpec(
         name=name, model=setting.loaded.spec, data=DATASET, classes=setting.classes, n_ref=s.n_ref,
-        n_val=s.n_val_search, task_seed=0, batch_size=s.batch_size, components=setting.kind,
+        n_val=per_class(s.val_search, setting.n_classes), task_seed=0, batch_size=s.batch_size, components=setting.kind,
         rates=list(s.rates), trials=s.trials, seed=0, baselines=True,
         sampler={"name": "tpe", "n_startup_trials": max(2, min(6, s.trials // 3))},
         pruner={"name": "median", "n_startup_trials": 4, "n_warmup_steps": max(1, len(s.rates) // 5)},
@@ -355,9 +363,9 @@ def markdown(results: dict[str, Any]) -> str:
         f"({len(s['rates'])} rates, trapezoid rule / span); Top-PR = highest rate keeping >= 95 % of "
         f"the unpruned accuracy. Mean ± standard error over {s['seeds']} reference sets (seeds "
         f"1..{s['seeds']}, {s['n_ref']} images/class); one-shot pruning, no fine-tuning.",
-        f"The search ({s['trials']} trials, reference seed 0) tuned on {s['n_val_search']} validation "
-        f"images/class; **all numbers below come from {s['n_val_eval']} other validation images/class "
-        "that the search never saw** (Fashion-MNIST test split).",
+        f"The search ({s['trials']} trials, reference seed 0) tuned on {s['val_search']} validation "
+        f"images per task; **all numbers below come from {s['val_eval']} other validation images per task "
+        "(split evenly over its classes) that the search never saw** (Fashion-MNIST test split).",
         "",
     ]
     recs = results["settings"]
@@ -558,8 +566,10 @@ def main(
     tasks: str = typer.Option("10,3", help="Comma-separated class counts."),
     quick: bool = typer.Option(False, "--quick", help="Reduced budget (a few minutes)."),
     n_ref: int = typer.Option(None, help="Reference images per class."),
-    n_val_search: int = typer.Option(None, help="Search validation images per class."),
-    n_val_eval: int = typer.Option(None, help="Held-out validation images per class."),
+    val_search: int = typer.Option(None, help="Search validation images per task (default 200)."),
+    val_eval: int = typer.Option(None, help="Held-out validation images per task (default 300)."),
+    rate_step: float = typer.Option(None, help="Pruning-rate grid step (default 0.05: 0..0.95)."),
+    ig_steps: int = typer.Option(None, help="Integrated-gradients steps (default 16)."),
     threads: int = typer.Option(1, help="torch CPU threads."),
     device: str = typer.Option("auto", help="auto | cpu | cuda[:N]."),
     out_dir: Path = typer.Option(OUT_DIR, help="Where the table and figure go."),
@@ -573,7 +583,9 @@ def main(
         write_outputs(json.loads(path.read_text()), out_dir, png=png)
         print(f"re-rendered from {path}")
         return
-    overrides = dict(trials=trials, seeds=seeds, n_ref=n_ref, n_val_search=n_val_search, n_val_eval=n_val_eval,
+    rates = None if rate_step is None else [round(rate_step * i, 4) for i in range(int(round(1 / rate_step)))]
+    overrides = dict(trials=trials, seeds=seeds, n_ref=n_ref, val_search=val_search, val_eval=val_eval,
+                     rates=rates, ig_steps=ig_steps,
                      models=tuple(m.strip() for m in models.split(",") if m.strip()),
                      tasks=tuple(int(t) for t in tasks.split(",") if t.strip()),
                      threads=threads, device=device, out_dir=out_dir, work_dir=work_dir)

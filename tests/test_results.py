@@ -102,7 +102,7 @@ def test_settings_reject_unknown_model() -> None:
 def test_reduced_run_on_builtin_resnet(tmp_path: Path) -> None:
     """Reduced form of the full run: real built-in ResNet, 2 trials, 2 seeds, one task."""
     s = R.Settings.quick(models=("resnet",), tasks=(3,), trials=2, seeds=2, out_dir=tmp_path / "out",
-                         work_dir=tmp_path / "work", n_val_search=6, n_val_eval=8)
+                         work_dir=tmp_path / "work", val_search=18, val_eval=24)
     results = R.run(s, command="test", log=lambda _msg: None, png=False)
     assert results["complete"], results["errors"]
     rec = results["settings"]["resnet-conv-3cls"]
