@@ -155,3 +155,17 @@ def test_bad_names_raise():
         compute_scores("magic", model, [], lm)
     with pytest.raises(ConfigError, match="option"):
         compute_scores("random", model, [], lm, bogus=1)
+
+
+def test_lrp_criteria_cover_vit_heads_and_mlp():
+    from pxopt.layers import discover_layers
+
+    model = tiny_vit()
+    lm = discover_layers(model)
+    x = torch.randn(4, 1, 28, 28)
+    y = torch.randint(0, 10, (4,))
+    for name in ("lrp-epsilon", "yeom-zplus"):
+        sc = compute_scores(name, model, [(x, y)], lm, kinds=("heads", "mlp"))
+        assert sorted(sc.abs) == ["blocks.0.attn", "blocks.0.mlp.fc1", "blocks.1.attn", "blocks.1.mlp.fc1"]
+        assert sc.abs["blocks.0.attn"].shape == (4,) and sc.is_finite()
+        assert bool((sc.abs["blocks.1.mlp.fc1"] > 0).any())
