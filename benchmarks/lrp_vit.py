@@ -70,25 +70,31 @@ def forward_backward(model: nn.Module, x: torch.Tensor, t: torch.Tensor) -> None
     (xg * grad).sum().item()
 
 
+LRP0 = {g: {"rule": "epsilon", "epsilon": 0.0} for g in ("input", "low", "mid", "high", "fc")}
+
+
 def pxopt_lrp(model: nn.Module, x: torch.Tensor, t: torch.Tensor, softmax: str,
-              fused: bool = True) -> None:
-    explain_vit(model, x, t, {"softmax": softmax}, kinds=["heads", "mlp"], fused=fused)
+              fused: bool = True, groups: dict | None = None) -> None:
+    explain_vit(model, x, t, {"softmax": softmax, "groups": groups or {}}, kinds=["heads", "mlp"],
+                fused=fused)
 
 
 def time_rounds(methods: dict[str, Callable[[], None]], rounds: int, device: torch.device,
-                warmup: bool = True) -> dict[str, list[float]]:
+                warmup: bool = True) -> dict[str, dict[str, list[float]]]:
     """One warm-up call each (if asked), then `rounds` rounds with every method once per round."""
     times: dict[str, list[float]] = {k: [] for k in methods}
+    cpu: dict[str, list[float]] = {k: [] for k in methods}
     for fn in methods.values() if warmup else ():
         fn()
     for _ in range(rounds):
         for name, fn in methods.items():
             sync(device)
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             fn()
             sync(device)
             times[name].append(time.perf_counter() - start)
-    return times
+            cpu[name].append(time.process_time() - start_cpu)
+    return {"wall": times, "cpu": cpu}
 
 
 def lxt_methods(model: nn.Module, x: torch.Tensor, t: torch.Tensor) -> dict[str, Callable[[], None]]:
@@ -150,12 +156,14 @@ def main(argv: list[str] | None = None) -> None:
     inputs = {b: (torch.randn(b, 3, 224, 224, device=device),
                   torch.arange(b, device=device) % 1000) for b in args.batches}
 
-    def record(model_name: str, batch: int, times: dict[str, list[float]]) -> None:
-        for method, ts in times.items():
+    def record(model_name: str, batch: int, times: dict[str, dict[str, list[float]]]) -> None:
+        for method, ts in times["wall"].items():
+            cpu = times["cpu"][method]
             rows.append({"model": model_name, "batch": batch, "method": method,
-                         "median_s": statistics.median(ts), "times_s": ts})
-            print(f"{model_name:28s} b={batch:<2d} {method:34s} {statistics.median(ts):8.3f} s",
-                  flush=True)
+                         "median_s": statistics.median(ts), "times_s": ts,
+                         "median_cpu_s": statistics.median(cpu), "cpu_s": cpu})
+            print(f"{model_name:28s} b={batch:<2d} {method:34s} {statistics.median(ts):8.3f} s"
+                  f"  cpu {statistics.median(cpu):8.3f} s", flush=True)
 
     for b in args.batches:
         for model_name, model in models.items():
@@ -165,6 +173,8 @@ def main(argv: list[str] | None = None) -> None:
                 "forward+backward": partial(forward_backward, model, x, t),
                 "pxopt AttnLRP": partial(pxopt_lrp, model, x, t, "attnlrp"),
                 "pxopt CP-LRP": partial(pxopt_lrp, model, x, t, "cp"),
+                "pxopt AttnLRP, LRP-0 (lxt's rules)": partial(pxopt_lrp, model, x, t, "attnlrp",
+                                                               True, LRP0),
             }
             if b == min(args.batches):  # the explicit ops only where they are cheap to time
                 methods["pxopt AttnLRP (explicit ops)"] = partial(pxopt_lrp, model, x, t, "attnlrp",
@@ -178,11 +188,14 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def write(rows: list[dict], args: argparse.Namespace, threads: int, device: torch.device) -> None:
-    base = {(r["model"], r["batch"]): r["median_s"] for r in rows if r["method"] == "forward+backward"}
-    fwd = {(r["model"], r["batch"]): r["median_s"] for r in rows if r["method"] == "forward"}
+    # ratios from process CPU time on the CPU (robust to other load on a shared machine with
+    # one torch thread), from wall time on CUDA
+    key = "median_cpu_s" if device.type == "cpu" else "median_s"
+    base = {(r["model"], r["batch"]): r[key] for r in rows if r["method"] == "forward+backward"}
+    fwd = {(r["model"], r["batch"]): r[key] for r in rows if r["method"] == "forward"}
     for r in rows:
-        r["vs_forward_backward"] = r["median_s"] / base[(r["model"], r["batch"])]
-        r["vs_forward"] = r["median_s"] / fwd[(r["model"], r["batch"])]
+        r["vs_forward_backward"] = r[key] / base[(r["model"], r["batch"])]
+        r["vs_forward"] = r[key] / fwd[(r["model"], r["batch"])]
     if device.type == "cuda":
         machine = torch.cuda.get_device_name(device)
     else:
@@ -201,12 +214,15 @@ def write(rows: list[dict], args: argparse.Namespace, threads: int, device: torc
         "interleaved rounds (one warm-up call per method at the smallest batch)",
         "- pxopt: default composite (epsilon 1e-6 everywhere), components: heads + MLP fc1 "
         "neurons; lxt: input relevance only (it has no component collection)", "",
-        "| model | batch | method | median s | × fwd+bwd | × forward |",
-        "|---|---|---|---|---|---|",
+        f"- ratios from {'process CPU time (one torch thread; robust to other load)' if key == 'median_cpu_s' else 'wall time'}",
+        "",
+        "| model | batch | method | median wall s | median CPU s | × fwd+bwd | × forward |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(f"| {r['model']} | {r['batch']} | {r['method']} | {r['median_s']:.3f} | "
-                     f"{r['vs_forward_backward']:.2f} | {r['vs_forward']:.2f} |")
+                     f"{r['median_cpu_s']:.3f} | {r['vs_forward_backward']:.2f} | "
+                     f"{r['vs_forward']:.2f} |")
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out.with_suffix('.md')}")
 
