@@ -153,6 +153,8 @@ def _components(module: nn.Module) -> int:
 def discover_layers(model: nn.Module, boundaries: Sequence[float] = (0.25, 0.75), *,
                     example_input: torch.Tensor | None = None) -> LayerMap:
     """The layer map of `model` (see the module docstring for the grouping)."""
+    import pxopt.lrp.vit  # noqa: F401  (registers the ViT discoverer; lazy: it imports us)
+
     bounds = _check_boundaries(boundaries)
     for fn in _DISCOVERERS:
         found = fn(model, bounds)

@@ -102,6 +102,10 @@ def explain(model: nn.Module, inputs: Tensor, targets: Tensor | Sequence[int] | 
     target logit's value). kinds: record only these layer kinds (None: every layer of the
     layer map, classifier head included). layer_map: reuse a precomputed `discover_layers`.
     """
+    from pxopt.lrp import vit  # ViTs have their own engine (AttnLRP); lazy: vit imports us
+
+    if vit.is_vit(model):
+        return vit.explain_vit(model, inputs, targets, rules, start=start, kinds=kinds)
     cfg = RuleConfig.coerce(rules)
     lm = layer_map if layer_map is not None else discover_layers(model)
     with torch.inference_mode(False), torch.enable_grad(), \
@@ -117,6 +121,10 @@ def component_relevance(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor
 
     batches: (images, labels) already on the model's device; labels are the targets.
     """
+    from pxopt.lrp import vit  # ViTs have their own engine (AttnLRP); lazy: vit imports us
+
+    if vit.is_vit(model):
+        return vit.component_relevance_vit(model, batches, rules, kinds=kinds, start=start)
     cfg = RuleConfig.coerce(rules)
     lm = layer_map if layer_map is not None else discover_layers(model)
     abs_sum: dict[str, Tensor] = {}
