@@ -7,6 +7,7 @@ registration order and no consumer is reported (slicing is then simply not used)
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -60,9 +61,24 @@ def _trace(parent: nn.Module) -> torch.fx.GraphModule | None:
         return None
 
 
+_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, int, int], Following]] = weakref.WeakKeyDictionary()
+
+
 def find_following(model: nn.Module, name: str, out_features: int) -> Following:
     """BatchNorm directly after layer `name` and, if the path is only BN + element-wise ops
-    ending in an ungrouped conv / linear, that consumer (whose inputs can then be sliced)."""
+    ending in an ungrouped conv / linear, that consumer (whose inputs can then be sliced).
+
+    Cached per model (tracing costs about as much as a validation pass on small models and
+    every curve needs it); the key includes the layer module's id, so replacing it re-traces.
+    """
+    key = (name, int(out_features), id(model.get_submodule(name)))
+    per_model = _CACHE.setdefault(model, {})
+    if key not in per_model:
+        per_model[key] = _find_following(model, name, out_features)
+    return per_model[key]
+
+
+def _find_following(model: nn.Module, name: str, out_features: int) -> Following:
     pname = _parent_name(name)
     parent = model.get_submodule(pname) if pname else model
     local = name[len(pname) + 1:] if pname else name
