@@ -172,10 +172,18 @@ def zennit_attributor(model: nn.Module, rules: dict, layer_map):  # noqa: ANN201
                           canonizers=canon)
 
 
-def run(args: argparse.Namespace) -> tuple[list[dict], int | None]:
+def run(args: argparse.Namespace,
+        on_row: Callable[[list[dict], int | None], None] | None = None) -> tuple[list[dict], int | None]:
+    """Measure everything; `on_row(rows, threads)` after each row (partial results survive)."""
     device = resolve_device(args.device)
     threads = configure_threads(args.threads) if device.type == "cpu" else None
-    rows = []
+    rows: list[dict] = []
+
+    def add(row: dict) -> None:
+        rows.append(row)
+        if on_row is not None:
+            on_row(rows, threads)
+
     for name in args.models:
         model = make_model(name, device)
         lm = discover_layers(model)
@@ -196,8 +204,8 @@ def run(args: argparse.Namespace) -> tuple[list[dict], int | None]:
             base = {"model": name, "batch": batch}
             fwd = measure(forward, device, args.repeats, max(args.warmup, 1))
             fb = measure(fwd_bwd, device, args.repeats, max(args.warmup, 1))
-            rows.append({**base, "method": "forward", **fwd})
-            rows.append({**base, "method": "forward+backward", **fb})
+            add({**base, "method": "forward", **fwd})
+            add({**base, "method": "forward+backward", **fb})
             print(f"{name} b{batch}: forward {fwd['time']:.3f}s, fwd+bwd {fb['time']:.3f}s",
                   flush=True)
             for comp in args.composites:
@@ -222,11 +230,11 @@ def run(args: argparse.Namespace) -> tuple[list[dict], int | None]:
                             return torch.autograd.grad(out, xx, seed)[0]
 
                     zn = measure(zennit_lrp, device, args.repeats, args.warmup, fwd_bwd)
-                    rows.append({**base, "method": f"zennit {comp}", **zn})
+                    add({**base, "method": f"zennit {comp}", **zn})
                     # speed-up from the paired ratios (both relative to fwd+bwd)
                     row["speedup"] = zn["vs_fb"] / px["vs_fb"]
                     msg += f", zennit {zn['time']:.3f}s ({zn['vs_fb']:.2f}x), speed-up {row['speedup']:.2f}x"
-                rows.append(row)
+                add(row)
                 print(msg, flush=True)
     return rows, threads
 
@@ -248,6 +256,8 @@ def write(rows: list[dict], args: argparse.Namespace, threads: int | None, path:
         f"- input {args.size}x{args.size}, float32, random weights with randomised BatchNorm; "
         f"median of {args.repeats} timed call(s) after {args.warmup} warm-up call(s)",
         f"- memory: {memnote}",
+        f"- machine load (1/5/15-min load average when this file was written): "
+        f"{' / '.join(f'{v:.1f}' for v in os.getloadavg())}",
         "- ratios: time / (forward + input-gradient backward) of the same model and batch, "
         "measured in this run as the median of paired ratios (each timed call right after a "
         "forward+backward call, to cancel load drift on a shared machine); speed-up = zennit "
@@ -267,7 +277,6 @@ def write(rows: list[dict], args: argparse.Namespace, threads: int | None, path:
         lines += ["", args.note]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
-    print(f"wrote {path}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -289,8 +298,8 @@ def main(argv: list[str] | None = None) -> None:
     args.argv = argv if argv is not None else sys.argv[1:]
     if args.quick:
         args.repeats, args.warmup, args.batches = 1, 0, [8]
-    rows, threads = run(args)
-    write(rows, args, threads, args.out)
+    rows, threads = run(args, lambda rows, threads: write(rows, args, threads, args.out))
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
