@@ -20,6 +20,7 @@ until Optuna's heartbeat check (run by any worker before each new trial) marks i
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import multiprocessing as mp
@@ -223,25 +224,50 @@ def _quiet_interrupts() -> Iterator[None]:
         logger.removeFilter(quiet)
 
 
-@contextmanager
-def _sigint_once() -> Iterator[None]:
-    """First SIGINT raises KeyboardInterrupt, later ones are ignored while we clean up.
+class _Interrupt:
+    """Ctrl-C that interrupts only the objective, never Optuna's own storage writes.
 
-    Ctrl-C in a terminal reaches every worker and the parent, which forwards it again.
+    A KeyboardInterrupt raised at an arbitrary bytecode can land inside Optuna's `tell`
+    or SQLAlchemy's flush and leave an exception that is not an interrupt. So the first
+    SIGINT raises only while the objective runs (its trial is then marked FAIL and
+    queued again); anywhere else it is recorded and the worker stops before its next
+    trial. Later SIGINTs are ignored (a terminal Ctrl-C reaches every worker, and the
+    parent forwards it once more).
     """
 
-    def handler(_signum: int, _frame: Any) -> None:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        raise KeyboardInterrupt
+    def __init__(self) -> None:
+        self.requested = False
+        self.in_objective = False
 
-    if threading.current_thread() is not threading.main_thread():
-        yield  # signal handlers can only be set in the main thread; Python's default applies
-        return
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    def handler(self, _signum: int, _frame: Any) -> None:
+        if self.requested:
+            return
+        self.requested = True
+        if self.in_objective:
+            raise KeyboardInterrupt
+
+    def wrap(self, objective: Objective) -> Objective:
+        def run(trial: optuna.Trial) -> float:
+            self.in_objective = True
+            try:
+                if self.requested:  # arrived between ask() and here
+                    raise KeyboardInterrupt
+                return objective(trial)
+            finally:
+                self.in_objective = False
+
+        return run
+
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield  # handlers can only be set in the main thread; Python's default applies
+            return
+        previous = signal.signal(signal.SIGINT, self.handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
 
 def run_worker(
@@ -274,13 +300,16 @@ def run_worker(
     except KeyError as exc:
         raise StorageError(f"study {plan.study_name!r} does not exist in the storage") from exc
     current: list[int] = []
-    objective = guard(setup.objective, on_start=lambda t: current.append(t._trial_id))
+    interrupt = _Interrupt()
+    objective = interrupt.wrap(guard(setup.objective, on_start=lambda t: current.append(t._trial_id)))
     deadline = None if plan.timeout is None else time.monotonic() + plan.timeout
     failures = 0
-    with _sigint_once(), _quiet_interrupts(), warnings.catch_warnings():
+    with interrupt.installed(), _quiet_interrupts(), warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         try:
             while True:
+                if interrupt.requested:
+                    raise KeyboardInterrupt
                 if deadline is not None and time.monotonic() >= deadline:
                     return True
                 optuna.storages.fail_stale_trials(study)  # no-op without heartbeat
@@ -288,6 +317,8 @@ def run_worker(
                     return True
                 current.clear()
                 study.optimize(objective, n_trials=1, catch=CAUGHT, gc_after_trial=False)
+                if interrupt.requested:
+                    raise KeyboardInterrupt
                 if progress is not None:
                     progress(_count(study, _FINISHED))
                 last = storage.get_trial(current[-1]) if current else None
@@ -299,7 +330,7 @@ def run_worker(
                     )
                     return True
         except KeyboardInterrupt:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            interrupt.requested = True  # ignore further Ctrl-C while cleaning up
             for trial_id in current:
                 _requeue_interrupted(study, trial_id)
             return False
@@ -437,18 +468,30 @@ def _run_processes(
     """Spawn one process per device, forward Ctrl-C to them, collect their errors."""
     context = mp.get_context("spawn")
     errors = context.Queue()
-    processes = []
-    for index, (device, gpu) in enumerate(devices):
-        ctx = WorkerContext(index, len(devices), device, threads, n_trials_before)
-        with _env("CUDA_VISIBLE_DEVICES", gpu):
-            process = context.Process(
-                target=_child_main, args=(factory, plan, ctx, errors), name=f"pxopt-worker-{index}"
-            )
-            process.start()
-        processes.append(process)
-    interrupted = False
-    previous = signal.getsignal(signal.SIGINT)
+    processes: list[Any] = []
+    forwarded = [False]
+
+    def forward(_signum: int, _frame: Any) -> None:
+        """Ctrl-C in the parent: tell every worker; they mark, requeue and exit."""
+        forwarded[0] = True
+        for process in processes:
+            if process.pid is not None and process.exitcode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process.pid, signal.SIGINT)
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, forward) if main_thread else None
     try:
+        for index, (device, gpu) in enumerate(devices):
+            ctx = WorkerContext(index, len(devices), device, threads, n_trials_before)
+            with _env("CUDA_VISIBLE_DEVICES", gpu):
+                process = context.Process(
+                    target=_child_main, args=(factory, plan, ctx, errors), name=f"pxopt-worker-{index}"
+                )
+                process.start()
+            processes.append(process)
+        if forwarded[0]:  # Ctrl-C while starting: reach the late starters too
+            forward(signal.SIGINT, None)
         last = -1
         while alive := [process.sentinel for process in processes if process.is_alive()]:
             mp.connection.wait(alive, timeout=1.0)
@@ -459,16 +502,10 @@ def _run_processes(
                     last = done
         for process in processes:
             process.join()
-    except KeyboardInterrupt:
-        interrupted = True
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the workers clean up; don't die first
-        for process in processes:
-            if process.is_alive() and process.pid is not None:
-                os.kill(process.pid, signal.SIGINT)
-        for process in processes:
-            process.join()
     finally:
-        signal.signal(signal.SIGINT, previous)
+        if main_thread:
+            signal.signal(signal.SIGINT, previous)
+    interrupted = forwarded[0]
     codes = [process.exitcode if process.exitcode is not None else -1 for process in processes]
     interrupted = interrupted or any(code == 130 for code in codes)
     reported = []
