@@ -106,6 +106,8 @@ def to_markdown(s: dict, meta: dict) -> str:
         "",
         f"Attribution share of trial time: {100 * (s['attribution_share'] or 0):.0f} %.",
         "",
+        meta.get("note", ""),
+        "",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
         "",
     ]
@@ -118,6 +120,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=None)
     parser.add_argument("--storage", type=Path, default=None, help="summarise this existing study instead")
     parser.add_argument("--study", default="default")
+    parser.add_argument("--note", default="", help="context to record (machine load, wall time)")
     args = parser.parse_args()
     meta = {
         "machine": f"{platform.machine()} {platform.processor() or ''} ({len(__import__('os').sched_getaffinity(0))} cores)".strip(),
@@ -137,6 +140,8 @@ def main() -> None:
         meta["command"] = "python benchmarks/search_cost.py" + (f" --trials {args.trials}" if args.trials else "")
     if args.storage is not None:
         summary = summarise(study)
+        meta["threads"] = study.user_attrs.get("pxopt.spec", {}).get("threads") or meta["threads"]
+    meta["note"] = args.note
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "search_cost.json").write_text(json.dumps({"meta": meta, "summary": summary}, indent=2) + "\n")
     (RESULTS / "search_cost.md").write_text(to_markdown(summary, meta))
