@@ -357,7 +357,7 @@ def markdown(results: dict[str, Any]) -> str:
         "# Optimised LRP vs baseline criteria on the built-in Fashion-MNIST models",
         "",
         ("**PARTIAL RESULTS** (the run did not finish; missing cells were not computed)."
-         if not results.get("complete") else "Complete run."),
+         if not results.get("complete") else f"Complete run ({s['trials']} trials per search, {s['seeds']} seeds)."),
         "",
         f"Area = mean top-1 accuracy over pruning rates {s['rates'][0]}..{s['rates'][-1]} "
         f"({len(s['rates'])} rates, trapezoid rule / span); Top-PR = highest rate keeping >= 95 % of "
@@ -403,6 +403,8 @@ def markdown(results: dict[str, Any]) -> str:
             lines += ["Search: " + "; ".join(search_lines) + ".", ""]
     lines += [f"Command: `{results['command']}`", "",
               f"Wall time: {results['wall_seconds'] / 60:.1f} min on {results['machine']}.", ""]
+    if results.get("timing_note"):
+        lines += [results["timing_note"], ""]
     return "\n".join(lines)
 
 
