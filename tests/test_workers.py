@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import optuna
 import pytest
 from fixtures_pg import pg_server, pg_url  # noqa: F401
@@ -104,8 +106,16 @@ def test_devices_round_robin_over_visible_gpus(monkeypatch):
 
 
 def _env_factory(ctx: WorkerContext) -> WorkerSetup:
-    """Records which GPU id each worker process was given (picklable: module level)."""
+    """Records which GPU id each worker process was given (picklable: module level).
+
+    The record is written when the worker starts, so it exists even for a worker that
+    spawned too late to get one of the few trials.
+    """
+    import json
     import os
+
+    record = Path(os.environ["PXOPT_TEST_RECORD"]) / f"worker-{ctx.index}.json"
+    record.write_text(json.dumps({"cvd": os.environ.get("CUDA_VISIBLE_DEVICES"), "device": ctx.device}))
 
     def objective(trial: optuna.Trial) -> float:
         trial.set_user_attr("cvd", os.environ.get("CUDA_VISIBLE_DEVICES"))
@@ -119,15 +129,20 @@ def _env_factory(ctx: WorkerContext) -> WorkerSetup:
 @pytest.mark.slow
 def test_each_process_sees_only_its_gpu(tmp_path, monkeypatch):
     """The env var is what CUDA reads: each spawned worker gets its own GPU id."""
+    import json
+
     from pxopt.search import workers
 
     monkeypatch.setattr(workers, "visible_gpus", lambda: ["4", "6"])
+    monkeypatch.setenv("PXOPT_TEST_RECORD", str(tmp_path))
     url = str(tmp_path / "gpu.db")
     open_study(open_storage(url), "g", model_spec="toy", task=TASK)
     run_workers(_env_factory, WorkerPlan(storage=url, study_name="g", n_trials=6, device="auto"), 2)
+    started = {i: json.loads((tmp_path / f"worker-{i}.json").read_text()) for i in (0, 1)}
+    assert started == {0: {"cvd": "4", "device": "cuda:0"}, 1: {"cvd": "6", "device": "cuda:0"}}
     trials = optuna.load_study(study_name="g", storage=open_storage(url)).trials
     seen = {(t.user_attrs["worker"], t.user_attrs["cvd"], t.user_attrs["device"]) for t in trials}
-    assert seen <= {(0, "4", "cuda:0"), (1, "6", "cuda:0")} and len(seen) == 2
+    assert seen and seen <= {(0, "4", "cuda:0"), (1, "6", "cuda:0")}
 
 
 def test_spec_search_runs_baselines_and_the_real_objective_in_process(tmp_path, monkeypatch):
