@@ -49,3 +49,42 @@ class ComponentScores:
 
     def is_finite(self) -> bool:
         return all(bool(torch.isfinite(v).all()) for v in (*self.abs.values(), *self.signed.values()))
+
+
+class ScoreAccumulator:
+    """Running sums of |score| and score per component over batches, kept on the device.
+
+    Criteria that score each sample (LRP on CNNs and ViTs) add one batch of per-sample
+    component scores at a time; `result` divides by the number of samples. No host
+    synchronisation happens until the caller reads the tensors.
+    """
+
+    def __init__(self) -> None:
+        self._abs: dict[str, torch.Tensor] = {}
+        self._signed: dict[str, torch.Tensor] = {}
+        self.n_samples = 0
+
+    def add(self, components: dict[str, torch.Tensor], batch_size: int) -> None:
+        """components: module name -> (batch, n_components) scores of one batch."""
+        for name, r in components.items():
+            a, s = r.abs().sum(0), r.sum(0)
+            if name in self._abs:
+                self._abs[name] += a
+                self._signed[name] += s
+            else:
+                self._abs[name], self._signed[name] = a, s
+        self.n_samples += int(batch_size)
+
+    def result(self, criterion: str, meta: dict | None = None) -> ComponentScores:
+        if self.n_samples == 0:
+            from pxopt.errors import ConfigError
+
+            raise ConfigError(f"{criterion}: no reference samples (empty batches)")
+        n = self.n_samples
+        return ComponentScores(
+            abs={k: v / n for k, v in self._abs.items()},
+            signed={k: v / n for k, v in self._signed.items()},
+            criterion=criterion,
+            n_samples=n,
+            meta=dict(meta or {}),
+        )

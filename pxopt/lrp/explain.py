@@ -25,7 +25,7 @@ from pxopt.errors import ConfigError, NonFiniteRelevanceError
 from pxopt.layers import LayerMap, discover_layers
 from pxopt.lrp.config import RuleConfig
 from pxopt.lrp.engine import LRPEngine, check_graph
-from pxopt.scores import ComponentScores
+from pxopt.scores import ComponentScores, ScoreAccumulator
 
 Start = Literal["target", "predicted", "logit"]
 
@@ -127,27 +127,9 @@ def component_relevance(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor
         return vit.component_relevance_vit(model, batches, rules, kinds=kinds, start=start)
     cfg = RuleConfig.coerce(rules)
     lm = layer_map if layer_map is not None else discover_layers(model)
-    abs_sum: dict[str, Tensor] = {}
-    signed_sum: dict[str, Tensor] = {}
-    n = 0
+    sums = ScoreAccumulator()
     with torch.inference_mode(False), torch.enable_grad(), \
             LRPEngine(model, cfg, lm, _record_names(lm, kinds)) as engine:
         for images, labels in batches:
-            exp = _run(engine, images, labels, start)
-            for name, r in exp.components.items():
-                a, s = r.abs().sum(0), r.sum(0)
-                if name in abs_sum:
-                    abs_sum[name] += a
-                    signed_sum[name] += s
-                else:
-                    abs_sum[name], signed_sum[name] = a, s
-            n += int(images.shape[0])
-    if n == 0:
-        raise ConfigError("component_relevance: no reference samples (empty batches)")
-    return ComponentScores(
-        abs={k: v / n for k, v in abs_sum.items()},
-        signed={k: v / n for k, v in signed_sum.items()},
-        criterion="lrp",
-        n_samples=n,
-        meta={"rules": cfg.to_dict(), "digest": cfg.digest(), "start": start},
-    )
+            sums.add(_run(engine, images, labels, start).components, images.shape[0])
+    return sums.result("lrp", {"rules": cfg.to_dict(), "digest": cfg.digest(), "start": start})

@@ -33,7 +33,7 @@ from pxopt.lrp import attention as ops
 from pxopt.lrp.config import RuleConfig, RuleSpec
 from pxopt.lrp.explain import Explanation, _seed
 from pxopt.lrp.rules import LayerRule, LinearOp, conv2d_op, relevance_backward
-from pxopt.scores import ComponentScores
+from pxopt.scores import ComponentScores, ScoreAccumulator
 
 LinearRule = Callable[[Tensor], Tensor]
 Recorder = Callable[[Tensor], None]
@@ -546,29 +546,15 @@ def component_relevance_vit(model: nn.Module, batches: Iterable[tuple[Tensor, Te
     """Mean over all samples of |R| and of R per component (`component_relevance` for ViTs)."""
     vr = ViTRules.from_config(rules, matmul_eps=matmul_eps, residual_eps=residual_eps)
     vr.config.check_overrides({n for n, _ in model.named_modules() if n})
-    abs_sum: dict[str, Tensor] = {}
-    signed_sum: dict[str, Tensor] = {}
-    n = 0
+    sums = ScoreAccumulator()
     with torch.inference_mode(False), torch.enable_grad(), _frozen_eval(model):
         for images, labels in batches:
             exp = _explain(model, images, labels, vr, start, _kinds(kinds), mlp_outputs,
                            (0.25, 0.75))
-            for name, r in exp.components.items():
-                a, sg = r.abs().sum(0), r.sum(0)
-                if name in abs_sum:
-                    abs_sum[name] += a
-                    signed_sum[name] += sg
-                else:
-                    abs_sum[name], signed_sum[name] = a, sg
-            n += int(images.shape[0])
-    if n == 0:
-        raise ConfigError("component_relevance: no reference samples (empty batches)")
-    return ComponentScores(
-        abs={k: v / n for k, v in abs_sum.items()},
-        signed={k: v / n for k, v in signed_sum.items()},
-        criterion="lrp", n_samples=n,
-        meta={"rules": vr.config.to_dict(), "digest": vr.config.digest(), "start": start,
-              "matmul_eps": vr.matmul_eps, "residual_eps": vr.residual_eps})
+            sums.add(exp.components, images.shape[0])
+    return sums.result("lrp", {"rules": vr.config.to_dict(), "digest": vr.config.digest(),
+                               "start": start, "matmul_eps": vr.matmul_eps,
+                               "residual_eps": vr.residual_eps})
 
 
 # --------------------------------------------------------------------------- layer map
