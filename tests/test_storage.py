@@ -131,24 +131,3 @@ def test_postgresql_storage_roundtrip(pg_url):  # noqa: F811
 def test_postgresql_wrong_database_is_one_line(pg_server):  # noqa: F811
     with pytest.raises(StorageError, match='database "nope" does not exist'):
         open_storage(pg_server.url("nope"))
-
-
-def test_sqlite_transactions_take_the_write_lock_first(tmp_path):
-    """Check-then-set steps (taking an enqueued trial) must be atomic across workers.
-
-    With pysqlite's default, a transaction's SELECT holds no lock, so two workers could both
-    take the same WAITING trial. Each transaction must start with BEGIN IMMEDIATE.
-    """
-    import sqlite3
-
-    import pytest
-    import sqlalchemy
-
-    path = tmp_path / "lock.db"
-    storage = open_storage(str(path), heartbeat_interval=None)
-    with storage.engine.begin() as conn:
-        conn.execute(sqlalchemy.text("SELECT 1"))  # a read only: still holds the write lock
-        other = sqlite3.connect(path, timeout=0.05, isolation_level=None)
-        with pytest.raises(sqlite3.OperationalError, match="locked"):
-            other.execute("BEGIN IMMEDIATE")
-        other.close()

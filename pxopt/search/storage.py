@@ -95,36 +95,13 @@ def _engine_kwargs(url: str) -> dict[str, Any]:
 
 
 def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
-    """Per-connection SQLite settings: WAL lets readers run beside the one writer.
-
-    pysqlite's own transaction handling is switched off (`isolation_level = None`) so
-    that `_sqlite_on_begin` decides how transactions start.
-    """
+    """Per-connection SQLite settings: WAL lets readers run beside the one writer."""
     cursor = dbapi_connection.cursor()
     try:
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute(f"PRAGMA busy_timeout={int(SQLITE_TIMEOUT * 1000)}")
     finally:
         cursor.close()
-    dbapi_connection.isolation_level = None
-
-
-def _sqlite_on_begin(connection: Any) -> None:
-    """Start every transaction with the write lock (SQLAlchemy's pysqlite recipe).
-
-    pysqlite by default runs a transaction's SELECTs outside any transaction and only
-    opens one at the first write. Optuna's check-then-set steps (taking a WAITING trial,
-    telling a RUNNING one) then race: two workers both read the same enqueued trial as
-    WAITING and both run it, and the second `tell` fails with "Cannot tell a COMPLETE
-    trial". `BEGIN IMMEDIATE` makes each check-then-set atomic; waiting is bounded by the
-    busy timeout.
-    """
-    connection.exec_driver_sql("BEGIN IMMEDIATE")
-
-
-def _listen_sqlite(engine: sqlalchemy.engine.Engine) -> None:
-    event.listen(engine, "connect", _sqlite_on_connect)
-    event.listen(engine, "begin", _sqlite_on_begin)
 
 
 def _prepare_sqlite(url: str) -> None:
@@ -138,7 +115,7 @@ def _prepare_sqlite(url: str) -> None:
         return
     Path(database).parent.mkdir(parents=True, exist_ok=True)
     engine = sqlalchemy.create_engine(url, connect_args={"timeout": SQLITE_TIMEOUT})
-    _listen_sqlite(engine)
+    event.listen(engine, "connect", _sqlite_on_connect)
     try:
         with engine.connect():
             pass
@@ -206,7 +183,7 @@ def open_storage(
     except RuntimeError as exc:  # Optuna's schema-version check
         raise StorageError(f"storage {shown!r} is not usable: {_short_reason(exc)}") from exc
     if parsed.get_backend_name() == "sqlite":
-        _listen_sqlite(storage.engine)
+        event.listen(storage.engine, "connect", _sqlite_on_connect)
         storage.engine.dispose()  # later connections get the listener's settings
     return storage
 
