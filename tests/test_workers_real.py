@@ -93,7 +93,8 @@ def test_pxopt_search_killed_with_sigkill_is_retried_by_the_same_command(checkpo
         except (KeyError, Exception):  # noqa: B014 - study not created yet
             continue
         finished = [t for t in trials if t.state.is_finished()]
-        running = [t for t in trials if t.state == TrialState.RUNNING]
+        # a running trial whose params are stored: its retry must repeat them
+        running = [t for t in trials if t.state == TrialState.RUNNING and t.params]
         if len(finished) >= 2 and running:
             break
     assert proc.poll() is None and running, "the run ended before a trial could be killed"
@@ -109,6 +110,8 @@ def test_pxopt_search_killed_with_sigkill_is_retried_by_the_same_command(checkpo
     after = {t.number: t for t in _trials(storage, "k")}
     for dead in killed:
         assert after[dead.number].state == TrialState.FAIL
+        if not dead.params:  # killed before its first suggestion: nothing to repeat
+            continue
         retries = [t for t in after.values() if t.system_attrs.get("failed_trial") == dead.number]
         assert len(retries) == 1 and retries[0].params == dead.params
         assert retries[0].state in (TrialState.COMPLETE, TrialState.PRUNED)
