@@ -113,33 +113,30 @@ class Slicer:
             mods[id(mod)] = mod
             ops.setdefault((id(mod), store, attr), []).append((dim, keep))
 
+        def slice_outputs(producer: nn.Module, bn: nn.Module | None, keep: torch.Tensor) -> None:
+            """Keep only `keep` output channels of a layer and of its BatchNorm."""
+            add(producer, "_parameters", "weight", 0, keep)
+            add(producer, "_parameters", "bias", 0, keep)
+            if bn is not None:
+                for attr in ("weight", "bias"):
+                    add(bn, "_parameters", attr, 0, keep)
+                for attr in ("running_mean", "running_var"):
+                    add(bn, "_buffers", attr, 0, keep)
+
         for p in self.pairs:
             mask = pruned.get(p.name)
             if mask is None or not bool(mask.any()):
                 continue
             keep = _keep(mask, p.producer.weight.device)
-            add(p.producer, "_parameters", "weight", 0, keep)
-            add(p.producer, "_parameters", "bias", 0, keep)
-            if p.bn is not None:
-                for attr in ("weight", "bias"):
-                    add(p.bn, "_parameters", attr, 0, keep)
-                for attr in ("running_mean", "running_var"):
-                    add(p.bn, "_buffers", attr, 0, keep)
+            slice_outputs(p.producer, p.bn, keep)
             add(p.consumer, "_parameters", "weight", 1, keep)
         for o in self.outs:
             mask = pruned.get(o.name)
             if mask is None or not bool(mask.any()):
                 continue
             keep = _keep(mask, o.producer.weight.device)
-            add(o.producer, "_parameters", "weight", 0, keep)
-            add(o.producer, "_parameters", "bias", 0, keep)
-            last = o.producer
-            if o.bn is not None:
-                last = o.bn
-                for attr in ("weight", "bias"):
-                    add(o.bn, "_parameters", attr, 0, keep)
-                for attr in ("running_mean", "running_var"):
-                    add(o.bn, "_buffers", attr, 0, keep)
+            slice_outputs(o.producer, o.bn, keep)
+            last = o.bn if o.bn is not None else o.producer
             dim = 1 if isinstance(o.producer, nn.Conv2d) else -1
             self._hooks.append(last.register_forward_hook(_scatter(keep, int(mask.numel()), dim)))
         for name, attn in self.heads:
