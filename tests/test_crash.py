@@ -21,16 +21,17 @@ from optuna.trial import TrialState
 from test_workers_toy import ToyFactory, always_nan
 
 from pxopt.search.storage import open_storage, open_study
-from pxopt.search.workers import FAIL_REASON, WorkerPlan, guard, run_workers
+from pxopt.search.workers import FAIL_REASON, WorkerPlan, fail_stale_trials, guard, run_workers
 
 TOY = Path(__file__).with_name("test_workers_toy.py")
 TASK = {"dataset": "toy"}
 
 
 def _start(url: str, study: str, trials: int, workers: int, marker: Path, hang_at: int,
-           *, new_session: bool = False, sleep: float = 0.05) -> subprocess.Popen:
+           *, new_session: bool = False, sleep: float = 0.05, grace: int = 2) -> subprocess.Popen:
     cmd = [sys.executable, str(TOY), url, study, str(trials), str(workers),
-           "--hang-at", str(hang_at), "--marker", str(marker), "--sleep", str(sleep)]
+           "--hang-at", str(hang_at), "--marker", str(marker), "--sleep", str(sleep),
+           "--grace", str(grace)]
     env = {**os.environ, "PXOPT_THREADS": "1"}
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env, start_new_session=new_session)
@@ -79,6 +80,7 @@ def _check_sigkill_recovery(url: str, tmp_path: Path) -> None:
 
     after = _load(url, "crash")
     assert after[3].state == TrialState.FAIL
+    assert after[3].user_attrs[FAIL_REASON].startswith("no heartbeat for 2 s")
     retries = [t for t in after if t.system_attrs.get("failed_trial") == 3]
     assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE
     assert retries[0].params == hung.params  # retried with the same parameters
@@ -106,8 +108,10 @@ def test_sigint_stops_cleanly_marks_trials_and_resumes(tmp_path, to):
     url = f"sqlite:///{tmp_path / 'int.db'}"
     open_study(open_storage(url), "int", model_spec="toy", task=TASK)
     marker = tmp_path / "hanging"
+    # a long grace period: heartbeats are not under test here, and a loaded machine can
+    # delay one past 2 s, failing a live trial as stale
     proc = _start(url, "int", trials=10, workers=2, marker=marker, hang_at=4,
-                  new_session=True, sleep=0.6)
+                  new_session=True, sleep=0.6, grace=30)
     _wait_for(marker, proc)
     before = _load(url, "int")
     if to == "parent":
@@ -186,6 +190,36 @@ def test_a_bug_stops_the_worker_but_the_reason_is_recorded(tmp_path):
         study.optimize(guard(objective), n_trials=3)
     assert study.trials[0].state == TrialState.FAIL
     assert study.trials[0].user_attrs[FAIL_REASON] == "KeyError: 'missing'"
+
+
+def test_a_trial_ended_by_another_worker_is_dropped_and_the_worker_goes_on(tmp_path, capsys):
+    """A late heartbeat lets another worker fail a live trial; its owner must not crash."""
+    url = str(tmp_path / "late.db")
+    open_study(open_storage(url), "late", model_spec="toy", task=TASK)
+    plan = WorkerPlan(storage=url, study_name="late", n_trials=4, device="cpu")
+    summary = run_workers(ToyFactory(sleep=0.0, ended_elsewhere_at=1), plan, 1)
+    assert not summary.interrupted
+    trials = _load(url, "late")
+    assert trials[1].state == TrialState.FAIL
+    assert trials[1].user_attrs[FAIL_REASON] == "no heartbeat (test)"
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 4  # the study went on
+    assert "trial 1 was ended by another worker" in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used")
+def test_stale_trials_are_failed_with_the_reason_and_queued_again(tmp_path):
+    url = str(tmp_path / "stale.db")
+    storage = open_storage(url, heartbeat_interval=1, grace_period=1)
+    study = open_study(storage, "stale", model_spec="toy", task=TASK)
+    trial = study.ask({"x": optuna.distributions.FloatDistribution(-1, 1)})
+    storage.record_heartbeat(trial._trial_id)
+    time.sleep(2.5)  # past the grace period (+1 s resolution of SQLite's CURRENT_TIMESTAMP)
+    assert fail_stale_trials(study, storage) == [trial._trial_id]
+    trials = study.get_trials()
+    assert trials[0].state == TrialState.FAIL
+    assert trials[0].user_attrs[FAIL_REASON] == "no heartbeat for 1 s (worker killed or stalled)"
+    assert trials[1].state == TrialState.WAITING and trials[1].params == trials[0].params
+    assert fail_stale_trials(study, storage) == []  # failed once, queued once
 
 
 def test_repeated_failures_stop_the_run_instead_of_looping(tmp_path, capsys):

@@ -78,14 +78,14 @@ def test_pxopt_search_four_workers_postgresql(checkpoint, pg_url, tmp_path):  # 
 def test_pxopt_search_killed_with_sigkill_is_retried_by_the_same_command(checkpoint, tmp_path):
     """Kill the whole run (parent and workers, as a machine crash would) mid-trial."""
     storage = str(tmp_path / "kill.db")
-    args = [*PXOPT, *_args(checkpoint, storage, "k", 6, 2, tmp_path)]
+    args = [*PXOPT, *_args(checkpoint, storage, "k", 8, 2, tmp_path)]
     env = _env(PXOPT_HEARTBEAT="1")
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env=env, start_new_session=True)
     deadline = time.monotonic() + 400
     running: list[optuna.trial.FrozenTrial] = []
     while time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.5)
+        time.sleep(0.2)
         if not Path(storage).exists():
             continue
         try:
@@ -113,12 +113,14 @@ def test_pxopt_search_killed_with_sigkill_is_retried_by_the_same_command(checkpo
         if not dead.params:  # killed before its first suggestion: nothing to repeat
             continue
         retries = [t for t in after.values() if t.system_attrs.get("failed_trial") == dead.number]
-        assert len(retries) == 1 and retries[0].params == dead.params
+        # the retry repeats every choice the killed trial had stored (it may have been killed
+        # between two suggestions; the retry then samples the rest)
+        assert len(retries) == 1 and dead.params.items() <= retries[0].params.items()
         assert retries[0].state in (TrialState.COMPLETE, TrialState.PRUNED)
     for number, old in before.items():
         if old.state.is_finished():
             new = after[number]
             assert (new.state, new.value, new.params, new.datetime_complete) == (
                 old.state, old.value, old.params, old.datetime_complete)
-    assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in after.values()) >= 6
+    assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in after.values()) >= 8
     assert not [t for t in after.values() if t.state == TrialState.RUNNING]

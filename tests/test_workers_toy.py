@@ -23,7 +23,9 @@ class ToyFactory:
     """Objective: maximise -(x - 0.3)^2, reported in 3 steps so a pruner can act.
 
     `hang_at`: the trial with this number writes `marker` and sleeps (to be killed);
-    `nan_at` / `oom_at`: that trial returns NaN / raises an out-of-memory error.
+    `nan_at` / `oom_at`: that trial returns NaN / raises an out-of-memory error;
+    `ended_elsewhere_at`: that trial is failed behind its worker's back before it reports,
+    as another worker's heartbeat check does when this worker's heartbeat is late.
     """
 
     sleep: float = 0.05
@@ -33,6 +35,7 @@ class ToyFactory:
     oom_at: int | None = None
     seed: int = 0
     prune: bool = False
+    ended_elsewhere_at: int | None = None
 
     def __call__(self, ctx: WorkerContext) -> WorkerSetup:
         def objective(trial: optuna.Trial) -> float:
@@ -46,6 +49,10 @@ class ToyFactory:
                 return float("nan")
             if trial.number == self.oom_at:
                 raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
+            if trial.number == self.ended_elsewhere_at:
+                storage = trial.study._storage
+                storage.set_trial_user_attr(trial._trial_id, "fail_reason", "no heartbeat (test)")
+                storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
             value = -((x - 0.3) ** 2)
             for step in range(3):
                 time.sleep(self.sleep / 3)

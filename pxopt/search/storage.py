@@ -4,8 +4,9 @@ Only Optuna's RDB storage (SQLite file or any SQLAlchemy URL, e.g. PostgreSQL) i
 it coordinates workers through the database, supports heartbeats (so a killed worker's
 trial is failed and retried) and stores every attribute as JSON, so nothing is ever
 unpickled from a study. This module adds what Optuna leaves to the caller: SQLite
-settings that survive several local writers, a one-line `StorageError` for an
-unreachable URL, and a guard that refuses to mix two models or tasks in one study.
+settings that survive several local writers, atomic trial state changes on SQLite, a
+one-line `StorageError` for an unreachable URL, and a guard that refuses to mix two
+models or tasks in one study.
 """
 
 from __future__ import annotations
@@ -14,12 +15,15 @@ import hashlib
 import importlib.util
 import json
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import optuna
 import sqlalchemy
+from filelock import FileLock
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.trial import TrialState
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
 
@@ -110,9 +114,9 @@ def _prepare_sqlite(url: str) -> None:
     WAL is a property of the file, so setting it once here also covers the connections
     Optuna opens while it creates its tables.
     """
-    database = make_url(url).database
-    if not database or database == ":memory:" or database.startswith("file:"):
+    if not _is_sqlite_file(url):
         return
+    database = make_url(url).database
     Path(database).parent.mkdir(parents=True, exist_ok=True)
     engine = sqlalchemy.create_engine(url, connect_args={"timeout": SQLITE_TIMEOUT})
     event.listen(engine, "connect", _sqlite_on_connect)
@@ -121,6 +125,46 @@ def _prepare_sqlite(url: str) -> None:
             pass
     finally:
         engine.dispose()
+
+
+class SQLiteFileStorage(RDBStorage):
+    """An `RDBStorage` on a SQLite file whose trial state changes are atomic across processes.
+
+    Optuna changes a state by reading the trial `FOR UPDATE` and then writing it. SQLite
+    ignores `FOR UPDATE` and pysqlite runs the read outside a write transaction, so two
+    workers can both see an enqueued trial WAITING and both take it, or one worker can
+    fail a trial as stale while its owner reports it COMPLETE ("Cannot tell a COMPLETE
+    trial"). A lock file next to the database serialises these read-then-write steps;
+    PostgreSQL and MySQL need no such lock (their `FOR UPDATE` is real).
+    """
+
+    def __init__(self, url: str, **kwargs: Any) -> None:
+        super().__init__(url, **kwargs)
+        self._state_lock: FileLock | None = None
+
+    def state_lock(self) -> FileLock:
+        """The cross-process lock held while a trial's state is read and changed (reentrant)."""
+        if self._state_lock is None:  # made lazily: a FileLock does not survive pickling
+            self._state_lock = FileLock(f"{make_url(self.url).database}.lock")
+        return self._state_lock
+
+    def set_trial_state_values(
+        self, trial_id: int, state: TrialState, values: Sequence[float] | None = None
+    ) -> bool:
+        with self.state_lock():
+            return super().set_trial_state_values(trial_id, state, values)
+
+    def __getstate__(self) -> dict[Any, Any]:
+        state = super().__getstate__()
+        state["_state_lock"] = None
+        return state
+
+
+def _is_sqlite_file(url: str) -> bool:
+    """A SQLite database in a plain file (not in memory, not a `file:` URI)."""
+    parsed = make_url(url)
+    database = parsed.database or ""
+    return parsed.get_backend_name() == "sqlite" and database not in ("", ":memory:") and not database.startswith("file:")
 
 
 def _short_reason(exc: BaseException) -> str:
@@ -165,7 +209,8 @@ def open_storage(
             _prepare_sqlite(url)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            storage = RDBStorage(
+            storage_class = SQLiteFileStorage if _is_sqlite_file(url) else RDBStorage
+            storage = storage_class(
                 url,
                 engine_kwargs=_engine_kwargs(url),
                 heartbeat_interval=heartbeat_interval,

@@ -14,8 +14,10 @@ N `pxopt search` commands on N machines behave the same. What this module adds:
   with the same parameters for the next run, and a resume command is printed.
 
 A worker killed outright (SIGKILL, power loss) cannot clean up: its trial keeps RUNNING
-until Optuna's heartbeat check (run by any worker before each new trial) marks it FAIL and
-`RetryHeartbeatStaleTrialCallback` queues it again with the same parameters.
+until the heartbeat check (run by any worker before each new trial) marks it FAIL, with
+the reason, and `RetryHeartbeatStaleTrialCallback` queues it again with the same
+parameters. A live worker whose trial was failed that way (its heartbeat was late) drops
+the result it can no longer report and goes on.
 """
 
 from __future__ import annotations
@@ -42,7 +44,12 @@ from optuna.trial import TrialState
 
 from pxopt.device import configure_threads
 from pxopt.errors import ConfigError, NonFiniteRelevanceError, PxoptError, StorageError
-from pxopt.search.storage import DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_MAX_RETRY, open_storage
+from pxopt.search.storage import (
+    DEFAULT_HEARTBEAT_INTERVAL,
+    DEFAULT_MAX_RETRY,
+    SQLiteFileStorage,
+    open_storage,
+)
 
 Objective = Callable[[optuna.Trial], float]
 FAIL_REASON = "fail_reason"
@@ -171,6 +178,52 @@ def guard(objective: Objective, on_start: Callable[[optuna.Trial], None] | None 
 
 
 # --- one worker --------------------------------------------------------------------------
+
+
+def fail_stale_trials(study: optuna.Study, storage: optuna.storages.RDBStorage) -> list[int]:
+    """Fail the trials whose worker stopped sending heartbeats, saying why, and queue retries.
+
+    Optuna's `fail_stale_trials` records no reason. Here the reason is written first (a
+    finished trial takes no more attributes) and, on SQLite, the trial is re-read under the
+    state lock, so a trial its owner completed meanwhile keeps its result.
+    """
+    interval = storage.get_heartbeat_interval()
+    if interval is None:
+        return []
+    grace = storage.grace_period or 2 * interval
+    reason = f"no heartbeat for {grace} s (worker killed or stalled)"
+    lock = storage.state_lock() if isinstance(storage, SQLiteFileStorage) else contextlib.nullcontext()
+    failed = []
+    for trial_id in storage._get_stale_trial_ids(study._study_id):
+        with lock:
+            if storage.get_trial(trial_id).state != TrialState.RUNNING:
+                continue
+            try:
+                storage.set_trial_user_attr(trial_id, FAIL_REASON, reason)
+                if storage.set_trial_state_values(trial_id, TrialState.FAIL):
+                    failed.append(trial_id)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue  # another worker finished or failed it between the read and the write
+    callback = storage.get_heartbeat_stale_trial_callback()
+    if callback is not None:
+        for trial_id in failed:
+            callback(study, storage.get_trial(trial_id))
+    return failed
+
+
+def _finished_elsewhere(exc: Exception, storage: optuna.storages.RDBStorage, trial_ids: list[int]) -> bool:
+    """Whether `exc` only says that another worker ended our trial first (e.g. as stale).
+
+    Optuna then raises while reporting the result: UpdateFinishedTrialError from the
+    storage, "Cannot tell a FAIL trial" from `tell`, or its own "Should not reach"
+    assertion when the trial it meant to report is FAIL without an error of its own.
+    """
+    told_late = (
+        isinstance(exc, optuna.exceptions.UpdateFinishedTrialError)
+        or (isinstance(exc, ValueError) and str(exc).startswith("Cannot tell a "))
+        or (isinstance(exc, AssertionError) and "Should not reach" in str(exc))
+    )
+    return told_late and bool(trial_ids) and storage.get_trial(trial_ids[-1]).state.is_finished()
 
 
 def _count(study: optuna.Study, states: tuple[TrialState, ...]) -> int:
@@ -312,11 +365,17 @@ def run_worker(
                     raise KeyboardInterrupt
                 if deadline is not None and time.monotonic() >= deadline:
                     return True
-                optuna.storages.fail_stale_trials(study)  # no-op without heartbeat
+                fail_stale_trials(study, storage)  # no-op without heartbeat
                 if plan.n_trials is not None and _count(study, (*_FINISHED, TrialState.RUNNING)) >= plan.n_trials:
                     return True
                 current.clear()
-                study.optimize(objective, n_trials=1, catch=CAUGHT, gc_after_trial=False)
+                try:
+                    study.optimize(objective, n_trials=1, catch=CAUGHT, gc_after_trial=False)
+                except Exception as exc:
+                    if not _finished_elsewhere(exc, storage, current):
+                        raise
+                    log(f"worker {ctx.index}: trial {storage.get_trial(current[-1]).number} was ended by "
+                        "another worker (late heartbeat?); its result is dropped, the retry repeats it")
                 if interrupt.requested:
                     raise KeyboardInterrupt
                 if progress is not None:
