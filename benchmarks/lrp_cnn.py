@@ -11,6 +11,11 @@ from /proc/self/statm (an approximation: the allocator may reuse freed memory).
     python benchmarks/lrp_cnn.py                 # full: resnet50, vgg16; batch 8, 32; 224x224
     python benchmarks/lrp_cnn.py --quick         # 1 repeat, batch 8 only
     python benchmarks/lrp_cnn.py --models resnet50 --batches 8 --repeats 3
+    python benchmarks/lrp_cnn.py --device cuda --warmup 2 --repeats 5 --out /tmp/lrp_cnn_gpu.md
+
+On CUDA every method runs under the same cuDNN settings (`--cudnn-benchmark` sets
+`torch.backends.cudnn.benchmark` once, before any model runs), and the results file
+records the cuDNN / TF32 flags in force.
 """
 
 from __future__ import annotations
@@ -54,6 +59,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def backend_flags() -> str:
+    """cuDNN / TF32 settings: they change CUDA timings, so every results file records them."""
+    cudnn = torch.backends.cudnn
+    conv = getattr(getattr(cudnn, "conv", None), "fp32_precision", None)
+    matmul = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
+    return (f"cudnn {cudnn.version()} enabled={cudnn.enabled} benchmark={cudnn.benchmark} "
+            f"deterministic={cudnn.deterministic}; conv fp32_precision={conv}, "
+            f"matmul fp32_precision={matmul}, float32_matmul_precision="
+            f"{torch.get_float32_matmul_precision()}")
+
+
 class _RssPeak:
     """Peak RSS increase (bytes) while the context is open, sampled every 2 ms."""
 
@@ -91,6 +107,7 @@ class _RssPeak:
 def _timed(fn: Callable[[], object], device: torch.device) -> tuple[float, float]:
     """Seconds and peak memory (MiB) of one call."""
     if device.type == "cuda":
+        _sync(device)  # start from an idle stream: only this call's kernels are timed
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
         t = time.perf_counter()
@@ -177,6 +194,7 @@ def run(args: argparse.Namespace,
     """Measure everything; `on_row(rows, threads)` after each row (partial results survive)."""
     device = resolve_device(args.device)
     threads = configure_threads(args.threads) if device.type == "cpu" else None
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark  # one setting for every method
     rows: list[dict] = []
 
     def add(row: dict) -> None:
@@ -256,6 +274,7 @@ def write(rows: list[dict], args: argparse.Namespace, threads: int | None, path:
         f"- input {args.size}x{args.size}, float32, random weights with randomised BatchNorm; "
         f"median of {args.repeats} timed call(s) after {args.warmup} warm-up call(s)",
         f"- memory: {memnote}",
+        *([f"- CUDA backend: {backend_flags()}"] if device.type == "cuda" else []),
         f"- machine load (1/5/15-min load average when this file was written): "
         f"{' / '.join(f'{v:.1f}' for v in os.getloadavg())}",
         "- ratios: time / (forward + input-gradient backward) of the same model and batch, "
@@ -292,6 +311,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-zennit", action="store_true")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--cudnn-benchmark", action="store_true",
+                   help="set torch.backends.cudnn.benchmark for all methods (default: off)")
     p.add_argument("--note", default="", help="free text appended to the results file")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "lrp_cnn.md")
     args = p.parse_args(argv)

@@ -10,7 +10,14 @@ fused attention kernel), pxopt AttnLRP with the explicit q·kᵀ / softmax / A·
 lxt 2.1 on the torchvision model (its CP-LRP map, and AttnLRP built from lxt's own
 `divide_gradient`; its class patches are swapped in only around its own calls). Methods are
 interleaved round by round (medians reported) so that load changes on a shared machine hit
-them alike. Results go to benchmarks/results/lrp_vit.{md,json}.
+them alike. Results go to benchmarks/results/lrp_vit.{md,json} (`--out` for another stem),
+rewritten after every model and batch so that an interrupted run keeps what it measured.
+
+    python benchmarks/lrp_vit.py --device cuda --batches 1 8 32 --rounds 5 --out /tmp/lrp_vit_gpu
+
+On CUDA each batch size gets its own warm-up call per method (cheap there, and the first
+call at a new shape pays for kernel selection and allocator growth); the results record the
+cuDNN / TF32 flags in force.
 """
 
 from __future__ import annotations
@@ -49,6 +56,17 @@ def make_models(device: torch.device) -> dict[str, nn.Module]:
         for p in m.parameters():
             p.requires_grad_(False)
     return models
+
+
+def backend_flags() -> str:
+    """cuDNN / TF32 settings: they change CUDA timings, so the results record them."""
+    cudnn = torch.backends.cudnn
+    conv = getattr(getattr(cudnn, "conv", None), "fp32_precision", None)
+    matmul = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
+    return (f"cudnn {cudnn.version()} enabled={cudnn.enabled} benchmark={cudnn.benchmark} "
+            f"deterministic={cudnn.deterministic}; conv fp32_precision={conv}, "
+            f"matmul fp32_precision={matmul}, float32_matmul_precision="
+            f"{torch.get_float32_matmul_precision()}")
 
 
 def sync(device: torch.device) -> None:
@@ -146,6 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--no-lxt", action="store_true")
     ap.add_argument("--out", type=Path, default=RESULTS / "lrp_vit")
+    ap.add_argument("--note", default="", help="free text appended to the results file")
     args = ap.parse_args(argv)
     if args.quick:
         args.batches, args.rounds = [1], 2
@@ -181,10 +200,10 @@ def main(argv: list[str] | None = None) -> None:
                                                                   False)
             if not args.no_lxt and model_name.startswith("torchvision"):
                 methods.update(lxt_methods(model, x, t))
-            # warm-up on the smallest batch only (the larger ones then run warm)
-            record(model_name, b, time_rounds(methods, args.rounds, device,
-                                              warmup=b == min(args.batches)))
-    write(rows, args, threads, device)
+            # CPU: warm-up on the smallest batch only (the larger ones then run warm)
+            warmup = b == min(args.batches) or device.type == "cuda"
+            record(model_name, b, time_rounds(methods, args.rounds, device, warmup=warmup))
+            write(rows, args, threads, device)  # after every model and batch: partial results
 
 
 def write(rows: list[dict], args: argparse.Namespace, threads: int, device: torch.device) -> None:
@@ -203,7 +222,9 @@ def write(rows: list[dict], args: argparse.Namespace, threads: int, device: torc
     cmd = "python benchmarks/lrp_vit.py " + " ".join(sys.argv[1:])
     meta = {"command": cmd.strip(), "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "machine": machine, "device": str(device), "python": platform.python_version(),
-            "torch": torch.__version__, "rounds": args.rounds}
+            "torch": torch.__version__, "rounds": args.rounds, "note": args.note}
+    if device.type == "cuda":
+        meta["backend"] = backend_flags()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = [
@@ -211,7 +232,9 @@ def write(rows: list[dict], args: argparse.Namespace, threads: int, device: torc
         f"- command: `{meta['command']}`", f"- date: {meta['date']}",
         f"- machine: {machine} ({platform.platform()}), device {device}",
         f"- torch {torch.__version__}, Python {meta['python']}; median of {args.rounds} "
-        "interleaved rounds (one warm-up call per method at the smallest batch)",
+        "interleaved rounds (one warm-up call per method "
+        f"{'at every batch' if device.type == 'cuda' else 'at the smallest batch'})",
+        *([f"- CUDA backend: {meta['backend']}"] if "backend" in meta else []),
         "- pxopt: default composite (epsilon 1e-6 everywhere), components: heads + MLP fc1 "
         "neurons; lxt: input relevance only (it has no component collection)", "",
         f"- ratios from {'process CPU time (one torch thread; robust to other load)' if key == 'median_cpu_s' else 'wall time'}",
@@ -223,6 +246,8 @@ def write(rows: list[dict], args: argparse.Namespace, threads: int, device: torc
         lines.append(f"| {r['model']} | {r['batch']} | {r['method']} | {r['median_s']:.3f} | "
                      f"{r['median_cpu_s']:.3f} | {r['vs_forward_backward']:.2f} | "
                      f"{r['vs_forward']:.2f} |")
+    if args.note:
+        lines += ["", args.note]
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out.with_suffix('.md')}")
 
