@@ -200,7 +200,14 @@ class _Ops:
         self.layer, self.x, op = layer, x, layer.op
         s = layer.out_scale
         self.s = None if s is None else op.bias(s, ndim)
-        self.abs_s = None if s is None else self.s.abs()
+        self._abs_s: Tensor | None = None
+
+    @property
+    def abs_s(self) -> Tensor | None:
+        """|s|, computed only by the rules that use it (Epsilon does not)."""
+        if self._abs_s is None and self.s is not None:
+            self._abs_s = self.s.abs()
+        return self._abs_s
 
     def fw(self, u: Tensor) -> Tensor:
         out = self.layer.op.forward(u, self.layer.weight)
@@ -230,13 +237,13 @@ def relevance_backward(layer: LayerRule, x: Tensor, z: Tensor, r: Tensor) -> Ten
     name = rule.name
     m = _Ops(layer, x, z.ndim)
     bias = op.bias(b, z.ndim) if b is not None else None
-    s, abs_s = m.s, m.abs_s
+    s = m.s
 
     def vec(k: float, absolute: bool = False) -> Tensor | float:
         """k * s (or k * |s|) shaped for the output, or plain k without a merged scale."""
         if s is None:
             return k
-        return (abs_s if absolute else s) * k
+        return (m.abs_s if absolute else s) * k
 
     if name in ("epsilon", "norm"):
         eps = rule["epsilon"] if name == "epsilon" else STABILIZER
@@ -257,27 +264,27 @@ def relevance_backward(layer: LayerRule, x: Tensor, z: Tensor, r: Tensor) -> Ten
             # d = k1 z + c_mid + sz (k A + c_half),  g = R sz / stab(d) * sz.
             gamma = rule["gamma"]
             k, k1 = 0.5 * gamma, 1.0 + 0.5 * gamma
+            # With the bias: c_p = b + gamma b+ - k1 b and c_n = b + gamma b- - k1 b, so
+            # (c_p + c_n) / 2 = 0 and (c_p - c_n) / 2 = k |b|: d = k1 z + k sz (A + |b|).
             sz = z.sign()
+            ka = vec(k, True)  # k |s| (or k)
             if bias is not None:
-                c_p = bias + gamma * bias.clamp(min=0) - k1 * bias
-                c_n = bias + gamma * bias.clamp(max=0) - k1 * bias
-                t = torch.addcmul(0.5 * (c_p - c_n), a, vec(k, True) if s is not None
-                                  else a.new_tensor(k))
+                t = torch.addcmul(bias.abs().mul_(k), a, ka if s is not None else a.new_tensor(k))
             else:
-                t = a.mul_(vec(k, True))
+                t = a.mul_(ka)
             t.mul_(sz).add_(z, alpha=k1)
-            if bias is not None:
-                t.add_(0.5 * (c_p + c_n))
             gs = _div_stab(r * sz, t, STABILIZER)  # g * sz
-            v = gs * vec(k, True)
+            v = gs * ka
             u = gs.mul_(sz).mul_(vec(k1))
         else:
             # P + b+ = z/2 + A/2 + (b+ - b/2);  N + b- = z/2 - A/2 + (b- - b/2)
             ah = a.mul_(vec(0.5, True))
             zh = z * 0.5
             dp = zh + ah
-            if bias is not None:
-                dp.add_(bias.clamp(min=0) - 0.5 * bias)
+            # b+ - b/2 = |b|/2 and b- - b/2 = -|b|/2
+            hb = None if bias is None else bias.abs().mul_(0.5)
+            if hb is not None:
+                dp.add_(hb)
             g0 = _div_stab(r, dp, STABILIZER)
             if name == "zplus":  # R = (x W^T g + |x| |W|^T g) / 2
                 u = g0 * vec(0.5)
@@ -285,8 +292,8 @@ def relevance_backward(layer: LayerRule, x: Tensor, z: Tensor, r: Tensor) -> Ten
             else:  # alphabeta: u = (a g0 - b g2)/2, v = (a g0 + b g2)/2
                 alpha, beta = rule["alpha"], rule["beta"]
                 dn = zh.sub_(ah)
-                if bias is not None:
-                    dn.add_(bias.clamp(max=0) - 0.5 * bias)
+                if hb is not None:
+                    dn.sub_(hb)
                 g2 = _div_stab(r, dn, STABILIZER)
                 u = _axpy_(g0 * vec(0.5 * alpha), g2, vec(-0.5 * beta))
                 v = _axpy_(g0.mul_(vec(0.5 * alpha, True)), g2, vec(0.5 * beta, True))
