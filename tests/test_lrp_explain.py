@@ -235,3 +235,29 @@ def test_unknown_override_and_pass_on_conv() -> None:
         explain(model, x, [0], {"overrides": {"4": "pass"}})
     exp = explain(model, x, [0], {"overrides": {"4": "zplus"}})
     assert exp.components["4"].shape == (1, 16)
+
+
+@pytest.mark.parametrize("edit", ["in_place", "new_parameter", "load_state_dict"])
+def test_merged_batchnorm_cache_follows_parameter_changes(edit: str) -> None:
+    """The merged BatchNorm is reused across calls; any change of its tensors must show."""
+    torch.manual_seed(0)
+    model = small_cnn().eval()
+    x, y = torch.randn(2, 3, 16, 16), torch.tensor([1, 3])
+    gamma = {"groups": {g: {"rule": "gamma", "gamma": 0.25} for g in ("input", "low", "mid", "high", "fc")}}
+    explain(model, x, y, gamma)  # fills the cache
+    bn = model[1]
+    if edit == "in_place":
+        with torch.no_grad():
+            bn.running_var.mul_(3.0)
+            bn.weight.add_(0.5)
+    elif edit == "new_parameter":
+        bn.weight = nn.Parameter(bn.weight.detach() + 0.5)
+    else:
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        state["1.running_mean"] += 1.0
+        model.load_state_dict(state)
+    fresh = small_cnn().eval()
+    fresh.load_state_dict(model.state_dict())
+    got, want = explain(model, x, y, gamma), explain(fresh, x, y, gamma)
+    assert torch.equal(got.input, want.input)
+    assert all(torch.equal(got.components[k], want.components[k]) for k in want.components)
