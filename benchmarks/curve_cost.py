@@ -4,8 +4,9 @@
 
 For each built-in Fashion-MNIST model: one plain pass over the validation set (no masks,
 median of several), then 20-rate curves (0, 0.05, ..., 0.95) pruned by LRP-epsilon scores,
-in four settings: masks only / masks + channel slicing, each with and without the chance
-stop. Ratio = curve seconds / plain-pass seconds. Writes benchmarks/results/curve_cost.md
+in four settings: masks only; masks + channel slicing; + reuse of the unpruned blocks before
+the first pruned one and one-batch evaluation of severed networks (the default); + the chance
+stop (an option). Ratio = curve seconds / plain-pass seconds. Writes benchmarks/results/curve_cost.md
 and .json.
 
 Models come from `pxopt.models.load_model("builtin:fmnist-...")` (`--source builtin`), or
@@ -32,9 +33,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pxopt.criteria import compute_scores  # noqa: E402
 from pxopt.data import make_task  # noqa: E402
 from pxopt.device import resolve_device  # noqa: E402
-from pxopt.evaluate import DEFAULT_RATES, _accuracy, accuracy_curve  # noqa: E402
+from pxopt.evaluate import DEFAULT_PREFIX_CACHE_BYTES, DEFAULT_RATES, _accuracy, accuracy_curve  # noqa: E402
 from pxopt.layers import discover_layers  # noqa: E402
 
+# column -> (evaluation mode, prefix cache + severed-network shortcut, chance stop);
+# "slice+prefix" is accuracy_curve's default.
+SETTINGS = {
+    "mask": ("mask", False, False),
+    "slice": ("slice", False, False),
+    "slice+prefix": ("auto", True, False),
+    "slice+prefix+stop": ("auto", True, True),
+}
 KINDS = {"resnet": ("conv",), "vgg": ("conv",), "vit": ("mlp",), "vit-heads": ("heads",)}
 
 
@@ -99,16 +108,19 @@ def bench_one(name: str, args: argparse.Namespace) -> dict:
     plain, acc = timed(lambda: _accuracy(model, data, classes), 5, clock)
     row = {"model": name, "source": source, "kinds": list(kinds), "n_val": sum(len(y) for _, y in data),
            "plain_pass_s": plain, "unpruned_accuracy": acc, "clock": clock.__name__}
-    for mode in ("mask", "slice"):
-        for stop in (False, True):
-            t, curve = timed(lambda mode=mode, stop=stop: accuracy_curve(
-                model, task, lm, scores, kinds=kinds, rates=DEFAULT_RATES, batches=data,
-                mode=mode, stop_at_chance=stop), args.repeats, clock)
-            key = f"{mode}{'+stop' if stop else ''}"
-            row[key] = {"seconds": t, "ratio": t / plain, "area": curve.area,
-                        "stopped_early_at": curve.stopped_early_at, "passes": curve.meta["passes"],
-                        "sliced_layers": len(curve.meta["sliced_layers"]),
-                        "accuracies": [round(a, 4) for a in curve.accuracies]}
+    for key, (mode, prefix, stop) in SETTINGS.items():
+        t, curve = timed(lambda mode=mode, prefix=prefix, stop=stop: accuracy_curve(
+            model, task, lm, scores, kinds=kinds, rates=DEFAULT_RATES, batches=data, mode=mode,
+            stop_at_chance=stop, prefix_cache_bytes=DEFAULT_PREFIX_CACHE_BYTES if prefix else 0,
+            detect_severed=prefix),
+            args.repeats, clock)
+        row[key] = {"seconds": t, "ratio": t / plain, "area": curve.area,
+                    "stopped_early_at": curve.stopped_early_at, "passes": curve.meta["passes"],
+                    "resumed_passes": curve.meta["resumed_passes"],
+                    "severed_passes": curve.meta["severed_passes"],
+                    "sliced_layers": len(curve.meta["sliced_layers"]),
+                    "accuracies": [round(a, 4) for a in curve.accuracies]}
+    row["same_curve"] = row["slice"]["accuracies"] == row["slice+prefix"]["accuracies"]  # reuse is exact
     return row
 
 
@@ -148,15 +160,19 @@ def main() -> None:
         f"- command: `{meta['command']}`", f"- date: {meta['date']}", f"- machine: {meta['machine']}",
         "- scores: LRP-epsilon on 10 reference images per class; rates 0, 0.05, ..., 0.95;"
         " all measured in one run; target <= 8, naive (one full pass per rate) ~20.", "",
-        "| model | kinds | val images | unpruned acc | plain pass s | mask | mask + chance stop |"
-        " slice | slice + chance stop | layers sliced |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | kinds | val images | unpruned acc | plain pass s | mask | slice |"
+        " slice + prefix + severed (default) | the same + chance stop | passes resumed / severed |"
+        " default curve = slice curve |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         cells = [f"{r[k]['ratio']:.1f}" + (f" (stop at {r[k]['stopped_early_at']})" if r[k]["stopped_early_at"]
-                                          else "") for k in ("mask", "mask+stop", "slice", "slice+stop")]
+                                          else "") for k in SETTINGS]
         lines.append(f"| {r['model']} | {','.join(r['kinds'])} | {r['n_val']} | {r['unpruned_accuracy']:.3f} |"
-                     f" {r['plain_pass_s']:.3f} | " + " | ".join(cells) + f" | {r['slice']['sliced_layers']} |")
+                     f" {r['plain_pass_s']:.3f} | " + " | ".join(cells) +
+                     f" | {r['slice+prefix']['resumed_passes']} / {r['slice+prefix']['severed_passes']}"
+                     f" of {r['slice+prefix']['passes'] - 1} |"
+                     f" {'yes' if r['same_curve'] else 'NO'} |")
     lines += ["", "Model sources:", *[f"- {r['model']}: {r['source']}" for r in rows], ""]
     Path(args.out + ".md").write_text("\n".join(lines))
     print("\n".join(lines))

@@ -10,8 +10,12 @@ Definitions (also in docs/INTERFACES.md section 7):
 
 Cost: the validation batches are moved to the device once, every rate is one inference
 pass over them, masks grow in place (nested rates, no model copies), a rate whose prune
-set equals the previous one reuses its accuracy, and where safe the zeroed channels are
-sliced out of conv->BN->ReLU->conv and fc1->act->fc2 pairs (mode "slice"/"auto").
+set equals the previous one reuses its accuracy, where safe the zeroed channels are
+sliced out of conv->BN->ReLU->conv and fc1->act->fc2 pairs (mode "slice"/"auto"), and a
+pruned pass starts from the stored unpruned activations after the last block it leaves
+untouched (`pxopt.prune.prefix`; with a global ranking, early blocks are often pruned last),
+and a prune set that severs the network (every input-to-output path through a fully pruned
+layer, so the logits are the same for every image) costs one batch (`pxopt.prune.severed`).
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from pxopt.data.accuracy import restricted_correct
 from pxopt.device import resolve_device
 from pxopt.errors import ConfigError
 from pxopt.prune import Cap, Masker, PruneOrder, global_order
+from pxopt.prune.prefix import PrefixCache
+from pxopt.prune.severed import SeveredDetector, severed_accuracy_counts
 from pxopt.prune.slicing import Slicer
 from pxopt.scores import ComponentScores
 
@@ -108,15 +114,57 @@ def _materialise(task: Any, batches: Iterable | None, batch_size: int, device: t
     return out
 
 
+Forward = Callable[[int, torch.Tensor], torch.Tensor]
+
+
 @torch.inference_mode()
-def _accuracy(model: nn.Module, batches: list, classes: torch.Tensor) -> float:
-    """Task accuracy, counted on the device with one host sync per call."""
+def _accuracy(model: nn.Module, batches: list, classes: torch.Tensor, forward: Forward | None = None) -> float:
+    """Task accuracy, counted on the device with one host sync per call.
+
+    `forward(batch_index, x)` replaces `model(x)` (e.g. to resume from stored activations).
+    """
     correct = torch.zeros((), dtype=torch.long, device=classes.device)
     n = 0
-    for x, y in batches:
-        correct += restricted_correct(model(x), y, classes)
+    for i, (x, y) in enumerate(batches):
+        out = forward(i, x) if forward is not None else model(x)
+        correct += restricted_correct(out, y, classes)
         n += y.numel()
     return float(correct.item()) / n
+
+
+DEFAULT_PREFIX_CACHE_BYTES = 1 << 30
+
+
+def _severed_accuracy(model: nn.Module, data: list, classes: torch.Tensor, detector: SeveredDetector | None,
+                      fully_pruned: list[str]) -> float | None:
+    """Accuracy from one batch when the prune set makes the logits input-independent."""
+    if detector is None or not fully_pruned or not detector.severed(fully_pruned):
+        return None
+    counts = severed_accuracy_counts(model, data, classes, restricted_correct)
+    return None if counts is None else counts[0] / counts[1]
+
+
+def _plan_prefix(model: nn.Module, masker: Masker, order: PruneOrder, rates: Sequence[float],
+                 data: list, budget: int) -> tuple[PrefixCache | None, dict[int, int | None], str]:
+    """The prefix cache and, per prune count, the stored cut a pass can resume from."""
+    if budget <= 0:
+        return None, {}, "off"
+    cache = PrefixCache(model, budget)
+    if cache.enabled and cache.hooks_outside_blocks():
+        cache.enabled, cache.reason = False, "forward hooks on the model or a container"
+    with torch.inference_mode():
+        per_item = cache.verify(data[0][0]) if cache.enabled else None
+    if per_item is None:
+        return None, {}, cache.reason
+    n_items = sum(int(x.shape[0]) for x, _ in data)
+    starts: dict[int, int | None] = {}
+    for rate in rates:
+        k = order.count(rate)
+        if k > 0 and k not in starts:
+            written = masker.tensors_written(order.pruned_first(k))
+            starts[k] = cache.latest_cut_before(cache.first_touched(written))
+    cache.plan(list(starts.values()), lambda pos: per_item[pos] * n_items)
+    return cache, {k: cache.resume_point(s) for k, s in starts.items()}, "on"
 
 
 def accuracy_curve(
@@ -138,6 +186,8 @@ def accuracy_curve(
     batch_size: int = 256,
     batches: Iterable | None = None,
     mode: str = "auto",
+    prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
+    detect_severed: bool = True,
 ) -> Curve:
     """Prune the globally lowest-ranked components at each rate and measure task accuracy.
 
@@ -148,6 +198,10 @@ def accuracy_curve(
     within `chance_margin` of chance (1 / number of classes), the remaining rates are
     recorded as chance without evaluating and `stopped_early_at` names the first of them.
     `mode`: "mask" (masks only), "slice" / "auto" (also slice zeroed channels out where exact).
+    `prefix_cache_bytes`: memory for the unpruned activations at block boundaries, from which
+    a pruned pass resumes past its unpruned first blocks (`pxopt.prune.prefix`; 0 = off).
+    `detect_severed`: a rate whose prune set makes the logits input-independent is evaluated
+    on one batch (`pxopt.prune.severed`). Both shortcuts leave the curve unchanged.
     """
     if mode not in ("auto", "mask", "slice"):
         raise ConfigError(f"mode must be 'auto', 'mask' or 'slice', got {mode!r}")
@@ -174,9 +228,22 @@ def accuracy_curve(
     unpruned: float | None = None
     masker = Masker(model, layer_map, kinds)
     slicer = Slicer(model, layer_map, kinds) if mode != "mask" else None
+    prefix, resume, prefix_state = _plan_prefix(model, masker, order, rs, data, prefix_cache_bytes)
+    severed = SeveredDetector(model) if detect_severed else None
+    resumed = shortcut = 0
+
+    def forward_for(k: int) -> Forward | None:
+        if prefix is None:
+            return None
+        if k == 0:
+            prefix.clear()
+            return prefix.record
+        start = resume.get(k)
+        return None if start is None else (lambda i, x: prefix.run(i, x, start))
+
     try:
         if rs[0] > 0.0:  # Top-PR needs the unpruned accuracy
-            unpruned = _accuracy(model, data, classes)
+            unpruned = _accuracy(model, data, classes, forward_for(0))
         prev_k = -1
         for i, rate in enumerate(rs):
             k = order.count(rate)
@@ -194,7 +261,13 @@ def accuracy_curve(
                 masker.set_pruned(pruned)
                 if slicer is not None:
                     slicer.apply(pruned)
-                acc = _accuracy(model, data, classes)
+                acc = _severed_accuracy(model, data, classes, severed, masker.fully_pruned())
+                if acc is not None:
+                    shortcut += 1
+                else:
+                    fwd = forward_for(k)
+                    resumed += int(k > 0 and fwd is not None)
+                    acc = _accuracy(model, data, classes, fwd)
                 evaluated += 1
             prev_k = k
             accs.append(acc)
@@ -206,6 +279,8 @@ def accuracy_curve(
                     and all(a <= chance + chance_margin for a in accs[-2:])):
                 stopped = rs[i + 1]
     finally:
+        if prefix is not None:
+            prefix.clear()
         if slicer is not None:
             slicer.undo()
         masker.restore()
@@ -226,6 +301,7 @@ def accuracy_curve(
             "n_components": order.n_total, "mode": mode,
             "sliced_layers": slicer.sliceable if slicer is not None else [],
             "passes": evaluated + (1 if rs[0] > 0.0 else 0), "reused": reused,
+            "prefix_cache": prefix_state, "resumed_passes": resumed, "severed_passes": shortcut,
             "seconds": time.perf_counter() - t0,
         },
     )

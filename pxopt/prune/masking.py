@@ -135,6 +135,15 @@ class Masker:
     def __enter__(self) -> Masker:
         return self
 
+    def fully_pruned(self) -> list[str]:
+        """Layers whose every component is currently pruned (they output exact zeros)."""
+        return [name for name, mask in self._current.items() if mask.numel() and bool(mask.all())]
+
+    def tensors_written(self, pruned: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+        """The tensors `set_pruned(pruned)` writes to (every layer with a pruned component)."""
+        return [tg.tensor for name, mask in pruned.items() if bool(mask.any())
+                for tg in self._targets.get(name, ())]
+
     def __exit__(self, *exc: object) -> None:
         self.restore()
 
