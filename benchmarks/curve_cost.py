@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pxopt.criteria import compute_scores  # noqa: E402
 from pxopt.data import make_task  # noqa: E402
 from pxopt.device import resolve_device  # noqa: E402
-from pxopt.evaluate import DEFAULT_PREFIX_CACHE_BYTES, DEFAULT_RATES, _accuracy, accuracy_curve  # noqa: E402
+from pxopt.evaluate import DEFAULT_RATES, _accuracy, accuracy_curve  # noqa: E402
 from pxopt.layers import discover_layers  # noqa: E402
 
 # column -> (evaluation mode, prefix cache + severed-network shortcut, chance stop);
@@ -111,7 +111,7 @@ def bench_one(name: str, args: argparse.Namespace) -> dict:
     for key, (mode, prefix, stop) in SETTINGS.items():
         t, curve = timed(lambda mode=mode, prefix=prefix, stop=stop: accuracy_curve(
             model, task, lm, scores, kinds=kinds, rates=DEFAULT_RATES, batches=data, mode=mode,
-            stop_at_chance=stop, prefix_cache_bytes=DEFAULT_PREFIX_CACHE_BYTES if prefix else 0,
+            stop_at_chance=stop, prefix_cache_bytes=None if prefix else 0,
             detect_severed=prefix),
             args.repeats, clock)
         row[key] = {"seconds": t, "ratio": t / plain, "area": curve.area,

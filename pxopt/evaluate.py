@@ -34,7 +34,7 @@ from pxopt.data.accuracy import restricted_correct
 from pxopt.device import resolve_device
 from pxopt.errors import ConfigError
 from pxopt.prune import Cap, Masker, PruneOrder, global_order
-from pxopt.prune.prefix import PrefixCache
+from pxopt.prune.prefix import PrefixCache, default_budget
 from pxopt.prune.severed import SeveredDetector, severed_accuracy_counts
 from pxopt.prune.slicing import Slicer
 from pxopt.scores import ComponentScores
@@ -132,9 +132,6 @@ def _accuracy(model: nn.Module, batches: list, classes: torch.Tensor, forward: F
     return float(correct.item()) / n
 
 
-DEFAULT_PREFIX_CACHE_BYTES = 1 << 30
-
-
 def _severed_accuracy(model: nn.Module, data: list, classes: torch.Tensor, detector: SeveredDetector | None,
                       fully_pruned: list[str]) -> float | None:
     """Accuracy from one batch when the prune set makes the logits input-independent."""
@@ -186,7 +183,7 @@ def accuracy_curve(
     batch_size: int = 256,
     batches: Iterable | None = None,
     mode: str = "auto",
-    prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
+    prefix_cache_bytes: int | None = None,
     detect_severed: bool = True,
 ) -> Curve:
     """Prune the globally lowest-ranked components at each rate and measure task accuracy.
@@ -199,7 +196,8 @@ def accuracy_curve(
     recorded as chance without evaluating and `stopped_early_at` names the first of them.
     `mode`: "mask" (masks only), "slice" / "auto" (also slice zeroed channels out where exact).
     `prefix_cache_bytes`: memory for the unpruned activations at block boundaries, from which
-    a pruned pass resumes past its unpruned first blocks (`pxopt.prune.prefix`; 0 = off).
+    a pruned pass resumes past its unpruned first blocks (`pxopt.prune.prefix`; 0 = off,
+    None = a quarter of the memory free on the device).
     `detect_severed`: a rate whose prune set makes the logits input-independent is evaluated
     on one batch (`pxopt.prune.severed`). Both shortcuts leave the curve unchanged.
     """
@@ -228,7 +226,8 @@ def accuracy_curve(
     unpruned: float | None = None
     masker = Masker(model, layer_map, kinds)
     slicer = Slicer(model, layer_map, kinds) if mode != "mask" else None
-    prefix, resume, prefix_state = _plan_prefix(model, masker, order, rs, data, prefix_cache_bytes)
+    budget = default_budget(dev) if prefix_cache_bytes is None else prefix_cache_bytes
+    prefix, resume, prefix_state = _plan_prefix(model, masker, order, rs, data, budget)
     severed = SeveredDetector(model) if detect_severed else None
     resumed = shortcut = 0
 
@@ -301,7 +300,8 @@ def accuracy_curve(
             "n_components": order.n_total, "mode": mode,
             "sliced_layers": slicer.sliceable if slicer is not None else [],
             "passes": evaluated + (1 if rs[0] > 0.0 else 0), "reused": reused,
-            "prefix_cache": prefix_state, "resumed_passes": resumed, "severed_passes": shortcut,
+            "prefix_cache": prefix_state, "prefix_cache_bytes": budget, "resumed_passes": resumed,
+            "severed_passes": shortcut,
             "seconds": time.perf_counter() - t0,
         },
     )

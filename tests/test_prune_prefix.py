@@ -10,7 +10,7 @@ from torch import nn
 from pxopt.data.accuracy import restricted_correct
 from pxopt.evaluate import _plan_prefix, accuracy_curve
 from pxopt.prune import Masker, global_order
-from pxopt.prune.prefix import PrefixCache
+from pxopt.prune.prefix import PrefixCache, default_budget
 from pxopt.prune.severed import SeveredDetector, severed_accuracy_counts
 from pxopt.prune.slicing import Slicer
 from tests._prune_helpers import simple_layer_map, tiny_resnet, tiny_vit
@@ -190,3 +190,11 @@ def test_severed_rates_cost_one_batch_and_change_nothing(mode):
     assert fast.accuracies == full.accuracies
     assert full.meta["severed_passes"] == 0
     assert fast.meta["severed_passes"] == sum(r >= 16 / 56 for r in fast.rates)
+
+
+def test_default_budget_is_a_quarter_of_free_memory():
+    import os
+
+    budget = default_budget(torch.device("cpu"))
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert 0 < budget <= available // 4 + (64 << 20)  # free memory moves a little between calls

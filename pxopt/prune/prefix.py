@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -28,6 +29,18 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def default_budget(device: torch.device) -> int:
+    """A quarter of the memory free on `device` now: large enough to hold ImageNet-size cuts on
+    a big GPU, small enough to leave the pruned passes their room (1 GiB if unknown)."""
+    try:
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            return int(free) // 4
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
+    except (AttributeError, ValueError, OSError, RuntimeError):
+        return 1 << 30
 
 
 class _BlockTracer(torch.fx.Tracer):
