@@ -17,7 +17,6 @@ full model.
 from __future__ import annotations
 
 import inspect
-import logging
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -25,8 +24,6 @@ from typing import Any
 import torch
 import torch.fx
 from torch import nn
-
-log = logging.getLogger(__name__)
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
@@ -198,7 +195,7 @@ class PrefixCache:
                 best = pos
         return best
 
-    def plan(self, starts: Sequence[int | None], batch_bytes: Callable[[int], int]) -> None:
+    def plan(self, starts: Sequence[int | None], batch_bytes: Callable[[int], float]) -> None:
         """Choose the cuts to store: the deepest first (they save the most compute) while the
         stored tensors fit the budget. `batch_bytes(pos)` = bytes of cut `pos` for all batches."""
         wanted = sorted({s for s in starts if s is not None}, reverse=True)
