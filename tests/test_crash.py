@@ -21,7 +21,15 @@ from optuna.trial import TrialState
 from test_workers_toy import ToyFactory, always_nan
 
 from pxopt.search.storage import open_storage, open_study
-from pxopt.search.workers import FAIL_REASON, WorkerPlan, fail_stale_trials, guard, run_workers
+from pxopt.search.workers import (
+    FAIL_REASON,
+    INTERRUPTED,
+    WorkerPlan,
+    _requeue_interrupted,
+    fail_stale_trials,
+    guard,
+    run_workers,
+)
 
 TOY = Path(__file__).with_name("test_workers_toy.py")
 TASK = {"dataset": "toy"}
@@ -128,7 +136,11 @@ def test_sigint_stops_cleanly_marks_trials_and_resumes(tmp_path, to):
     assert 4 in [t.number for t in failed]
     assert all("interrupted" in t.user_attrs[FAIL_REASON] for t in failed)
     waiting = [t for t in after if t.state == TrialState.WAITING]
-    assert sorted(t.system_attrs["failed_trial"] for t in waiting) == sorted(t.number for t in failed)
+    # A trial interrupted before its first suggest has no parameters to repeat: it is not
+    # queued again (the resumed run samples afresh). Every other one is, exactly once.
+    repeatable = sorted(t.number for t in failed if t.params)
+    assert 4 in repeatable  # trial 4 hangs after its suggest
+    assert sorted(t.system_attrs["failed_trial"] for t in waiting) == repeatable
     assert all(w.params == after[w.system_attrs["failed_trial"]].params for w in waiting)
     snap_before = _snapshot(before)
     assert all(_snapshot(after)[n] == snap_before[n] for n in snap_before)
@@ -139,9 +151,25 @@ def test_sigint_stops_cleanly_marks_trials_and_resumes(tmp_path, to):
     final = _load(url, "int")
     assert sum(t.state == TrialState.COMPLETE for t in final) == 10
     redone = {t.system_attrs["failed_trial"]: t for t in final if "failed_trial" in t.system_attrs}
-    assert set(redone) == {t.number for t in failed}
+    assert set(redone) == set(repeatable)
     assert all(t.state == TrialState.COMPLETE and t.params == after[n].params for n, t in redone.items())
     assert sorted(t.number for t in final) == list(range(len(final)))
+
+
+def test_interrupted_trials_are_queued_again_only_with_parameters(tmp_path):
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'q.db'}")
+    bare = study.ask()  # Ctrl-C before the first suggest: nothing to repeat
+    bare.set_user_attr(FAIL_REASON, INTERRUPTED)
+    study.tell(bare, state=TrialState.FAIL)
+    _requeue_interrupted(study, bare._trial_id)
+    assert not study.get_trials(states=(TrialState.WAITING,))
+    running = study.ask()  # Ctrl-C outside the objective: still RUNNING, with a parameter
+    x = running.suggest_float("x", 0.0, 1.0)
+    _requeue_interrupted(study, running._trial_id)
+    frozen = study.trials[running.number]
+    assert frozen.state == TrialState.FAIL and frozen.user_attrs[FAIL_REASON] == INTERRUPTED
+    (retry,) = study.get_trials(states=(TrialState.WAITING,))
+    assert retry.params == {"x": x} and retry.system_attrs["failed_trial"] == running.number
 
 
 def test_oom_and_nan_fail_only_their_trial_with_a_reason(tmp_path):
