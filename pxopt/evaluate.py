@@ -35,7 +35,7 @@ from pxopt.device import resolve_device
 from pxopt.errors import ConfigError
 from pxopt.prune import Cap, Masker, PruneOrder, global_order
 from pxopt.prune.prefix import PrefixCache, default_budget
-from pxopt.prune.severed import SeveredDetector, severed_accuracy_counts
+from pxopt.prune.severed import SeveredDetector
 from pxopt.prune.slicing import Slicer
 from pxopt.scores import ComponentScores
 
@@ -132,13 +132,19 @@ def _accuracy(model: nn.Module, batches: list, classes: torch.Tensor, forward: F
     return float(correct.item()) / n
 
 
+@torch.inference_mode()
 def _severed_accuracy(model: nn.Module, data: list, classes: torch.Tensor, detector: SeveredDetector | None,
                       fully_pruned: list[str]) -> float | None:
-    """Accuracy from one batch when the prune set makes the logits input-independent."""
+    """Accuracy from one batch when the prune set makes the logits input-independent: the
+    first batch must show identical logits for every image (as the graph says it must),
+    otherwise None and the caller runs the full pass."""
     if detector is None or not fully_pruned or not detector.severed(fully_pruned):
         return None
-    counts = severed_accuracy_counts(model, data, classes, restricted_correct)
-    return None if counts is None else counts[0] / counts[1]
+    out = model(data[0][0])
+    if not bool((out == out[:1]).all()):
+        return None
+    row = out[:1]
+    return _accuracy(model, data, classes, lambda i, x: row.expand(x.shape[0], -1))
 
 
 def _plan_prefix(model: nn.Module, masker: Masker, order: PruneOrder, rates: Sequence[float],
@@ -147,8 +153,6 @@ def _plan_prefix(model: nn.Module, masker: Masker, order: PruneOrder, rates: Seq
     if budget <= 0:
         return None, {}, "off"
     cache = PrefixCache(model, budget)
-    if cache.enabled and cache.hooks_outside_blocks():
-        cache.enabled, cache.reason = False, "forward hooks on the model or a container"
     with torch.inference_mode():
         per_item = cache.verify(data[0][0]) if cache.enabled else None
     if per_item is None:

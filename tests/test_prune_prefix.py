@@ -8,10 +8,10 @@ import torch
 from torch import nn
 
 from pxopt.data.accuracy import restricted_correct
-from pxopt.evaluate import _plan_prefix, accuracy_curve
+from pxopt.evaluate import _plan_prefix, _severed_accuracy, accuracy_curve
 from pxopt.prune import Masker, global_order
 from pxopt.prune.prefix import PrefixCache, default_budget
-from pxopt.prune.severed import SeveredDetector, severed_accuracy_counts
+from pxopt.prune.severed import SeveredDetector
 from pxopt.prune.slicing import Slicer
 from tests._prune_helpers import simple_layer_map, tiny_resnet, tiny_vit
 from tests.test_evaluate_curve import FakeTask
@@ -164,16 +164,22 @@ def test_severed_accuracy_needs_identical_logits():
     task = FakeTask(model)
     data = list(task.validation_batches(16, "cpu"))
     classes = torch.tensor(task.classes)
-    assert severed_accuracy_counts(model, data, classes, restricted_correct) is None  # input-dependent
+    always = _AlwaysSevered(model)  # claims a severed net whatever it is asked
+    assert _severed_accuracy(model, data, classes, always, ["stem"]) is None  # input-dependent
     lm = simple_layer_map(model, "fc")
     with Masker(model, lm, "conv") as masker:
         masker.set_pruned({"features.3": torch.ones(16, dtype=torch.bool)})
         assert masker.fully_pruned() == ["features.3"]
-        correct, n = severed_accuracy_counts(model, data, classes, restricted_correct)
-        out = torch.cat([model(x) for x, _ in data])
+        acc = _severed_accuracy(model, data, classes, SeveredDetector(model), masker.fully_pruned())
+        with torch.inference_mode():
+            out = torch.cat([model(x) for x, _ in data])
         labels = torch.cat([y for _, y in data])
-        assert n == len(labels)
-        assert correct == int(restricted_correct(out, labels, classes))
+        assert acc == int(restricted_correct(out, labels, classes)) / len(labels)
+
+
+class _AlwaysSevered(SeveredDetector):
+    def severed(self, fully_pruned):
+        return True
 
 
 @pytest.mark.parametrize("mode", ["mask", "slice"])

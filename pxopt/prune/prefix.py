@@ -16,7 +16,9 @@ full model.
 
 from __future__ import annotations
 
+import bisect
 import inspect
+import operator
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -72,7 +74,8 @@ def _drop_specialised_inputs(graph: torch.fx.Graph) -> bool:
     if any(u.op == "output" or any(a not in seen and a.op != "get_attr" for a in u.all_input_nodes)
            for u in dead if u.op != "placeholder"):
         return False
-    for n in sorted(dead, key=lambda m: list(graph.nodes).index(m), reverse=True):
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for n in sorted(dead, key=order.__getitem__, reverse=True):
         graph.erase_node(n)
     return True
 
@@ -162,7 +165,10 @@ class PrefixCache:
         bounds = [None, *self._cuts, None]
         self._segments = [_segment(self._gm, self._nodes, a, b) for a, b in zip(bounds, bounds[1:], strict=False)]
         self._node_storages = [self._storages_of(n) for n in self._nodes]
-        self._containers_with_hooks = [m for m in model.modules() if (m is model or isinstance(m, _CONTAINERS))]
+        if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()
+               if m is model or isinstance(m, _CONTAINERS)):
+            self.reason = "forward hooks on the model or a container"  # the segments skip them
+            return
         self.enabled = True
 
     def _storages_of(self, node: torch.fx.Node) -> set[int]:
@@ -170,9 +176,7 @@ class PrefixCache:
             mod = self._gm.get_submodule(str(node.target))
             return _storages([*mod.parameters(), *mod.buffers()])
         if node.op == "get_attr":
-            obj = self._gm
-            for part in str(node.target).split("."):
-                obj = getattr(obj, part)
+            obj = operator.attrgetter(str(node.target))(self._gm)
             return _storages([obj]) if isinstance(obj, torch.Tensor) else set()
         return set()
 
@@ -189,11 +193,8 @@ class PrefixCache:
 
     def latest_cut_before(self, node_index: int) -> int | None:
         """Position (into the cut list) of the latest cut strictly before `node_index`."""
-        best = None
-        for pos, c in enumerate(self._cuts):
-            if c < node_index:
-                best = pos
-        return best
+        pos = bisect.bisect_left(self._cuts, node_index) - 1
+        return pos if pos >= 0 else None
 
     def plan(self, starts: Sequence[int | None], batch_bytes: Callable[[int], float]) -> None:
         """Choose the cuts to store: the deepest first (they save the most compute) while the
@@ -215,10 +216,6 @@ class PrefixCache:
         return max(usable) if usable else None
 
     # -- running -----------------------------------------------------------------------
-
-    def hooks_outside_blocks(self) -> bool:
-        """Forward hooks on the root or a container would be skipped by the segments."""
-        return any(m._forward_hooks or m._forward_pre_hooks for m in self._containers_with_hooks)
 
     def verify(self, x: torch.Tensor, n: int = 4) -> list[float] | None:
         """Run the chained segments on the first `n` items of `x`: they must equal `model`'s

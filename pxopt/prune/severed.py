@@ -14,7 +14,7 @@ traced is simply never called severed.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from functools import cached_property
 
 import torch
 import torch.fx
@@ -25,25 +25,30 @@ from pxopt.prune.prefix import defaults_after_input
 
 class SeveredDetector:
     """`severed(fully_pruned)`: True if the output is input-independent once the layers named
-    in `fully_pruned` output zeros. Conservative: unknown structure counts as dependent."""
+    in `fully_pruned` output zeros. Conservative: unknown structure counts as dependent.
+
+    The model is traced on the first question, so curves that never prune a whole layer
+    never pay for the trace.
+    """
 
     def __init__(self, model: nn.Module):
+        self.model = model
+
+    @cached_property
+    def _nodes(self) -> list[torch.fx.Node] | None:
         try:
-            gm = torch.fx.symbolic_trace(model, concrete_args=defaults_after_input(model))
+            gm = torch.fx.symbolic_trace(self.model, concrete_args=defaults_after_input(self.model))
         except Exception:  # noqa: BLE001 - untraceable: never claim a severed network
-            self._nodes: list[torch.fx.Node] | None = None
-            return
-        self._nodes = list(gm.graph.nodes)
+            return None
+        return list(gm.graph.nodes)
 
     @property
     def enabled(self) -> bool:
         return self._nodes is not None
 
     def severed(self, fully_pruned: Iterable[str]) -> bool:
-        if self._nodes is None:
-            return False
         zero = set(fully_pruned)
-        if not zero:
+        if not zero or self._nodes is None:
             return False
         constant: set[torch.fx.Node] = set()
         for n in self._nodes:
@@ -60,20 +65,3 @@ class SeveredDetector:
             elif n.all_input_nodes and all(a in constant for a in n.all_input_nodes):
                 constant.add(n)
         return False
-
-
-@torch.inference_mode()
-def severed_accuracy_counts(model: nn.Module, batches: list, classes: torch.Tensor,
-                            correct_fn: Any) -> tuple[int, int] | None:
-    """(correct, total) from one pass over the first batch, if its logits are identical for every
-    image (as the graph says they must be); None otherwise, and the caller runs the full pass."""
-    x0, _ = batches[0]
-    out = model(x0)
-    if not bool((out == out[:1]).all()):
-        return None
-    row = out[:1]
-    correct, n = 0, 0
-    for _, y in batches:
-        correct += int(correct_fn(row.expand(y.numel(), -1), y, classes))
-        n += y.numel()
-    return correct, n
