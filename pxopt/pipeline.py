@@ -251,9 +251,13 @@ class Pipeline:
         return total[0], per_component
 
     def study_attrs(self) -> dict[str, Any]:
-        """Facts stored with the study for reports: task, MACs, layer sizes."""
+        """Facts stored with the study: the weights' fingerprint (checked on resume), task, MACs, layer sizes."""
+        from pxopt.models.checkpoint import weights_fingerprint
+        from pxopt.search.storage import ATTR_WEIGHTS
+
         total, per_component = self._count_macs()
         return {
+            ATTR_WEIGHTS: weights_fingerprint(self.model),
             "pxopt.task_description": self.task.describe(),
             "pxopt.total_macs": total,
             "pxopt.layer_macs": per_component,

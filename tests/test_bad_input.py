@@ -251,3 +251,32 @@ def test_bad_input(row: Row, world: dict[str, str], monkeypatch: pytest.MonkeyPa
 def test_the_table_covers_the_issue() -> None:
     names = {r.name for r in ROWS}
     assert len(names) == len(ROWS) >= 12
+
+
+def test_resuming_with_other_weights_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture) -> None:
+    """The spec names the same file, but the file now holds another network: no mixing."""
+    import torch
+
+    from pxopt.models.builtin.archs import FmnistResNet
+
+    monkeypatch.chdir(tmp_path)
+    ckpt = tmp_path / "net.pth"
+    torch.manual_seed(0)
+    torch.save(FmnistResNet().state_dict(), ckpt)
+    args = ["search", "--storage", str(tmp_path / "s.db"), "--study", "w", "--model", f"file:{ckpt}@builtin:fmnist-resnet",
+            "--classes", "3", "--n-ref", "2", "--n-val", "4", "--rates", "0,0.5", "--no-report",
+            "--out-dir", str(tmp_path / "out")]  # fmt: skip
+    assert _exit_code([*args, "--trials", "1"]) == 0
+    assert _exit_code([*args, "--trials", "2"]) == 0  # same weights: resumes
+    torch.manual_seed(1)
+    torch.save(FmnistResNet().state_dict(), ckpt)
+    capsys.readouterr()
+    assert _exit_code([*args, "--trials", "3"]) == 2
+    err = capsys.readouterr().err.strip()
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and err.endswith(lines[0]), err
+    assert re.search(r"^error: study 'w' was made with other weights of model 'file:.*net\.pth@builtin:fmnist-resnet' "
+                     r"\(fingerprint \w+, now \w+; the model was retrained or its checkpoint changed\)", lines[0]), err
+    study = optuna.load_study(study_name="w", storage=open_storage(str(tmp_path / "s.db"), heartbeat_interval=None))
+    assert len(study.trials) == 2

@@ -64,6 +64,17 @@ def test_training_is_deterministic_by_seed(tiny_builtins):
         assert torch.equal(x, y), k
 
 
+def test_channels_last_training_returns_the_default_layout(tiny_builtins):
+    """NHWC only speeds up training: the model handed on (and saved) is in the usual layout."""
+    assert registry.BUILTINS["fmnist-vgg"].recipe.channels_last
+    model, meta = registry.train_builtin("fmnist-vgg", device="cpu", progress=False)
+    convs = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous() for w in convs)
+    assert meta["test_accuracy"] > 0.5
+    plain = dataclasses.replace(registry.BUILTINS["fmnist-vgg"].recipe, channels_last=False)
+    assert registry.BUILTINS["fmnist-vgg"].key("d") != dataclasses.replace(registry.BUILTINS["fmnist-vgg"], recipe=plain).key("d")
+
+
 def test_cache_key_follows_recipe_and_data():
     entry = registry.BUILTINS["fmnist-vit"]
     other = dataclasses.replace(entry, recipe=dataclasses.replace(entry.recipe, seed=1))

@@ -88,3 +88,20 @@ def fit_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str
     if problems:
         raise CheckpointError(f"{source} does not fit the architecture: {'; '.join(problems)}")
     model.load_state_dict(state, strict=True)
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """A short hash of every parameter and buffer (names, dtypes, shapes and bytes).
+
+    A model spec such as `builtin:fmnist-vit` or `file:ckpt.pth@resnet50` names a model but
+    not its weights, which change when a recipe or a checkpoint file changes; studies store
+    this hash so a resumed search cannot mix trials of two different networks.
+    """
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"{name}:{flat.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]

@@ -15,7 +15,7 @@ import hashlib
 import importlib.util
 import json
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ CONNECT_TIMEOUT = 10
 ATTR_MODEL = "pxopt.model"
 ATTR_TASK_DIGEST = "pxopt.task_digest"
 ATTR_TASK = "pxopt.task"
+ATTR_WEIGHTS = "pxopt.weights"
 
 
 def storage_url(path_or_url: str | Path) -> str:
@@ -276,6 +277,24 @@ def open_study(
         )
     check_study_identity(study, model_spec=model_spec, task=task)
     return study
+
+
+def pin_study_attrs(study: optuna.Study, attrs: Mapping[str, Any]) -> None:
+    """Store facts about the model and task with the study, refusing other weights on resume.
+
+    The model spec alone does not pin the network (a retrained built-in or an edited
+    checkpoint keeps its spec), so the weights' fingerprint must match the stored one.
+    """
+    stored = study.user_attrs.get(ATTR_WEIGHTS)
+    wanted = attrs.get(ATTR_WEIGHTS)
+    if stored is not None and wanted is not None and stored != wanted:
+        raise StorageError(
+            f"study {study.study_name!r} was made with other weights of model "
+            f"{study.user_attrs.get(ATTR_MODEL)!r} (fingerprint {stored}, now {wanted}; the model was "
+            "retrained or its checkpoint changed): use another --study name"
+        )
+    for key, value in attrs.items():
+        study.set_user_attr(key, value)
 
 
 def check_study_identity(study: optuna.Study, *, model_spec: str, task: dict[str, Any]) -> None:

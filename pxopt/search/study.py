@@ -20,6 +20,7 @@ from pxopt.search.meta import library_versions
 from pxopt.search.objective import Evaluate, Objective
 from pxopt.search.space import SearchSpace
 from pxopt.search.spec import StudySpec
+from pxopt.search.storage import pin_study_attrs
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 SPEC_ATTR = "pxopt.spec"
@@ -150,8 +151,7 @@ def run_search(
     """
     url = storage_url or spec.storage_url()
     study = open_study(spec, url)
-    for key, value in (study_attrs or {}).items():
-        study.set_user_attr(key, value)
+    pin_study_attrs(study, study_attrs or {})
     space = space or SearchSpace.build(spec.space, family=family)
     if spec.baselines:
         enqueue_baselines(study, space)

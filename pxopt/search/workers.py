@@ -49,6 +49,7 @@ from pxopt.search.storage import (
     DEFAULT_MAX_RETRY,
     SQLiteFileStorage,
     open_storage,
+    pin_study_attrs,
 )
 
 Objective = Callable[[optuna.Trial], float]
@@ -687,8 +688,7 @@ def run_spec_search(
     if pipeline is None:
         pipeline = Pipeline.from_spec(spec, device="cpu" if n_workers > 1 else None)
     study = open_study(spec, url)
-    for key, value in (study_attrs or {}).items():
-        study.set_user_attr(key, value)
+    pin_study_attrs(study, study_attrs or {})
     if spec.baselines:
         space = SearchSpace.build(spec.space, family=pipeline.family, zbox_bounds=pipeline.input_bounds())
         enqueue_baselines(study, space)

@@ -3,7 +3,8 @@
 They are the library classes of the ImageNet models (torchvision `ResNet` with
 `BasicBlock`, torchvision `VGG`, timm `VisionTransformer`), only smaller, so every code
 path that runs on ImageNet models (module names, layer discovery, canonisers, attention
-rewriting) is exercised on them.
+rewriting) is exercised on them. The defaults are the built-ins' architectures; the registry
+also passes them explicitly, because only its arguments enter the cache key.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def vgg_features(cfg: tuple[int | str, ...], in_channels: int = 1, batch_norm: b
 
 
 def fmnist_vgg(
-    cfg: tuple[int | str, ...] = (32, "M", 64, "M", 128, 128, "M"),
+    cfg: tuple[int | str, ...] = (16, "M", 32, "M", 64, 64, "M"),
     hidden: int = 256,
     dropout: float = 0.3,
     batch_norm: bool = True,
@@ -101,7 +102,7 @@ def fmnist_vgg(
 
 def fmnist_vit(
     patch_size: int = 7,
-    embed_dim: int = 128,
+    embed_dim: int = 96,
     depth: int = 4,
     num_heads: int = 4,
     mlp_ratio: float = 2.0,

@@ -53,23 +53,25 @@ BUILTINS: dict[str, BuiltinModel] = {
         BuiltinModel(
             "fmnist-resnet",
             archs.FmnistResNet,
-            Recipe(epochs=3, lr=3e-3),
+            Recipe(epochs=3, lr=3e-3, channels_last=True),
             0.91,
             "torchvision ResNet, BasicBlock, widths 32-64-128, stride-2 3x3 stem (0.31 M params)",
         ),
         BuiltinModel(
             "fmnist-vgg",
             archs.fmnist_vgg,
-            Recipe(epochs=3, lr=3e-3),
+            Recipe(epochs=3, lr=3e-3, channels_last=True),
             0.90,
-            "torchvision VGG, features 32-M-64-M-128-128-M with BatchNorm, 256-unit classifier (0.54 M params)",
+            "torchvision VGG, features 16-M-32-M-64-64-M with BatchNorm, 256-unit classifier (0.21 M params)",
+            {"cfg": (16, "M", 32, "M", 64, 64, "M")},
         ),
         BuiltinModel(
             "fmnist-vit",
             archs.fmnist_vit,
-            Recipe(epochs=5, lr=2e-3, weight_decay=0.05),
+            Recipe(epochs=4, lr=3e-3, weight_decay=0.05),
             0.87,
-            "timm VisionTransformer, patch 7, dim 128, depth 4, 4 heads (0.54 M params)",
+            "timm VisionTransformer, patch 7, dim 96, depth 4, 4 heads (0.31 M params)",
+            {"embed_dim": 96},
         ),
     )
 }
