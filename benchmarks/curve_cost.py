@@ -76,19 +76,41 @@ def get_model(name: str, train_steps: int, source: str) -> tuple[torch.nn.Module
     return model, tf, f"pxopt.models.builtin.archs {base}, trained here for {train_steps} steps of 128"
 
 
+def _clocked(fn, clock) -> tuple[float, object]:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = clock()
+    out = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return clock() - t0, out
+
+
 def timed(fn, repeats: int, clock=time.process_time) -> tuple[float, object]:
     """Median time of `fn`. Default clock: this process's CPU time, robust to other jobs on a
     shared machine with one torch thread (wall time on a busy 2-core box varies 2x)."""
     times, out = [], None
     for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t0 = clock()
-        out = fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(clock() - t0)
+        t, out = _clocked(fn, clock)
+        times.append(t)
     return statistics.median(times), out
+
+
+def paired_ratio(fn, plain, repeats: int, clock=time.process_time) -> tuple[float, float, object]:
+    """Median over repeats of time(fn) / time(plain pass), the plain pass timed right before
+    and right after each call of `fn`.
+
+    The host's speed drifts by a third within minutes even in CPU time, so a plain pass
+    measured once at the start would skew every later ratio; bracketing each curve cancels it.
+    """
+    ratios, times, out = [], [], None
+    for _ in range(repeats):
+        before, _ = _clocked(plain, clock)
+        t, out = _clocked(fn, clock)
+        after, _ = _clocked(plain, clock)
+        ratios.append(t / ((before + after) / 2))
+        times.append(t)
+    return statistics.median(ratios), statistics.median(times), out
 
 
 def bench_one(name: str, args: argparse.Namespace) -> dict:
@@ -109,12 +131,12 @@ def bench_one(name: str, args: argparse.Namespace) -> dict:
     row = {"model": name, "source": source, "kinds": list(kinds), "n_val": sum(len(y) for _, y in data),
            "plain_pass_s": plain, "unpruned_accuracy": acc, "clock": clock.__name__}
     for key, (mode, prefix, stop) in SETTINGS.items():
-        t, curve = timed(lambda mode=mode, prefix=prefix, stop=stop: accuracy_curve(
+        ratio, t, curve = paired_ratio(lambda mode=mode, prefix=prefix, stop=stop: accuracy_curve(
             model, task, lm, scores, kinds=kinds, rates=DEFAULT_RATES, batches=data, mode=mode,
             stop_at_chance=stop, prefix_cache_bytes=None if prefix else 0,
             detect_severed=prefix),
-            args.repeats, clock)
-        row[key] = {"seconds": t, "ratio": t / plain, "area": curve.area,
+            lambda: _accuracy(model, data, classes), args.repeats, clock)
+        row[key] = {"seconds": t, "ratio": ratio, "area": curve.area,
                     "stopped_early_at": curve.stopped_early_at, "passes": curve.meta["passes"],
                     "resumed_passes": curve.meta["resumed_passes"],
                     "severed_passes": curve.meta["severed_passes"],
@@ -156,7 +178,9 @@ def main() -> None:
     lines = [
         "# Curve cost: 20-rate curve time / one plain validation pass", "",
         "Times are this process's CPU time on the CPU (one torch thread; robust to the other jobs"
-        " on the shared machine), wall time on CUDA. Ratios per cell: curve / plain pass.", "",
+        " on the shared machine), wall time on CUDA. Ratios per cell: median over the repeats of"
+        " curve / plain pass, the plain pass timed right before and after each curve (the host's"
+        " speed drifts).", "",
         f"- command: `{meta['command']}`", f"- date: {meta['date']}", f"- machine: {meta['machine']}",
         "- scores: LRP-epsilon on 10 reference images per class; rates 0, 0.05, ..., 0.95;"
         " all measured in one run; target <= 8, naive (one full pass per rate) ~20.", "",
