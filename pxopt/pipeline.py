@@ -251,7 +251,7 @@ class Pipeline:
         return total[0], per_component
 
     def study_attrs(self) -> dict[str, Any]:
-        """Facts stored with the study: the weights' fingerprint (checked on resume), task, MACs, layer sizes."""
+        """Facts stored with the study: weights fingerprint (checked on resume), task, MACs, sizes."""
         from pxopt.models.checkpoint import weights_fingerprint
         from pxopt.search.storage import ATTR_WEIGHTS
 
