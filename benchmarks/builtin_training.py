@@ -144,9 +144,8 @@ def main(
         r = rows[-1]
         typer.echo(f"  {r['test_accuracy']:.2%} in {r['wall_seconds']:.0f} s wall ({r['train_seconds']:.0f} s train; "
                    f"reference recipe now {reference:.0f} s)", err=True)  # fmt: skip
-    history = ""
-    if out.exists() and HISTORY_MARK in out.read_text():
-        history = out.read_text().split(HISTORY_MARK, 1)[1]
+    previous = out.read_text() if out.exists() else ""
+    history = previous.split(HISTORY_MARK, 1)[1] if HISTORY_MARK in previous else ""
     command = shlex.join(["python", "benchmarks/builtin_training.py", *sys.argv[1:]])
     out.write_text(_render(rows, command, note) + "\n" + HISTORY_MARK + history)
     typer.echo(f"wrote {out}", err=True)

@@ -220,7 +220,7 @@ class Pipeline:
         images = self.task.reference.images
         return float(images.min()), float(images.max())
 
-    def _count_macs(self) -> tuple[float, dict[str, float]]:
+    def count_macs(self) -> tuple[float, dict[str, float]]:
         """MACs of one image's forward pass: total, and per component of each prunable layer."""
         prunable = {layer.module: layer for layer in self.layer_map if layer.kind in self.kinds}
         total = [0.0]
@@ -255,7 +255,7 @@ class Pipeline:
         from pxopt.models.checkpoint import weights_fingerprint
         from pxopt.search.storage import ATTR_WEIGHTS
 
-        total, per_component = self._count_macs()
+        total, per_component = self.count_macs()
         return {
             ATTR_WEIGHTS: weights_fingerprint(self.model),
             "pxopt.task_description": self.task.describe(),

@@ -87,8 +87,8 @@ def register(app: typer.Typer) -> None:
             )
         else:
             macs, params = count(pipeline.model, example)
-            est = pipeline.study_attrs()
-            saved = sum(est["pxopt.layer_macs"].get(k, 0.0) * int(v.sum()) for k, v in pruned.items())
+            _, layer_macs = pipeline.count_macs()
+            saved = sum(layer_macs.get(k, 0.0) * int(v.sum()) for k, v in pruned.items())
             with pipeline.pruned(scores, exp["ranking"], rate):
                 result["latency_ms"] = latency_ms(pipeline.model, example, min_run_time=0.2)
                 result["pruned"] = {k: v.nonzero().flatten().tolist() for k, v in pruned.items()}
