@@ -24,10 +24,13 @@ from pxopt.search.storage import open_storage, open_study
 from pxopt.search.workers import (
     FAIL_REASON,
     INTERRUPTED,
+    WorkerContext,
     WorkerPlan,
+    WorkerSetup,
     _requeue_interrupted,
     fail_stale_trials,
     guard,
+    run_worker,
     run_workers,
 )
 
@@ -170,6 +173,32 @@ def test_interrupted_trials_are_queued_again_only_with_parameters(tmp_path):
     assert frozen.state == TrialState.FAIL and frozen.user_attrs[FAIL_REASON] == INTERRUPTED
     (retry,) = study.get_trials(states=(TrialState.WAITING,))
     assert retry.params == {"x": x} and retry.system_attrs["failed_trial"] == running.number
+
+
+class _CtrlCDuringAsk(optuna.samplers.RandomSampler):
+    """Sends SIGINT to this process while Optuna's ask() runs, before the objective starts."""
+
+    def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if trial.number == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        super().before_trial(study, trial)
+
+
+def test_ctrl_c_during_ask_fails_the_new_trial_with_the_reason(tmp_path):
+    """The interrupt is raised only once the objective starts; its trial must say why it failed."""
+    url = str(tmp_path / "ask.db")
+    open_study(open_storage(url), "a", model_spec="toy", task=TASK)
+
+    def factory(ctx: WorkerContext) -> WorkerSetup:
+        return WorkerSetup(objective=ToyFactory(sleep=0.0)(ctx).objective, sampler=_CtrlCDuringAsk(seed=0))
+
+    plan = WorkerPlan(storage=url, study_name="a", n_trials=5, device="cpu", heartbeat_interval=None)
+    completed = run_worker(factory, plan, WorkerContext(index=0, n_workers=1, device="cpu", threads=None))
+    assert not completed
+    trials = _load(url, "a")
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL]
+    assert trials[1].user_attrs[FAIL_REASON] == INTERRUPTED
+    assert not trials[1].params  # interrupted before its first suggest: nothing to queue again
 
 
 def test_oom_and_nan_fail_only_their_trial_with_a_reason(tmp_path):

@@ -355,7 +355,9 @@ def run_worker(
         raise StorageError(f"study {plan.study_name!r} does not exist in the storage") from exc
     current: list[int] = []
     interrupt = _Interrupt()
-    objective = interrupt.wrap(guard(setup.objective, on_start=lambda t: current.append(t._trial_id)))
+    # guard outermost: an interrupt raised by `wrap` (one that arrived during ask()) must
+    # still find the trial recorded in `current` and get its reason
+    objective = guard(interrupt.wrap(setup.objective), on_start=lambda t: current.append(t._trial_id))
     deadline = None if plan.timeout is None else time.monotonic() + plan.timeout
     failures = 0
     with interrupt.installed(), _quiet_interrupts(), warnings.catch_warnings():
