@@ -40,6 +40,8 @@ import numpy as np
 import torch
 import typer
 
+from pxopt.criteria import CRITERIA as LIBRARY_CRITERIA
+from pxopt.criteria import LAYER_MEAN_NORMALISED
 from pxopt.data import TensorSet, make_task
 from pxopt.device import configure_threads, resolve_device
 from pxopt.errors import ConfigError
@@ -55,10 +57,9 @@ MODELS: dict[str, tuple[str, tuple[str, ...]]] = {
     "vgg": ("builtin:fmnist-vgg", ("conv",)),
     "vit": ("builtin:fmnist-vit", ("mlp", "heads")),
 }
-# Order of the table and legend: the paper's ordering first, then the other criteria.
-CRITERIA: tuple[str, ...] = (
-    "optimised", "lrp-epsilon", "yeom-zplus", "ig", "taylor", "gradient", "activation", "weight", "random",
-)
+# Order of the table and legend: optimised LRP, then the library's criteria (pxopt.criteria
+# .CRITERIA, the one list of names) from LRP down to random, each normalised form beside its raw one.
+CRITERIA: tuple[str, ...] = ("optimised", *reversed(LIBRARY_CRITERIA))
 BASELINE_RANKING = "abs"  # components with the smallest |score| go first, as in the paper
 
 
@@ -418,7 +419,11 @@ _MODEL_LABELS = {"resnet": "ResNet", "vgg": "VGG", "vit": "ViT"}
 
 _COLOURS = {"optimised": "#d62728", "lrp-epsilon": "#1f77b4", "yeom-zplus": "#2ca02c", "ig": "#9467bd",
             "taylor": "#8c564b", "gradient": "#e377c2", "activation": "#bcbd22", "weight": "#17becf",
-            "random": "#7f7f7f"}
+            "random": "#7f7f7f", "weight-l2-norm": "#0b6e79"}
+# A layer-mean-normalised form: its raw criterion's colour, dashed.
+_DASHED = set(LAYER_MEAN_NORMALISED)
+for _name, (_raw, _) in LAYER_MEAN_NORMALISED.items():
+    _COLOURS.setdefault(_name, _COLOURS[_raw])
 
 
 def figure(results: dict[str, Any]) -> Any:
@@ -456,7 +461,8 @@ def figure(results: dict[str, Any]) -> Any:
                                          fill="toself", fillcolor=band, line={"width": 0}, hoverinfo="skip",
                                          showlegend=False, legendgroup=name), row=r, col=c)
                 fig.add_trace(go.Scatter(x=rates, y=mean, mode="lines", name=name, legendgroup=name,
-                                         line={"color": colour, "width": 3 if name == "optimised" else 1.5},
+                                         line={"color": colour, "width": 3 if name == "optimised" else 1.5,
+                                               "dash": "dash" if name in _DASHED else "solid"},
                                          showlegend=name not in shown,
                                          hovertemplate=f"{name}<br>rate %{{x}}<br>acc %{{y:.3f}}<extra></extra>"),
                               row=r, col=c)

@@ -7,9 +7,8 @@ from pathlib import Path
 
 import typer
 
+from pxopt.criteria import CRITERIA, check_criteria  # torch-free: the names only
 from pxopt.errors import ConfigError
-
-CRITERIA = ("random", "weight", "activation", "gradient", "taylor", "ig", "yeom-zplus", "lrp-epsilon")
 
 
 def register(app: typer.Typer) -> None:
@@ -75,10 +74,7 @@ def register(app: typer.Typer) -> None:
         from pxopt.pipeline import Pipeline
         from pxopt.search.objective import curve_record
 
-        names = [c.strip() for c in criteria.split(",") if c.strip()]
-        bad = [c for c in names if c not in CRITERIA]
-        if bad or not names:
-            raise ConfigError(f"--criteria: unknown {bad[0] if bad else 'empty list'!r} (choose from {', '.join(CRITERIA)})")
+        names = check_criteria(criteria.split(","), what="--criteria")
         spec = load_spec(spec_path, model=model, data=data, classes=classes, n_ref=n_ref, n_val=n_val,
                          components=components, rates=parse_rates(rates), device=device)
         pipeline = Pipeline.from_spec(spec)
@@ -87,7 +83,7 @@ def register(app: typer.Typer) -> None:
         for name in names:
             curve = curve_record(pipeline.curve(pipeline.criterion_scores(name), "abs"))
             table[name] = curve
-            typer.echo(f"{name:12s} area {curve['area']:.4f}  Top-PR {curve['top_pr']:.2f}")
+            typer.echo(f"{name:15s} area {curve['area']:.4f}  Top-PR {curve['top_pr']:.2f}")
             fig.add_trace(go.Scatter(x=curve["rates"], y=curve["accuracies"], mode="lines+markers",
                                      name=f"{name}: area {curve['area']:.4f}"))
         fig.update_layout(title=f"Baselines: {spec.model} on {spec.data}", xaxis_title="pruning rate",

@@ -2,85 +2,78 @@
 
     scores = compute_scores("taylor", model, task.reference_batches(64, device), layer_map)
 
-Names: random, weight, activation, gradient, taylor, ig, yeom-zplus, lrp-epsilon.
+`CRITERIA` is the one list of names; the CLI (`pxopt baselines --criteria`), the results
+benchmark and the library all check names against it (`check_criteria`). This module
+imports no torch, so the CLI can read the names without loading it; `compute_scores`
+lives in `pxopt.criteria.compute` and is imported on first use.
+
+Names (score per component: conv channel, MLP neuron or attention head):
+- random: seeded uniform random scores;
+- weight: L1 norm of the component's own weights (a filter, a neuron's incoming row, a
+  head's q/k/v rows), raw;
+- weight-norm: `weight` divided by its layer's mean;
+- weight-l2-norm: sum of squared weights (Torch-Pruning's p=2 magnitude, no square root)
+  divided by its layer's mean;
+- activation: mean |output| of the component, raw; activation-norm: over the layer's mean;
+- gradient: d(target)/d(output), summed over positions;
+- taylor: output x gradient summed over positions, |.| per sample (Molchanov et al. 2017),
+  raw; taylor-norm: over the layer's mean;
+- ig: integrated gradients of the layer output (baseline 0);
+- yeom-zplus: LRP z+ relevance divided by its layer's L1 norm (Yeom et al. 2021);
+- lrp-epsilon: LRP epsilon relevance, raw (conserved relevance needs no normalisation).
+
+`-norm` forms: every score of a layer (abs and signed) is divided by the mean of the
+layer's |scores|, so each layer's mean is 1 before the global ranking. Raw weight norms
+and activations are not comparable across layers (BatchNorm rescales freely), and the
+global ranking of the raw forms can empty a whole layer at the first pruning rates;
+dividing by the layer mean is Torch-Pruning's default normaliser (`normalizer="mean"` of
+`MagnitudeImportance` / `TaylorImportance`, torch_pruning/pruner/importance.py).
 `kinds` limits the layers (default: every prunable kind of the layer map); the classifier
 is never scored. The model is left as it was (eval mode during scoring, flags restored).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
-
-from pxopt.criteria import baselines
 from pxopt.errors import ConfigError
-from pxopt.prune._layers import prunable_layers
-from pxopt.scores import ComponentScores
 
+if TYPE_CHECKING:
+    from pxopt.criteria.compute import compute_scores
+
+# Order: raw before its normalised form, cheap before expensive, LRP last.
 CRITERIA: tuple[str, ...] = (
-    "random", "weight", "activation", "gradient", "taylor", "ig", "yeom-zplus", "lrp-epsilon",
+    "random", "weight", "weight-norm", "weight-l2-norm", "activation", "activation-norm", "gradient",
+    "taylor", "taylor-norm", "ig", "yeom-zplus", "lrp-epsilon",
 )
 
-
-def _lrp(model: nn.Module, batches: Iterable, layer_map: Any, kinds: tuple[str, ...],
-         rule: dict[str, Any], criterion: str, normalise: bool) -> ComponentScores:
-    from pxopt.lrp import RuleConfig, component_relevance
-
-    sc = component_relevance(model, batches, RuleConfig.uniform(rule), kinds=kinds, layer_map=layer_map)
-    names = {la.name for la in prunable_layers(layer_map, kinds)}
-    abs_, signed = ({k: v for k, v in d.items() if k in names} for d in (sc.abs, sc.signed))
-    if normalise:  # Yeom et al.: each layer's relevances divided by their L1 norm
-        den = {k: v.abs().sum().clamp_min(torch.finfo(v.dtype).tiny) for k, v in abs_.items()}
-        abs_ = {k: v / den[k] for k, v in abs_.items()}
-        signed = {k: v / den[k] for k, v in signed.items()}
-    meta = dict(sc.meta, layer_l1_normalised=normalise)
-    return ComponentScores(abs=abs_, signed=signed, criterion=criterion, n_samples=sc.n_samples, meta=meta)
+# The layer-mean-normalised forms and what they normalise: (criterion, its options).
+LAYER_MEAN_NORMALISED: dict[str, tuple[str, dict[str, Any]]] = {
+    "weight-norm": ("weight", {"p": 1}),
+    "weight-l2-norm": ("weight", {"p": 2}),
+    "activation-norm": ("activation", {}),
+    "taylor-norm": ("taylor", {}),
+}
 
 
-def compute_scores(name: str, model: nn.Module, batches: Iterable, layer_map: Any, *,
-                   kinds: str | Sequence[str] | None = None, seed: int = 0, steps: int = 16,
-                   objective: str = "logit", epsilon: float = 1e-6, **kw: Any) -> ComponentScores:
-    """Scores of criterion `name` on the reference `batches` ((images, labels) on the device).
-
-    seed: random; steps: ig; objective: "logit" (target logit) or "loss" for the gradient
-    family; epsilon: lrp-epsilon.
-    """
-    if name not in CRITERIA:
-        raise ConfigError(f"unknown criterion {name!r}; choose one of {', '.join(CRITERIA)}")
-    if kw:
-        raise ConfigError(f"criterion {name}: unknown option(s) {sorted(kw)}")
-    if objective not in ("logit", "loss"):
-        raise ConfigError(f"objective must be 'logit' or 'loss', got {objective!r}")
-    layers = prunable_layers(layer_map, kinds)
-    if not layers:
-        raise ConfigError(f"criterion {name}: no prunable layers of kind(s) {kinds}")
-    ks = tuple(dict.fromkeys(la.kind for la in layers))
-    if name == "random":
-        return baselines.random_scores(layers, seed=seed)
-    if name == "weight":
-        return baselines.weight_scores(layers)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode(False), torch.enable_grad():
-            if name == "activation":
-                return baselines.activation_scores(model, batches, layers)
-            if name == "gradient":
-                return baselines.gradient_scores(model, batches, layers, objective=objective)
-            if name == "taylor":
-                return baselines.taylor_scores(model, batches, layers, objective=objective)
-            if name == "ig":
-                return baselines.ig_scores(model, batches, layers, steps=steps, objective=objective)
-            if name == "yeom-zplus":
-                return _lrp(model, batches, layer_map, ks, {"rule": "zplus"}, name, normalise=True)
-            return _lrp(model, batches, layer_map, ks, {"rule": "epsilon", "epsilon": epsilon}, name,
-                        normalise=False)
-    finally:
-        model.train(was_training)
+def check_criteria(names: Iterable[str], *, what: str = "criterion") -> tuple[str, ...]:
+    """The names, stripped, each checked against `CRITERIA` (ConfigError naming the first bad one)."""
+    out = tuple(n.strip() for n in names if n.strip())
+    if not out:
+        raise ConfigError(f"{what}: empty list (choose from {', '.join(CRITERIA)})")
+    for n in out:
+        if n not in CRITERIA:
+            raise ConfigError(f"{what}: unknown criterion {n!r}; choose from {', '.join(CRITERIA)}")
+    return out
 
 
+def __getattr__(name: str) -> Any:
+    if name == "compute_scores":
+        from pxopt.criteria import compute
 
-__all__ = ["CRITERIA", "compute_scores"]
+        return compute.compute_scores
+    raise AttributeError(f"module 'pxopt.criteria' has no attribute {name!r}")
+
+
+__all__ = ["CRITERIA", "LAYER_MEAN_NORMALISED", "check_criteria", "compute_scores"]

@@ -1,4 +1,5 @@
-"""Baseline criteria: random, weight magnitude, activation, gradient, Taylor, integrated gradients.
+"""Baseline criteria: random, weight magnitude, activation, gradient, Taylor, integrated gradients,
+and the per-layer normaliser of the `-norm` forms (`layer_mean_normalised`).
 
 Per sample, each component gets one number Q (summed over space / tokens / head dims);
 scores are `abs` = mean |Q| and `signed` = mean Q over all reference samples, exactly like
@@ -71,8 +72,8 @@ def _head_rows(n_sections: int, section: int, heads: int, hd: int, device: torch
     return section * heads * hd + torch.arange(heads, device=device)[:, None] * hd + torch.arange(hd, device=device)
 
 
-def _head_weight_l1(module: nn.Module, name: str) -> Tensor:
-    """Per head: L1 of its q, k and v rows of the input projection."""
+def _head_weight(module: nn.Module, name: str, p: int) -> Tensor:
+    """Per head: sum of |w|^p over its q, k and v rows of the input projection."""
     if isinstance(module, nn.MultiheadAttention) and module._qkv_same_embed_dim:
         w, h = module.in_proj_weight, module.num_heads
     elif isinstance(getattr(module, "qkv", None), nn.Linear) and getattr(module, "num_heads", 0):
@@ -80,20 +81,49 @@ def _head_weight_l1(module: nn.Module, name: str) -> Tensor:
     else:
         raise UnsupportedLayerError(f"weight criterion: cannot find the q/k/v rows of heads in {name}")
     hd = w.shape[0] // (3 * h)
-    per_row = w.detach().abs().sum(1)
+    per_row = w.detach().abs().pow(p).sum(1)
     return sum(per_row[_head_rows(3, s, h, hd, w.device)].sum(1) for s in range(3))
 
 
-def weight_scores(layers: list[Any]) -> ComponentScores:
-    """L1 norm of each filter / neuron's incoming weights (per head: its q, k, v rows)."""
+def weight_scores(layers: list[Any], *, p: int = 1) -> ComponentScores:
+    """Sum of |w|^p of each filter / neuron's incoming weights (per head: its q, k, v rows).
+
+    p=1: the L1 norm; p=2: the sum of squares, as Torch-Pruning's `MagnitudeImportance(p=2)`
+    computes it (`w.abs().pow(p).sum(1)`, no square root; VainF/Torch-Pruning issue #329).
+    Only the component's own (outgoing-channel) weights count, i.e. Torch-Pruning's
+    `group_reduction="first"` on a group rooted at the layer's output channels.
+    """
+    if p not in (1, 2):
+        raise ConfigError(f"weight criterion: p must be 1 or 2, got {p}")
     vals: dict[str, Tensor] = {}
     for la in layers:
         if la.kind == "heads":
-            vals[la.name] = _head_weight_l1(la.module, la.name)
+            vals[la.name] = _head_weight(la.module, la.name, p)
         else:
             w = la.module.weight.detach()
-            vals[la.name] = w.abs().reshape(w.shape[0], -1).sum(1)
-    return ComponentScores(abs=vals, signed=dict(vals), criterion="weight")
+            vals[la.name] = w.abs().pow(p).reshape(w.shape[0], -1).sum(1)
+    return ComponentScores(abs=vals, signed=dict(vals), criterion="weight", meta={"p": p})
+
+
+def layer_mean_normalised(sc: ComponentScores, criterion: str) -> ComponentScores:
+    """Every layer's scores divided by the mean of its |scores| (abs and signed alike).
+
+    Torch-Pruning's default normaliser, `normalizer="mean"` of `MagnitudeImportance`,
+    `TaylorImportance` and `ActivationImportance` (`group_importance / group_importance.mean()`
+    in torch_pruning/pruner/importance.py, `GroupMagnitudeImportance._normalize`), applied per
+    pxopt layer (Torch-Pruning applies it per dependency group; for a layer whose channels
+    are coupled to no other layer the two coincide). Each layer then has mean |score| 1, so
+    the global ranking compares a component with its own layer's typical score rather than
+    with raw magnitudes that differ by orders between layers. A layer whose scores are all
+    zero stays zero (the denominator is clamped to the dtype's smallest normal number).
+    """
+    den = {k: v.abs().mean().clamp_min(torch.finfo(v.dtype).tiny) for k, v in sc.abs.items()}
+    return ComponentScores(
+        abs={k: v / den[k] for k, v in sc.abs.items()},
+        signed={k: v / den[k] for k, v in sc.signed.items()},
+        criterion=criterion, n_samples=sc.n_samples,
+        meta=dict(sc.meta, normalised_from=sc.criterion, normaliser="layer mean of |score|"),
+    )
 
 
 def _forward_with_sites(model: nn.Module, sites: list[Site], x: Tensor, keep: dict[str, Tensor]) -> Tensor:
