@@ -9,7 +9,7 @@ attention heads) and each task (all 10 classes; 3 classes):
    `--seeds` reference sets (seeds 1..S, none of them the search's) and on *held-out*
    validation images, disjoint from the search split (same test-set draw, split per class);
 3. report mean and standard error over the seeds of the area (mean accuracy over the
-   rate grid, `Curve.area_normalised`) and of Top-PR, per criterion.
+   rate grid, `Curve.area`, `pxopt.evaluate.AREA_DEFINITION`) and of Top-PR, per criterion.
 
     python benchmarks/results.py                       # full run (~30-40 min on 2 CPU cores)
     python benchmarks/results.py --quick --models resnet --seeds 2
@@ -45,6 +45,7 @@ from pxopt.criteria import LAYER_MEAN_NORMALISED
 from pxopt.data import TensorSet, make_task
 from pxopt.device import configure_threads, resolve_device
 from pxopt.errors import ConfigError
+from pxopt.evaluate import curve_area
 
 DATASET = "fashion-mnist"
 OUT_DIR = Path(__file__).resolve().parent / "results"
@@ -200,8 +201,10 @@ def search(setting: Setting, s: Settings, log: Callable[[str], None]) -> dict[st
         sampler={"name": "tpe", "n_startup_trials": max(2, min(6, s.trials // 3))},
         pruner={"name": "median", "n_startup_trials": 4, "n_warmup_steps": max(1, len(s.rates) // 5)},
     ).validated()
-    # Studies of another budget or image count are different studies: keep them apart.
-    url = f"sqlite:///{(s.work_dir / f'{name}-r{len(s.rates)}-ref{s.n_ref}.db').resolve()}"
+    # Studies of another budget or image count are different studies: keep them apart
+    # ("-meanacc": the area as the mean accuracy; studies of the older trapezoid objective
+    # cannot be resumed).
+    url = f"sqlite:///{(s.work_dir / f'{name}-r{len(s.rates)}-ref{s.n_ref}-meanacc.db').resolve()}"
     pipe = pipeline_for(setting, setting.search_task, s)
     start = time.perf_counter()
 
@@ -223,7 +226,7 @@ def search(setting: Setting, s: Settings, log: Callable[[str], None]) -> dict[st
         "ranking": best.user_attrs["ranking"],
         "trial": best.number,
         "baseline": best.user_attrs.get("baseline"),
-        "search_area_normalised": _normalised(best.user_attrs["curve"]),
+        "search_area": _area(best.user_attrs["curve"]),
         "search_top_pr": best.user_attrs["top_pr"],
         "n_trials": len(states),
         "n_complete": states.count("COMPLETE"),
@@ -242,11 +245,14 @@ def _best_value(study: Any) -> str:
         return "-"
 
 
-def _normalised(curve: dict[str, Any]) -> float:
-    if "area_normalised" in curve:
-        return float(curve["area_normalised"])
-    span = curve["rates"][-1] - curve["rates"][0]
-    return float(curve["area"]) / span if span > 0 else float(curve["accuracies"][0])
+def _area(curve: dict[str, Any]) -> float:
+    """The area of a stored curve, from its points (older studies stored the trapezoid)."""
+    return curve_area(curve["rates"], curve["accuracies"])
+
+
+def _run_area(run: dict[str, Any]) -> float:
+    """A per-seed run's area (files of older runs call it `area_normalised`)."""
+    return float(run["area"] if "area" in run else run["area_normalised"])
 
 
 # -- evaluation -----------------------------------------------------------------------------
@@ -263,7 +269,7 @@ def evaluate_seed(setting: Setting, best: dict[str, Any], seed: int, s: Settings
             ranking = BASELINE_RANKING
         curve = pipe.curve(scores, ranking)
         out[name] = {
-            "area_normalised": float(curve.area_normalised),
+            "area": float(curve.area),
             "top_pr": float(curve.top_pr),
             "accuracies": [float(a) for a in curve.accuracies],
             "seconds": round(time.perf_counter() - start, 2),
@@ -287,7 +293,7 @@ def summarise(per_seed: dict[str, dict[str, Any]], criteria: Sequence[str]) -> d
         runs = [seed_runs[name] for seed_runs in per_seed.values() if name in seed_runs]
         if not runs:
             continue
-        area, area_se = mean_se([r["area_normalised"] for r in runs])
+        area, area_se = mean_se([_run_area(r) for r in runs])
         top, top_se = mean_se([r["top_pr"] for r in runs])
         acc = np.asarray([r["accuracies"] for r in runs], dtype=np.float64)
         curve_se = acc.std(axis=0, ddof=1) / math.sqrt(len(runs)) if len(runs) > 1 else np.full(acc.shape[1], np.nan)
@@ -318,7 +324,7 @@ def run_setting(setting: Setting, s: Settings, record: dict[str, Any], save: Cal
         t0 = time.perf_counter()
         record["per_seed"][str(seed)] = evaluate_seed(setting, record["search"], seed, s)
         record["summary"] = summarise(record["per_seed"], s.criteria)
-        areas = ", ".join(f"{k} {v['area_normalised']:.3f}" for k, v in record["per_seed"][str(seed)].items())
+        areas = ", ".join(f"{k} {v['area']:.3f}" for k, v in record["per_seed"][str(seed)].items())
         log(f"[{setting.key}] seed {seed}/{s.seeds} ({time.perf_counter() - t0:.0f} s): {areas}")
         save()
     record["complete"] = True
@@ -397,7 +403,8 @@ def markdown(results: dict[str, Any]) -> str:
             se = recs[k].get("search")
             if se:
                 src = f"baseline `{se['baseline']}`" if se.get("baseline") else f"trial {se['trial']}"
-                search_lines.append(f"{_setting_label(recs[k])}: best = {src}, area {se['search_area_normalised']:.3f}"
+                area = se.get("search_area", se.get("search_area_normalised"))
+                search_lines.append(f"{_setting_label(recs[k])}: best = {src}, area {area:.3f}"
                                     f" on the search split ({se['n_complete']} complete / {se['n_pruned']} pruned / "
                                     f"{se['n_failed']} failed trials, {se['seconds']:.0f} s)")
         if search_lines:

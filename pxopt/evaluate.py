@@ -3,9 +3,11 @@
 Definitions (also in docs/INTERFACES.md section 7):
 - accuracy: argmax over the task's classes only (the logits of other classes are ignored,
   not zeroed), compared with the labels (model-output indices);
-- `area`: trapezoid rule (`numpy.trapezoid`) over the given rates;
-- `area_normalised`: area / (last rate - first rate), i.e. the mean accuracy over the rate
-  span, in [0, 1]; `meta["area_relative"]` divides further by the unpruned accuracy;
+- `area` (the one figure of merit: the search's objective, the report's, the export's and
+  the dashboard's "area"): the mean accuracy over the rate span, i.e. the trapezoid rule
+  (`numpy.trapezoid`) over the given rates divided by (last rate - first rate), in [0, 1]
+  (`AREA_DEFINITION`); a single rate gives its accuracy. `meta["area_relative"]` divides
+  further by the unpruned accuracy;
 - `top_pr`: the highest rate of the grid whose accuracy is >= 95 % of the unpruned one.
 
 Cost: the validation batches are moved to the device once, every rate is one inference
@@ -42,6 +44,16 @@ from pxopt.scores import ComponentScores
 DEFAULT_RATES: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(20))
 TOP_PR_FRACTION = 0.95
 
+#: The name of the figure of merit everywhere (JSON keys, figures, CLI output, dashboard).
+AREA = "area"
+#: What it is, in one line (report, dashboard note, export, README).
+AREA_DEFINITION = (
+    "area = mean accuracy over the pruning-rate span (trapezoid rule over the rates, "
+    "divided by last rate - first rate; in [0, 1])"
+)
+#: Axis title of figures that plot it.
+AREA_TITLE = "area (mean accuracy over the rate span)"
+
 OnRate = Callable[[int, float, float], None]
 
 
@@ -51,8 +63,7 @@ class Curve:
 
     rates: list[float]
     accuracies: list[float]
-    area: float
-    area_normalised: float
+    area: float  # mean accuracy over the rate span (`curve_area`)
     top_pr: float
     pruned_per_layer: dict[str, list[int]]
     stopped_early_at: float | None = None  # first rate recorded as chance without evaluating
@@ -62,7 +73,7 @@ class Curve:
     def to_dict(self) -> dict[str, Any]:
         return {
             "rates": list(self.rates), "accuracies": list(self.accuracies), "area": self.area,
-            "area_normalised": self.area_normalised, "top_pr": self.top_pr,
+            "top_pr": self.top_pr,
             "pruned_per_layer": {k: list(v) for k, v in self.pruned_per_layer.items()},
             "stopped_early_at": self.stopped_early_at, "chance": self.chance, "meta": dict(self.meta),
         }
@@ -80,14 +91,36 @@ def check_rates(rates: Sequence[float]) -> list[float]:
     return rs
 
 
-def curve_area(rates: Sequence[float], accuracies: Sequence[float]) -> tuple[float, float]:
-    """(area by the trapezoid rule, area / rate span). A single rate gives (0, its accuracy)."""
+def curve_area(rates: Sequence[float], accuracies: Sequence[float]) -> float:
+    """The area: mean accuracy over the rate span (trapezoid rule / span, `AREA_DEFINITION`).
+
+    A single rate gives its accuracy; no rate gives 0.
+    """
     r = np.asarray(rates, dtype=np.float64)
     a = np.asarray(accuracies, dtype=np.float64)
     if r.size < 2:
-        return 0.0, float(a[0]) if a.size else 0.0
-    area = float(np.trapezoid(a, r))
-    return area, area / float(r[-1] - r[0])
+        return float(a[0]) if a.size else 0.0
+    return float(np.trapezoid(a, r)) / float(r[-1] - r[0])
+
+
+def partial_area(rates: Sequence[float], accuracies: Sequence[float]) -> float:
+    """The area of a curve known up to rate `len(accuracies) - 1` of the grid `rates`.
+
+    The trapezoid over the rates reached, divided by the span of the *whole* grid: the
+    rates not reached count as accuracy 0, so it is a lower bound of the final area, on
+    the same scale, and it equals the area once the curve is complete. At a given step
+    it differs from the plain partial trapezoid only by the grid's constant span, so
+    pruners that compare trials step by step (median, percentile) decide the same way.
+    """
+    n = len(accuracies)
+    if n == 0:
+        return 0.0
+    if len(rates) < 2:
+        return float(accuracies[0])
+    r = np.asarray(rates[:n], dtype=np.float64)
+    a = np.asarray(accuracies, dtype=np.float64)
+    done = float(np.trapezoid(a, r)) if n >= 2 else 0.0
+    return done / float(rates[-1] - rates[0])
 
 
 def top_pruning_rate(rates: Sequence[float], accuracies: Sequence[float], unpruned: float,
@@ -288,15 +321,15 @@ def accuracy_curve(
             slicer.undo()
         masker.restore()
         model.train(was_training)
-    area, norm = curve_area(rs, accs)
+    area = curve_area(rs, accs)
     assert unpruned is not None
     return Curve(
-        rates=rs, accuracies=accs, area=area, area_normalised=norm,
+        rates=rs, accuracies=accs, area=area,
         top_pr=top_pruning_rate(rs, accs, unpruned), pruned_per_layer=counts,
         stopped_early_at=stopped, chance=chance,
         meta={
             "unpruned_accuracy": unpruned,
-            "area_relative": (norm / unpruned) if unpruned > 0 else math.nan,
+            "area_relative": (area / unpruned) if unpruned > 0 else math.nan,
             "n_validation": sum(int(y.numel()) for _, y in data),
             "kinds": list(kinds) if not isinstance(kinds, str) else [kinds],
             "ranking": ranking, "most_relevant_first": most_relevant_first,

@@ -3,6 +3,10 @@
 Format `pxopt.export/1`: everything needed to re-apply the configuration to the same
 model and task (`pxopt prune --config`) and to check the result against the stored curve.
 Imports are validated field by field before use; nothing is ever unpickled.
+
+`area` is `pxopt.evaluate.AREA_DEFINITION`, named in `area_definition`. Files of older
+pxopt versions (no `area_definition`: their `area` was the plain trapezoid) are read with
+the area recomputed from their curve, so every export in memory means the same thing.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import optuna
 from optuna.trial import TrialState
 
 from pxopt.errors import ConfigError
+from pxopt.evaluate import AREA_DEFINITION, curve_area
 from pxopt.search.meta import library_versions
 from pxopt.search.spec import COMPONENTS, check_rates
 
@@ -77,8 +82,9 @@ def export_trial(study: optuna.Study, number: int | None = None) -> dict[str, An
             "description": study.user_attrs.get("pxopt.task_description"),
         },
         "curve": {"rates": curve["rates"], "accuracies": curve["accuracies"]},
-        "area": float(trial.value),
-        "area_normalised": curve.get("area_normalised"),
+        # from the curve, not trial.value: the same number for studies of older pxopt versions
+        "area": curve_area(curve["rates"], curve["accuracies"]),
+        "area_definition": AREA_DEFINITION,
         "top_pr": float(curve["top_pr"]),
         "seeds": attrs.get("seeds", {}),
         "versions": attrs.get("versions") or library_versions(),
@@ -117,6 +123,13 @@ def validate_export(data: Any) -> dict[str, Any]:
         raise ConfigError("curve: accuracies must match the rates and lie in [0, 1]")
     if not math.isfinite(data["area"]):
         raise ConfigError("area must be finite")
+    area = curve_area(rates, accuracies)
+    if "area_definition" not in data:  # an older pxopt's file: its area was the trapezoid
+        data["area"] = area
+        data["area_definition"] = AREA_DEFINITION
+        data.pop("area_normalised", None)
+    elif abs(float(data["area"]) - area) > 1e-6:
+        raise ConfigError(f"area: {data['area']} is not the mean accuracy of the curve ({area:.6f})")
     _validate_rules(data["rules"])
     return data
 

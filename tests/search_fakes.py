@@ -13,8 +13,7 @@ _RULE_QUALITY = {"epsilon": 1.0, "gamma": 0.9, "alphabeta": 0.6, "zplus": 0.7, "
 class FakeCurve:
     rates: list[float]
     accuracies: list[float]
-    area: float
-    area_normalised: float
+    area: float  # mean accuracy over the rate span
     top_pr: float
     pruned_per_layer: dict[str, list[int]] = field(default_factory=dict)
     stopped_early_at: float | None = None
@@ -55,14 +54,39 @@ class FakeEvaluator:
             if on_rate is not None:
                 on_rate(i, r, a)
         top = max((r for r, a in zip(self.rates, acc, strict=True) if a >= 0.95 * acc[0]), default=0.0)
-        area = trapezoid(self.rates, acc)
-        return FakeCurve(self.rates, acc, area, area / (self.rates[-1] - self.rates[0]), top,
-                         {"layer1": [int(100 * r) for r in self.rates]})
+        area = trapezoid(self.rates, acc) / (self.rates[-1] - self.rates[0])
+        return FakeCurve(self.rates, acc, area, top, {"layer1": [int(100 * r) for r in self.rates]})
 
 
 class _FakeTask:
+    """Three classes, six 8x8 reference images (heatmaps of the report)."""
+
+    classes = [0, 1, 2]
+    class_names = ["zero", "one", "two"]
+
+    def __init__(self) -> None:
+        import torch
+
+        from pxopt.data.tensorset import TensorSet
+
+        g = torch.Generator().manual_seed(0)
+        self.reference = TensorSet(torch.rand(6, 1, 8, 8, generator=g), torch.tensor([0, 1, 2, 0, 1, 2]))
+
     def describe(self) -> dict:
         return {"dataset": "fake", "classes": [0, 1, 2]}
+
+
+def tiny_linear_model():
+    """(1, 8, 8) -> 3 logits: one Linear layer (LRP: its 'input' group rule)."""
+    import torch
+    from torch import nn
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 3))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        model[1].weight.copy_(0.3 * torch.randn(3, 64, generator=g))
+        model[1].bias.zero_()
+    return model.eval().requires_grad_(False)
 
 
 class _Scores:
@@ -80,6 +104,7 @@ class FakePipeline:
         self.rates = list(spec.rates)
         self.evaluator = FakeEvaluator(self.rates)
         self.task = _FakeTask()
+        self.model = tiny_linear_model()
 
     @classmethod
     def from_spec(cls, spec, **_kw) -> FakePipeline:

@@ -64,4 +64,7 @@ def test_default_study_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     detail = dashboard_get(url, f"/api/studies/{study._study_id}")
     assert len(detail["trials"]) == len(study.trials)
     assert any(g["id"] == "pxopt-curves" for g in detail["plotly_graph_objects"])
-    assert (tmp_path / "studies" / "default-report.html").stat().st_size > 1_000_000
+    report = (tmp_path / "studies" / "default-report.html").read_text()
+    assert len(report) > 1_000_000 and 'id="fig-heatmaps"' in report  # heatmaps of the real model
+    assert detail["objective_names"] == ["area"]
+    assert exported["area"] == pytest.approx(study.best_value)  # one area: the mean accuracy

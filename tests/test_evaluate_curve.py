@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pxopt.errors import ConfigError
-from pxopt.evaluate import DEFAULT_RATES, accuracy_curve, curve_area, top_pruning_rate
+from pxopt.evaluate import DEFAULT_RATES, accuracy_curve, curve_area, partial_area, top_pruning_rate
 from pxopt.prune import Masker, global_order
 from pxopt.prune.slicing import Slicer
 from tests._prune_helpers import simple_layer_map, tiny_resnet, tiny_vit
@@ -32,15 +32,29 @@ class FakeTask:
 def test_area_and_top_pr_on_hand_made_curves():
     rates = [0.0, 0.25, 0.5, 0.75, 1.0]
     accs = [1.0, 1.0, 0.5, 0.5, 0.0]
-    area, norm = curve_area(rates, accs)
-    assert area == pytest.approx(0.25 * (1.0 + 0.75 + 0.5 + 0.25))
-    assert norm == pytest.approx(area / 1.0)
-    _, norm2 = curve_area([0.2, 0.6], [0.8, 0.4])
-    assert norm2 == pytest.approx(0.6)  # mean accuracy over the span
+    assert curve_area(rates, accs) == pytest.approx(0.25 * (1.0 + 0.75 + 0.5 + 0.25))  # span 1
+    assert curve_area([0.2, 0.6], [0.8, 0.4]) == pytest.approx(0.6)  # mean accuracy over the span
+    assert curve_area([0.0, 0.95], [0.5, 0.5]) == pytest.approx(0.5)  # not the trapezoid 0.475
+    assert curve_area([0.3], [0.7]) == 0.7
     assert top_pruning_rate(rates, accs, 1.0) == 0.25
     assert top_pruning_rate([0, 0.1, 0.2, 0.3], [0.8, 0.77, 0.76, 0.75], 0.8) == 0.2  # 0.76 = 95 %
     assert top_pruning_rate([0, 0.1], [0.8, 0.1], 0.8) == 0.0
     assert DEFAULT_RATES[0] == 0.0 and DEFAULT_RATES[-1] == 0.95 and len(DEFAULT_RATES) == 20
+
+
+def test_partial_area_is_a_lower_bound_on_the_final_scale():
+    rates = [0.0, 0.25, 0.5, 0.75, 1.0]
+    accs = [1.0, 0.9, 0.6, 0.3, 0.1]
+    steps = [partial_area(rates, accs[: i + 1]) for i in range(len(rates))]
+    assert steps[0] == 0.0
+    assert steps == sorted(steps)  # grows with every rate reached
+    assert steps[-1] == curve_area(rates, accs)  # equals the area once complete (bit for bit)
+    # at a fixed step it is the plain partial trapezoid divided by the grid's span, so the
+    # median pruner's comparisons between trials are those of the plain partial trapezoid
+    grid = [0.0, 0.2, 0.4, 0.6, 0.8]
+    for a, b in ((0.9, 0.5), (0.8, 0.6)):
+        assert partial_area(grid, [a, b]) == pytest.approx((0.2 * (a + b) / 2) / 0.8)
+    assert partial_area([0.5], [0.4]) == 0.4
 
 
 def _setup(kinds=("conv",)):
@@ -59,7 +73,10 @@ def test_curve_basics_deterministic_and_model_untouched():
     assert c1.accuracies == c2.accuracies
     assert c1.accuracies[0] == 1.0  # labels are the unpruned model's predictions
     assert min(c1.accuracies) < 1.0
-    assert c1.area == pytest.approx(float(np.trapezoid(c1.accuracies, c1.rates)))
+    span = c1.rates[-1] - c1.rates[0]
+    assert c1.area == pytest.approx(float(np.trapezoid(c1.accuracies, c1.rates)) / span)
+    assert 0.0 <= c1.area <= 1.0 and not hasattr(c1, "area_normalised")  # one area, one name
+    assert c1.to_dict()["area"] == c1.area and "area_normalised" not in c1.to_dict()
     assert c1.pruned_per_layer["stem"][0] == 0
     totals = [sum(v[i] for v in c1.pruned_per_layer.values()) for i in range(20)]
     assert totals == [int(r * 56 + 1e-9) for r in c1.rates]  # 8 + 8 + 8 + 16 + 16 conv channels

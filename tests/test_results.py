@@ -58,8 +58,9 @@ def test_mean_se() -> None:
 def _fake_results(complete: bool = True) -> dict:
     rates = [0.0, 0.5]
     per_seed = {
-        "1": {"optimised": {"area_normalised": 0.8, "top_pr": 0.5, "accuracies": [0.9, 0.7]},
-              "random": {"area_normalised": 0.6, "top_pr": 0.0, "accuracies": [0.9, 0.3]}},
+        "1": {"optimised": {"area": 0.8, "top_pr": 0.5, "accuracies": [0.9, 0.7]},
+              "random": {"area": 0.6, "top_pr": 0.0, "accuracies": [0.9, 0.3]}},
+        # a run saved before the area had one name ("area_normalised") reads the same
         "2": {"optimised": {"area_normalised": 0.9, "top_pr": 0.5, "accuracies": [0.9, 0.9]},
               "random": {"area_normalised": 0.5, "top_pr": 0.0, "accuracies": [0.9, 0.1]}},
     }
@@ -71,7 +72,7 @@ def _fake_results(complete: bool = True) -> dict:
         "settings": {"resnet-conv-3cls": {
             "model": "resnet", "components": "conv", "n_classes": 3, "class_names": ["a", "b", "c"],
             "summary": summary, "per_seed": per_seed,
-            "search": {"baseline": None, "trial": 3, "search_area_normalised": 0.85, "n_complete": 3,
+            "search": {"baseline": None, "trial": 3, "search_area": 0.85, "n_complete": 3,
                        "n_pruned": 1, "n_failed": 0, "seconds": 5.0}}},
     }
 
@@ -87,6 +88,7 @@ def test_summary_and_table(tmp_path: Path) -> None:
     md = (tmp_path / "paper_comparison.md").read_text()
     assert "PARTIAL" in md and "never saw" in md
     assert "| optimised | 0.850 ± 0.050 |" in md
+    assert "best = trial 3, area 0.850 on the search split" in md
     assert "| random | 0% ± 0% |" in md
     saved = json.loads((tmp_path / "paper_comparison.json").read_text())
     assert [row["criterion"] for row in saved["table"]] == ["optimised", "random"]

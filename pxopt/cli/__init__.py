@@ -29,6 +29,7 @@ _COMMAND_MODULES: list[str] = [
     "pxopt.cli.search_cmd",
     "pxopt.cli.export_cmd",
     "pxopt.cli.report_cmd",
+    "pxopt.cli.explain_cmd",
 ]
 
 _debug = False

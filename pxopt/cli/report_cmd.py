@@ -20,16 +20,24 @@ def register(app: typer.Typer) -> None:
         rate: float | None = typer.Option(None, "--rate", help="Rate of the per-layer figure (default: Top-PR)."),
         baselines: Path | None = typer.Option(None, "--baselines", help="JSON table from `pxopt baselines`."),
         out_dir: Path = typer.Option(Path("studies"), "--out-dir", help="Where studies live."),
+        heatmaps: int = typer.Option(4, "--heatmaps", help="Reference images in the heatmap figure (0: none; "
+                                                          "loads the study's model and data)."),
+        device: str | None = typer.Option(None, "--device", help="Device of the heatmaps: auto, cpu, cuda ..."),
     ) -> None:
         """Write one self-contained HTML report of a study."""
         from pxopt.cli._study import load_study
         from pxopt.report import write_report
+        from pxopt.report.heatmaps import try_study_heatmaps
 
         st, _ = load_study(study, storage, out_dir)
         extra = None
         if baselines is not None:
             extra = _read_baselines(baselines)
-        path = write_report(st, out or out_dir / f"{st.study_name}-report.html", rate=rate, extra_curves=extra)
+        maps, note = try_study_heatmaps(st, n_images=heatmaps, device=device)
+        if note and heatmaps > 0:
+            typer.echo(f"heatmaps {note}", err=True)
+        path = write_report(st, out or out_dir / f"{st.study_name}-report.html", rate=rate, extra_curves=extra,
+                            heatmaps=maps, heatmaps_note=note)
         typer.echo(f"report: {path}")
 
     @app.command("dashboard")
@@ -71,6 +79,7 @@ def register(app: typer.Typer) -> None:
         import plotly.graph_objects as go
 
         from pxopt.cli.search_cmd import load_spec, parse_rates
+        from pxopt.evaluate import AREA_DEFINITION
         from pxopt.pipeline import Pipeline
         from pxopt.search.objective import curve_record
 
@@ -78,20 +87,23 @@ def register(app: typer.Typer) -> None:
         spec = load_spec(spec_path, model=model, data=data, classes=classes, n_ref=n_ref, n_val=n_val,
                          components=components, rates=parse_rates(rates), device=device)
         pipeline = Pipeline.from_spec(spec)
+        from pxopt.report.figures import curve_styles
+
         table: dict[str, dict] = {}
         fig = go.Figure()
-        for name in names:
+        for name, line in zip(names, curve_styles(len(names)), strict=True):
             curve = curve_record(pipeline.curve(pipeline.criterion_scores(name), "abs"))
             table[name] = curve
             typer.echo(f"{name:15s} area {curve['area']:.4f}  Top-PR {curve['top_pr']:.2f}")
             fig.add_trace(go.Scatter(x=curve["rates"], y=curve["accuracies"], mode="lines+markers",
-                                     name=f"{name}: area {curve['area']:.4f}"))
+                                     name=f"{name}: area {curve['area']:.4f}", line=line))
         fig.update_layout(title=f"Baselines: {spec.model} on {spec.data}", xaxis_title="pruning rate",
                           yaxis_title="top-1 accuracy on the task", yaxis_range=[0, 1.02])
         out_dir.mkdir(parents=True, exist_ok=True)
         stem = f"{spec.name}-baselines"
         (out_dir / f"{stem}.json").write_text(
-            json.dumps({"format": "pxopt.baselines/1", "model": spec.model, "task": pipeline.task.describe(),
+            json.dumps({"format": "pxopt.baselines/1", "area_definition": AREA_DEFINITION,
+                        "model": spec.model, "task": pipeline.task.describe(),
                         "components": spec.components, "criteria": table}, indent=2) + "\n", encoding="utf-8")
         fig.write_html(out_dir / f"{stem}.html", include_plotlyjs=True)
         typer.echo(f"table: {out_dir / (stem + '.json')}\nfigure: {out_dir / (stem + '.html')}")

@@ -130,6 +130,9 @@ def register(app: typer.Typer) -> None:
         typer.echo(f"best:   trial {best.number}, area {best.value:.4f}, "
                    f"Top-PR {best.user_attrs['curve']['top_pr']:.2f} -> {best_path}")
         if report:
-            report_path = write_report(st, out_dir / f"{spec.name}-report.html")
+            from pxopt.report.heatmaps import try_study_heatmaps
+
+            maps, note = try_study_heatmaps(st, pipeline)
+            report_path = write_report(st, out_dir / f"{spec.name}-report.html", heatmaps=maps, heatmaps_note=note)
             typer.echo(f"report: {report_path}")
 

@@ -2,6 +2,9 @@
 
 Every function reads only what the study stores (trial values and user attributes), so
 a report can be made on any machine that can open the storage, without the model.
+Areas (`pxopt.evaluate.AREA_DEFINITION`) are recomputed from the stored curves, so a
+study of an older pxopt (whose values were the plain trapezoid) is drawn on the same scale.
+Pruned trials are drawn as pruned, at the area of the rates they reached (a lower bound).
 """
 
 from __future__ import annotations
@@ -14,11 +17,64 @@ import optuna
 import plotly.graph_objects as go
 from optuna.trial import FrozenTrial, TrialState
 
+from pxopt.evaluate import AREA, AREA_TITLE, curve_area, partial_area
+from pxopt.search.objective import OBJECTIVE_ID, study_objective
 from pxopt.search.study import baseline_trials
+
+#: One colour per curve, told apart at a glance: black (the best trial), D3's ten, then
+#: colours of Plotly's Dark24 / Alphabet and Kelly's set, each >= 70 (RGB distance) from
+#: every earlier one and none too light on white.
+PALETTE: tuple[str, ...] = (
+    "#000000", "#1F77B4", "#FF7F0E", "#2CA02C", "#D62728", "#9467BD", "#8C564B", "#E377C2",
+    "#BCBD22", "#17BECF", "#393B79", "#DA16FF", "#750D86", "#511CFB", "#FC0080", "#620042",
+    "#3283FE", "#16FF32", "#FBE426", "#A1CAF1", "#C2B280", "#2B3D26",
+)
+PRUNED_COLOUR = "#9a9a9a"
+COMPLETE_COLOUR = "#1F77B4"
+BEST_SO_FAR_COLOUR = "#D62728"
+_DASHES = ("solid", "dash", "dot", "dashdot")
+
+
+def curve_styles(n: int) -> list[dict[str, Any]]:
+    """Line styles for n curves: a different colour each (then colour + dash, past the palette)."""
+    return [{"color": PALETTE[i % len(PALETTE)], "dash": _DASHES[(i // len(PALETTE)) % len(_DASHES)]}
+            for i in range(n)]
 
 
 def _complete(study: optuna.Study) -> list[FrozenTrial]:
     return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if "curve" in t.user_attrs]
+
+
+def trial_area(trial: FrozenTrial) -> float:
+    """The area of a complete trial, from its stored curve."""
+    curve = trial.user_attrs["curve"]
+    return curve_area(curve["rates"], curve["accuracies"])
+
+
+def rate_grid(study: optuna.Study) -> list[float] | None:
+    """The study's rates (its spec; else any complete trial's curve)."""
+    rates = study.user_attrs.get("pxopt.spec", {}).get("rates")
+    if rates:
+        return [float(r) for r in rates]
+    done = _complete(study)
+    return list(done[0].user_attrs["curve"]["rates"]) if done else None
+
+
+def pruned_area(trial: FrozenTrial, rates: list[float] | None, current: bool = True) -> tuple[float, float] | None:
+    """(area of the rates reached, last rate reached) of a pruned trial, or None if unknown.
+
+    The rates not reached count as accuracy 0: a lower bound of the trial's area, on the
+    same scale as complete trials (Optuna stores the same number as the trial's value).
+    `current`: the study's values are the current objective's, so the trial's value may
+    stand in for a missing partial curve.
+    """
+    part = trial.user_attrs.get("partial_curve")
+    if part and rates and part.get("accuracies"):
+        return partial_area(rates, part["accuracies"]), float(part["rates"][-1])
+    step = trial.last_step
+    if current and trial.value is not None and step is not None and rates and step < len(rates):
+        return float(trial.value), float(rates[step])
+    return None
 
 
 def _empty(title: str, reason: str) -> go.Figure:
@@ -29,11 +85,49 @@ def _empty(title: str, reason: str) -> go.Figure:
 
 
 def history_figure(study: optuna.Study) -> go.Figure:
-    """Area of every trial in order, with the best so far (Optuna's own plot)."""
-    if not _complete(study):
-        return _empty("Optimisation history", "no completed trial yet")
-    fig = optuna.visualization.plot_optimization_history(study, target_name="area under curve")
-    fig.update_layout(title="Optimisation history")
+    """Area of every trial in order, the best so far, and pruned trials marked as pruned."""
+    trials = study.get_trials(deepcopy=False)
+    done = _complete(study)
+    rates = rate_grid(study)
+    current = study_objective(study) == OBJECTIVE_ID
+    pruned = [(t, pruned_area(t, rates, current)) for t in trials if t.state == TrialState.PRUNED]
+    pruned = [(t, v) for t, v in pruned if v is not None]
+    n_failed = sum(t.state == TrialState.FAIL for t in trials)
+    title = (f"Optimisation history ({len(done)} complete, "
+             f"{sum(t.state == TrialState.PRUNED for t in trials)} pruned, {n_failed} failed)")
+    if not done and not pruned:
+        return _empty(title, "no finished trial yet")
+    fig = go.Figure()
+    if done:
+        areas = [trial_area(t) for t in done]
+        names = [t.user_attrs.get("baseline") for t in done]
+        fig.add_trace(go.Scatter(
+            x=[t.number for t in done], y=areas, mode="markers", name="complete (diamond: a baseline)",
+            marker={"color": COMPLETE_COLOUR, "size": 8, "symbol": ["diamond" if b else "circle" for b in names]},
+            text=[f"trial {t.number}" + (f" (baseline {b})" if b else "") for t, b in zip(done, names, strict=True)],
+            hovertemplate="%{text}: area %{y:.4f}<extra></extra>",
+        ))
+        best, xs, ys = -float("inf"), [], []
+        for t, a in sorted(zip(done, areas, strict=True), key=lambda p: p[0].number):
+            best = max(best, a)
+            xs.append(t.number)
+            ys.append(best)
+        last = max([t.number for t, _ in pruned], default=xs[-1])
+        if last > xs[-1]:  # the best stays the best until the last finished trial
+            xs.append(last)
+            ys.append(best)
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", name="best so far", line={"color": BEST_SO_FAR_COLOUR},
+                                 line_shape="hv", hoverinfo="skip"))
+    if pruned:
+        fig.add_trace(go.Scatter(
+            x=[t.number for t, _ in pruned], y=[v for _, (v, _r) in pruned], mode="markers",
+            name="pruned (area of the rates reached: a lower bound)",
+            marker={"color": PRUNED_COLOUR, "size": 8, "symbol": "x-thin", "line": {"width": 2, "color": PRUNED_COLOUR}},
+            text=[f"trial {t.number} pruned after rate {r:.2f}" for t, (_v, r) in pruned],
+            hovertemplate="%{text}: area >= %{y:.4f}<extra></extra>",
+        ))
+    fig.update_layout(title=title, xaxis_title="trial", yaxis_title=AREA_TITLE,
+                      legend={"orientation": "h", "y": -0.2})
     return fig
 
 
@@ -44,7 +138,7 @@ def importance_figure(study: optuna.Study) -> go.Figure:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            fig = optuna.visualization.plot_param_importances(study, target_name="area under curve")
+            fig = optuna.visualization.plot_param_importances(study, target_name=AREA)
     except (ValueError, RuntimeError, ZeroDivisionError) as exc:
         return _empty("Parameter importances", f"not available: {exc}")
     fig.update_layout(title="Parameter importances (fANOVA)")
@@ -66,10 +160,14 @@ def curves_figure(
     for name, trial in baseline_trials(study).items():
         curves[f"{name} (trial {trial.number})"] = trial.user_attrs["curve"]
     curves.update(dict(extra or {}))
-    for name, curve in curves.items():
-        area = curve.get("area")
-        label = f"{name}: area {area:.4f}" if isinstance(area, int | float) else name
-        fig.add_trace(go.Scatter(x=curve["rates"], y=curve["accuracies"], mode="lines+markers", name=label))
+    for (name, curve), line in zip(curves.items(), curve_styles(len(curves)), strict=True):
+        # the area from the curve itself: tables and studies of older pxopt versions stored
+        # the plain trapezoid under "area"
+        label = f"{name}: area {curve_area(curve['rates'], curve['accuracies']):.4f}"
+        if name.startswith("best"):
+            line = {**line, "width": 3}
+        fig.add_trace(go.Scatter(x=curve["rates"], y=curve["accuracies"], mode="lines+markers", name=label,
+                                 line=line, marker={"color": line["color"]}))
     fig.update_layout(
         title="Accuracy vs pruning rate",
         xaxis_title="pruning rate (fraction of components removed)",
@@ -127,7 +225,7 @@ def area_vs_macs_figure(study: optuna.Study) -> go.Figure:
     fig = go.Figure(
         go.Scatter(
             x=xs,
-            y=[t.value for t in trials],
+            y=[trial_area(t) for t in trials],
             mode="markers",
             text=[f"trial {t.number}, Top-PR {t.user_attrs['curve']['top_pr']:.2f}" for t in trials],
             marker={"color": [t.user_attrs["curve"]["top_pr"] for t in trials], "colorscale": "Viridis",
@@ -137,7 +235,7 @@ def area_vs_macs_figure(study: optuna.Study) -> go.Figure:
     fig.update_layout(
         title="Area vs MACs left at Top-PR (estimate: pruned components' own MACs)",
         xaxis_title="fraction of MACs left at Top-PR",
-        yaxis_title="area under curve",
+        yaxis_title=AREA_TITLE,
     )
     return fig
 

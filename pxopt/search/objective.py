@@ -1,20 +1,27 @@
-"""The Optuna objective: rule configuration in, area under the pruning curve out.
+"""The Optuna objective: rule configuration in, area of the pruning curve out.
 
 It knows nothing of LRP: it gets `evaluate(rules, ranking, on_rate) -> Curve` (from
 `pxopt.pipeline.Pipeline`), reports the curve rate by rate so the pruner can stop a
 hopeless trial early, and records everything needed to trust and reproduce the trial.
+
+The value is `pxopt.evaluate.AREA_DEFINITION` (the mean accuracy over the rate span). A
+study records which objective made its values (`OBJECTIVE_ATTR`) and `check_objective`
+refuses to add trials to a study whose values mean something else: the studies of older
+pxopt versions stored the plain trapezoid area, which is smaller by the rate span.
 """
 
 from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import optuna
 
-from pxopt.errors import NonFiniteRelevanceError, PxoptError
+from pxopt.errors import NonFiniteRelevanceError, PxoptError, StorageError
+from pxopt.evaluate import AREA, AREA_DEFINITION, partial_area
 from pxopt.search.meta import library_versions
 from pxopt.search.space import SearchSpace
 
@@ -27,21 +34,60 @@ class CurveLike(Protocol):
     rates: list[float]
     accuracies: list[float]
     area: float
-    area_normalised: float
     top_pr: float
 
 
 Evaluate = Callable[[dict, str, OnRate | None], CurveLike]
 
+#: Study user attribute naming the objective whose values the study holds.
+OBJECTIVE_ATTR = "pxopt.objective"
+#: Stable id of the current objective (the definition's wording may change, the id not).
+OBJECTIVE_ID = "area/mean-accuracy-over-rate-span"
 
-def partial_area(rates: list[float], accuracies: list[float]) -> float:
-    """Trapezoid area of the curve so far (the value reported to the pruner at each step)."""
-    return float(
-        sum(
-            (rates[i + 1] - rates[i]) * (accuracies[i + 1] + accuracies[i]) / 2.0
-            for i in range(len(accuracies) - 1)
+
+def objective_record() -> dict[str, str]:
+    """The study attribute that names the objective."""
+    return {"id": OBJECTIVE_ID, "name": AREA, "definition": AREA_DEFINITION}
+
+
+def study_objective(study: optuna.Study) -> str | None:
+    """The id of the objective a study's values were made with (None: an older study)."""
+    stored = study.user_attrs.get(OBJECTIVE_ATTR)
+    return stored.get("id") if isinstance(stored, dict) else None
+
+
+def _has_values(study: optuna.Study) -> bool:
+    return any(t.values is not None or t.intermediate_values for t in study.get_trials(deepcopy=False))
+
+
+def check_objective(study: optuna.Study) -> None:
+    """Pin a study to the current objective and name its metric, or refuse it.
+
+    A study whose trials were scored by another objective (an older pxopt's trapezoid
+    area) would mix two scales in one sampler, one pruner and one "best": `StorageError`.
+    `pxopt report` and `pxopt export` still read such a study (they recompute the area
+    from each trial's stored curve).
+    """
+    wanted = objective_record()
+    stored = study.user_attrs.get(OBJECTIVE_ATTR)
+    if stored is None:
+        if _has_values(study):
+            raise StorageError(
+                f"study {study.study_name!r} was made by an older pxopt: its values are the plain "
+                "trapezoid area, not the mean accuracy over the rate span, and one study cannot mix "
+                "the two: use another --study name (pxopt report and pxopt export still read it)"
+            )
+        study.set_user_attr(OBJECTIVE_ATTR, wanted)
+    elif not isinstance(stored, dict) or stored.get("id") != OBJECTIVE_ID:
+        what = stored.get("definition", stored) if isinstance(stored, dict) else stored
+        raise StorageError(
+            f"study {study.study_name!r} was made with another objective ({what}), not the "
+            f"{AREA_DEFINITION}: use another --study name"
         )
-    )
+    if study.metric_names != [AREA]:
+        with warnings.catch_warnings():  # set_metric_names is "experimental" (stable since 3.4)
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([AREA])
 
 
 def curve_record(curve: CurveLike) -> dict[str, Any]:
@@ -50,7 +96,6 @@ def curve_record(curve: CurveLike) -> dict[str, Any]:
         "rates": [float(r) for r in curve.rates],
         "accuracies": [float(a) for a in curve.accuracies],
         "area": float(curve.area),
-        "area_normalised": float(getattr(curve, "area_normalised", math.nan)),
         "top_pr": float(curve.top_pr),
         "pruned_per_layer": {
             k: [int(n) for n in v] for k, v in (getattr(curve, "pruned_per_layer", None) or {}).items()
@@ -90,7 +135,9 @@ class Objective:
             if not math.isfinite(accuracy):
                 raise NonFiniteRelevanceError(f"accuracy at rate {rate} is {accuracy}")
             seen.append(float(accuracy))
-            trial.report(partial_area(self.rates[: len(seen)], seen), step=i)
+            # the area so far on the final scale (rates not reached count as 0): comparable
+            # between trials at each step, and equal to the value at the last step
+            trial.report(partial_area(self.rates, seen), step=i)
             if trial.should_prune():
                 trial.set_user_attr("partial_curve", {"rates": self.rates[: len(seen)], "accuracies": seen})
                 raise optuna.TrialPruned(f"pruned at rate {rate} (step {i})")

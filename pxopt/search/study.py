@@ -17,7 +17,7 @@ from optuna.trial import TrialState
 
 from pxopt.errors import ConfigError, PxoptError
 from pxopt.search.meta import library_versions
-from pxopt.search.objective import Evaluate, Objective
+from pxopt.search.objective import Evaluate, Objective, check_objective
 from pxopt.search.space import SearchSpace
 from pxopt.search.spec import StudySpec
 from pxopt.search.storage import pin_study_attrs
@@ -75,7 +75,8 @@ def make_pruner(cfg: Mapping[str, Any], n_rates: int) -> optuna.pruners.BasePrun
 
 
 def open_study(spec: StudySpec, storage: str | optuna.storages.BaseStorage | None = None) -> optuna.Study:
-    """Create the spec's study or resume it; refuse a same-named study of another model/task."""
+    """Create the spec's study or resume it; refuse a same-named study of another model,
+    task or objective."""
     from pxopt.search.storage import open_study as shared_open_study
 
     if storage is None:
@@ -90,6 +91,7 @@ def open_study(spec: StudySpec, storage: str | optuna.storages.BaseStorage | Non
         task=task,
         pruner=make_pruner(spec.pruner, len(spec.rates)),
     )
+    check_objective(study)  # refuses a study whose values are an older objective's
     if SPEC_ATTR not in study.user_attrs:
         study.set_user_attr(SPEC_ATTR, spec.to_dict())
         study.set_user_attr("pxopt.versions", library_versions())
