@@ -130,7 +130,7 @@ def top_pruning_rate(rates: Sequence[float], accuracies: Sequence[float], unprun
     return max(ok) if ok else 0.0
 
 
-def _scores_dict(scores: ComponentScores | Mapping[str, torch.Tensor], ranking: str) -> Mapping[str, torch.Tensor]:
+def _scores_dict(scores: ComponentScores | Mapping[str, torch.Tensor], ranking: str | None) -> Mapping[str, torch.Tensor]:
     if isinstance(scores, ComponentScores):
         try:
             return scores.select(ranking)  # type: ignore[arg-type]
@@ -208,7 +208,7 @@ def accuracy_curve(
     scores: ComponentScores | Mapping[str, torch.Tensor] | None,
     *,
     kinds: str | Sequence[str],
-    ranking: str = "abs",
+    ranking: str | None = None,
     rates: Sequence[float] = DEFAULT_RATES,
     device: str | torch.device | None = None,
     on_rate: OnRate | None = None,
@@ -224,6 +224,9 @@ def accuracy_curve(
     detect_severed: bool = True,
 ) -> Curve:
     """Prune the globally lowest-ranked components at each rate and measure task accuracy.
+
+    `ranking`: how `ComponentScores` are aggregated (`pxopt.scores.RANKINGS`); None uses the
+    scores' default (the reference's: "abs" for conv channels, "token-abs" for ViTs).
 
     `task` needs `classes` and `validation_batches(batch_size, device)` (or pass `batches`
     already on the device to skip the transfer, e.g. across the trials of a search).
@@ -246,6 +249,8 @@ def accuracy_curve(
     if classes.numel() < 1:
         raise ConfigError("the task has no classes")
     chance = 1.0 / classes.numel()
+    if ranking is None and isinstance(scores, ComponentScores):
+        ranking = scores.default_ranking
     if order is None:
         if scores is None:
             raise ConfigError("accuracy_curve needs scores or a precomputed order")

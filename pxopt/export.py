@@ -22,6 +22,7 @@ from optuna.trial import TrialState
 
 from pxopt.errors import ConfigError
 from pxopt.evaluate import AREA_DEFINITION, curve_area
+from pxopt.scores import RANKINGS
 from pxopt.search.meta import library_versions
 from pxopt.search.spec import COMPONENTS, check_rates
 
@@ -104,8 +105,8 @@ def validate_export(data: Any) -> dict[str, Any]:
             raise ConfigError(f"export lacks field {key!r}")
         if not isinstance(data[key], kind) or isinstance(data[key], bool):
             raise ConfigError(f"{key}: wrong type {type(data[key]).__name__}")
-    if data["ranking"] not in ("abs", "signed"):
-        raise ConfigError(f"ranking must be 'abs' or 'signed', got {data['ranking']!r}")
+    if data["ranking"] not in RANKINGS:
+        raise ConfigError(f"ranking must be one of {', '.join(map(repr, RANKINGS))}, got {data['ranking']!r}")
     if data["components"] not in COMPONENTS:
         raise ConfigError(f"components must be one of {sorted(COMPONENTS)}, got {data['components']!r}")
     if not data["model"]:

@@ -129,6 +129,13 @@ class Pipeline:
         self.last_timings = {"attribution_s": time.perf_counter() - start, "cached": False}
         return scores
 
+    def check_explainable(self) -> None:
+        """Raise `UnsupportedLayerError` if LRP cannot explain the model (one reference image)."""
+        from pxopt.lrp import check_explainable
+
+        images, _ = self.reference_batches()[0]
+        check_explainable(self.model, images, self.layer_map)
+
     def criterion_scores(self, name: str, **kwargs: Any) -> ComponentScores:
         """Scores of a baseline criterion (`pxopt.criteria`) on the same reference set."""
         from pxopt.criteria import compute_scores
@@ -145,12 +152,13 @@ class Pipeline:
     def curve(
         self,
         scores: ComponentScores,
-        ranking: str = "abs",
+        ranking: str | None = None,
         on_rate: OnRate | None = None,
         *,
         rates: list[float] | None = None,
     ) -> Any:
-        """Accuracy-vs-rate curve of the task when pruning by `scores`."""
+        """Accuracy-vs-rate curve of the task when pruning by `scores` aggregated as `ranking`
+        (`pxopt.scores.RANKINGS`; None: the scores' default, the reference's aggregation)."""
         from pxopt.evaluate import accuracy_curve
 
         start = time.perf_counter()
@@ -172,8 +180,12 @@ class Pipeline:
         finally:
             self.last_timings["curve_s"] = time.perf_counter() - start
 
-    def evaluate(self, rules: Mapping[str, Any] | Any, ranking: str = "abs", on_rate: OnRate | None = None) -> Any:
-        """Rules -> relevance -> curve: the only call the search objective makes."""
+    def evaluate(self, rules: Mapping[str, Any] | Any, ranking: str | None = None,
+                 on_rate: OnRate | None = None) -> Any:
+        """Rules -> relevance -> curve: the only call the search objective makes.
+
+        The cache holds every aggregation (`ComponentScores`), so the same rules under
+        another ranking reuse the relevance: the key is the rules' digest alone."""
         scores = self.scores(rules)
         timings = dict(self.last_timings)
         curve = self.curve(scores, ranking, on_rate)
@@ -185,7 +197,7 @@ class Pipeline:
         """Phase timings of the last `evaluate` (attribution, curve, cache hit)."""
         return dict(self.last_timings)
 
-    def prune_set(self, scores: ComponentScores, ranking: str, rate: float) -> dict[str, torch.Tensor]:
+    def prune_set(self, scores: ComponentScores, ranking: str | None, rate: float) -> dict[str, torch.Tensor]:
         """Components pruned at `rate` (layer -> bool mask), as the curve prunes them."""
         from pxopt.prune import global_order
 
@@ -205,7 +217,7 @@ class Pipeline:
         return correct / max(total, 1)
 
     @contextmanager
-    def pruned(self, scores: ComponentScores, ranking: str, rate: float) -> Iterator[dict[str, torch.Tensor]]:
+    def pruned(self, scores: ComponentScores, ranking: str | None, rate: float) -> Iterator[dict[str, torch.Tensor]]:
         """Mask the model in place at `rate` (undone on exit); yields the pruned components."""
         from pxopt.prune import Masker
 

@@ -38,7 +38,7 @@ class FakeEvaluator:
             q *= _RULE_QUALITY[g["rule"]]
             if g["rule"] == "epsilon":
                 q *= 1.0 - 0.05 * abs(math.log10(g["epsilon"]) + 6) / 3
-        return q * (1.0 if ranking == "abs" else 0.8)
+        return q * (1.0 if ranking in (None, "abs", "token-abs") else 0.8)
 
     def __call__(self, rules: dict, ranking: str, on_rate=None) -> FakeCurve:
         self.calls += 1
@@ -119,6 +119,9 @@ class FakePipeline:
     def input_bounds(self) -> tuple[float, float]:
         return (-1.0, 2.0)
 
+    def check_explainable(self) -> None:
+        pass
+
     def study_attrs(self) -> dict:
         return {"pxopt.task_description": self.task.describe(), "pxopt.total_macs": 1000.0,
                 "pxopt.layer_macs": {"layer1": 5.0}, "pxopt.layer_sizes": {"layer1": 100}}
@@ -126,7 +129,7 @@ class FakePipeline:
     def scores(self, rules):
         return _Scores(rules)
 
-    def curve(self, scores, ranking, on_rate=None):
+    def curve(self, scores, ranking=None, on_rate=None):
         return self.evaluator(scores.rules, ranking, on_rate)
 
     def criterion_scores(self, name: str):

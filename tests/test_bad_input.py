@@ -141,6 +141,13 @@ ROWS: list[Row] = [
                                         "--classes", "3", "--n-ref", "2", "--n-val", "4", "--trials", "6"],
         r"study 'good' was created for model 'builtin:tiny', not 'file:.*good\.pth@builtin:fmnist-resnet'",
         fake=False),
+    Row("model-densenet-unsupported", ["search", "--storage", "{db}", "--study", "dn",
+                                       "--model", "file:{dir}/densenet121.pth@torchvision:densenet121",
+                                       "--data", "{dir}/imgs", "--class-names", "a,b", "--n-ref", "1",
+                                       "--n-val", "1", "--rates", "0,0.5"],
+        r"layer 'features\.denseblock1\.denselayer2\.norm1' \(BatchNorm2d, 96 features\) is registered "
+        r"right after 'features\.denseblock1\.denselayer1\.conv2' \(Conv2d, 32 outputs\) but cannot "
+        r"normalise its output", fake=False),
     Row("epsilon-too-small-nan", ["search", "--storage", "{db}", "--spec", "{dir}/tinyeps.toml",
                                   "--no-report", "--out-dir", "{dir}/out"],
         r"^NonFiniteRelevanceError: relevances became NaN or infinite", kind="failed-trial", fake=False),
@@ -154,9 +161,12 @@ def _real_files(tmp: Path) -> None:
 
     `zeroed.pth` has one conv layer with zero weights (as after heavy pruning): its
     pre-activations are exactly 0, so only the epsilon stabiliser keeps LRP finite there.
+    `densenet121.pth`: torchvision densenet121 without pretrained weights (an unsupported
+    family: BatchNorm before its conv).
     """
     import numpy as np
     import torch
+    import torchvision
     from PIL import Image
 
     from pxopt.models.builtin.archs import FmnistResNet, fmnist_vgg
@@ -168,6 +178,7 @@ def _real_files(tmp: Path) -> None:
         model.layer2[0].conv1.weight.zero_()
     torch.save(model.state_dict(), tmp / "zeroed.pth")
     torch.save(fmnist_vgg().state_dict(), tmp / "vgg.pth")
+    torch.save(torchvision.models.densenet121(weights=None).state_dict(), tmp / "densenet121.pth")
     (tmp / "corrupt.pth").write_bytes(b"PK\x03\x04 not a checkpoint" * 10)
     rng = np.random.default_rng(0)
     for cls, n in (("a", 5), ("b", 5), ("c", 1)):

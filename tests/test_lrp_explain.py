@@ -220,6 +220,56 @@ def test_batchnorm_not_after_its_conv_is_refused() -> None:
         explain(_BnFirst(), torch.randn(1, 3, 8, 8), [0], None)
 
 
+def test_densenet_is_refused_naming_both_modules() -> None:
+    """DenseNet normalises each layer's input (BatchNorm before the conv): the BatchNorm
+    registered after a conv belongs to the next layer, with other channels (issue 13.7)."""
+    from pxopt.lrp import check_explainable
+
+    model = torchvision.models.densenet121(weights=None).eval()
+    x = torch.randn(1, 3, 32, 32)
+    expected = (r"'features\.denseblock1\.denselayer2\.norm1' \(BatchNorm2d, 96 features\) is registered "
+                r"right after 'features\.denseblock1\.denselayer1\.conv2' \(Conv2d, 32 outputs\)")
+    with pytest.raises(UnsupportedLayerError, match=expected):
+        explain(model, x, [0], None)
+    with pytest.raises(UnsupportedLayerError, match=expected):
+        check_explainable(model, x)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+class _BnAfterRelu(nn.Module):
+    """Same channel count, registered right after the conv, applied after the ReLU."""
+
+    def __init__(self, traceable: bool = True, use_bn: bool = True) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3)
+        self.bn = nn.BatchNorm2d(3)
+        self.relu = nn.ReLU()
+        self.fc = nn.Linear(3 * 6 * 6, 2)
+        self.traceable, self.use_bn = traceable, use_bn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.relu(self.conv(x))
+        if not self.traceable and bool(y.sum() > -1e30):  # data-dependent: torch.fx fails
+            return self.fc((self.bn(y) if self.use_bn else y).flatten(1))
+        return self.fc(self.bn(y).flatten(1))
+
+
+def test_batchnorm_pairing_follows_the_graph_not_registration_order() -> None:
+    x = torch.randn(1, 3, 8, 8)
+    # traced graph: refused before any forward, naming where the conv's output goes
+    with pytest.raises(UnsupportedLayerError, match="'bn' .*right after 'conv' but the forward sends "
+                                                    "that layer's output to relu"):
+        explain(_BnAfterRelu(), x, [0], None)
+    # untraceable forward: the run-time check sees the BatchNorm get another tensor ...
+    with pytest.raises(UnsupportedLayerError, match=r"'bn' \(BatchNorm\) does not directly follow 'conv'"):
+        explain(_BnAfterRelu(traceable=False), x, [0], None)
+    # ... or never run at all
+    model = _BnAfterRelu(traceable=False, use_bn=False)
+    with pytest.raises(UnsupportedLayerError, match=r"'bn' \(BatchNorm\) did not run on the output of 'conv'"):
+        explain(model, x, [0], None)
+    assert not any("forward" in m.__dict__ or "_pxopt_expected" in m.__dict__ for m in model.modules())
+
+
 def test_non_finite_relevance_raises() -> None:
     model = small_cnn(bias=False).eval()
     with pytest.raises(NonFiniteRelevanceError):

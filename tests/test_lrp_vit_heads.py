@@ -78,13 +78,17 @@ def test_high_relevance_heads_matter_more(trained: tuple, softmax: str) -> None:
     model, x, y = trained
     ref_x, ref_y, val_x, val_y = x[:200], y[:200], x[200:], y[200:]
     expl = explain_vit(model, ref_x, ref_y, {"softmax": softmax}, kinds=["heads"])
-    # the method's default score: mean over reference samples of |R| (near zero goes first)
-    scores = torch.stack([expl.components[f"blocks.{b}.attn"].abs().mean(0) for b in range(4)])
-    order = scores.flatten().argsort()  # ascending relevance
-    k = 4
-    pairs = [(int(i) // 4, int(i) % 4) for i in order]
-    low, high = pairs[:k], pairs[-k:]
-    drop_high = head_mask_drop(model, val_x, val_y, high)
-    drop_low = head_mask_drop(model, val_x, val_y, low)
-    print(f"{softmax}: target-logit drop, top-{k} heads masked {drop_high:.3f}, bottom-{k} {drop_low:.3f}")
-    assert drop_high > drop_low + 0.1, (drop_high, drop_low)
+    # mean over reference samples of sum over queries of |R| ("token-abs", the reference's and
+    # the default) and of |R summed over queries| ("abs"); near zero goes first
+    by = {"token-abs": expl.token_abs, "abs": {k: v.abs() for k, v in expl.components.items()}}
+    for ranking, per_sample in by.items():
+        scores = torch.stack([per_sample[f"blocks.{b}.attn"].mean(0) for b in range(4)])
+        order = scores.flatten().argsort()  # ascending relevance
+        k = 4
+        pairs = [(int(i) // 4, int(i) % 4) for i in order]
+        low, high = pairs[:k], pairs[-k:]
+        drop_high = head_mask_drop(model, val_x, val_y, high)
+        drop_low = head_mask_drop(model, val_x, val_y, low)
+        print(f"{softmax} {ranking}: order {order.tolist()}; target-logit drop, top-{k} heads masked "
+              f"{drop_high:.3f}, bottom-{k} {drop_low:.3f}")
+        assert drop_high > drop_low + 0.1, (ranking, drop_high, drop_low)

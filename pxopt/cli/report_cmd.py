@@ -92,7 +92,8 @@ def register(app: typer.Typer) -> None:
         table: dict[str, dict] = {}
         fig = go.Figure()
         for name, line in zip(names, curve_styles(len(names)), strict=True):
-            curve = curve_record(pipeline.curve(pipeline.criterion_scores(name), "abs"))
+            # each criterion's own aggregation (LRP on ViTs: the reference's "token-abs")
+            curve = curve_record(pipeline.curve(pipeline.criterion_scores(name)))
             table[name] = curve
             typer.echo(f"{name:15s} area {curve['area']:.4f}  Top-PR {curve['top_pr']:.2f}")
             fig.add_trace(go.Scatter(x=curve["rates"], y=curve["accuracies"], mode="lines+markers",

@@ -105,6 +105,7 @@ def register(app: typer.Typer) -> None:
             raise ConfigError(f"--workers must be >= 1, got {workers}")
         with console.status("loading model and task (a built-in model trains on first use)"):
             pipeline = Pipeline.from_spec(spec, device="cpu" if workers > 1 else None)
+            pipeline.check_explainable()  # an unsupported model: one error line, no study
         study_attrs = pipeline.study_attrs()
         with Progress(
             TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),

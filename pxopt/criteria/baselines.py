@@ -117,12 +117,16 @@ def layer_mean_normalised(sc: ComponentScores, criterion: str) -> ComponentScore
     with raw magnitudes that differ by orders between layers. A layer whose scores are all
     zero stays zero (the denominator is clamped to the dtype's smallest normal number).
     """
-    den = {k: v.abs().mean().clamp_min(torch.finfo(v.dtype).tiny) for k, v in sc.abs.items()}
+    def by_layer_mean(scores: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v / ref[k].abs().mean().clamp_min(torch.finfo(v.dtype).tiny) for k, v in scores.items()}
+
     return ComponentScores(
-        abs={k: v / den[k] for k, v in sc.abs.items()},
-        signed={k: v / den[k] for k, v in sc.signed.items()},
+        abs=by_layer_mean(sc.abs, sc.abs),
+        signed=by_layer_mean(sc.signed, sc.abs),
         criterion=criterion, n_samples=sc.n_samples,
         meta=dict(sc.meta, normalised_from=sc.criterion, normaliser="layer mean of |score|"),
+        token_abs=None if sc.token_abs is None else by_layer_mean(sc.token_abs, sc.token_abs),
+        default_ranking=sc.default_ranking,
     )
 
 

@@ -20,13 +20,16 @@ def _lrp(model: nn.Module, batches: Iterable, layer_map: Any, kinds: tuple[str, 
 
     sc = component_relevance(model, batches, RuleConfig.uniform(rule), kinds=kinds, layer_map=layer_map)
     names = {la.name for la in prunable_layers(layer_map, kinds)}
-    abs_, signed = ({k: v for k, v in d.items() if k in names} for d in (sc.abs, sc.signed))
+    abs_, signed, tok = ({k: v for k, v in d.items() if k in names}
+                         for d in (sc.abs, sc.signed, sc.select("token-abs")))
     if normalise:  # Yeom et al.: each layer's relevances divided by their L1 norm
         den = {k: v.abs().sum().clamp_min(torch.finfo(v.dtype).tiny) for k, v in abs_.items()}
         abs_ = {k: v / den[k] for k, v in abs_.items()}
         signed = {k: v / den[k] for k, v in signed.items()}
+        tok = {k: v / v.sum().clamp_min(torch.finfo(v.dtype).tiny) for k, v in tok.items()}
     meta = dict(sc.meta, layer_l1_normalised=normalise)
-    return ComponentScores(abs=abs_, signed=signed, criterion=criterion, n_samples=sc.n_samples, meta=meta)
+    return ComponentScores(abs=abs_, signed=signed, criterion=criterion, n_samples=sc.n_samples, meta=meta,
+                           token_abs=tok, default_ranking=sc.default_ranking)
 
 
 def compute_scores(name: str, model: nn.Module, batches: Iterable, layer_map: Any, *,

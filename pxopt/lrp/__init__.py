@@ -6,6 +6,6 @@ functions other engines reuse live in `pxopt.lrp.rules`; the configuration forma
 """
 
 from pxopt.lrp.config import RuleConfig, RuleSpec
-from pxopt.lrp.explain import Explanation, component_relevance, explain
+from pxopt.lrp.explain import Explanation, check_explainable, component_relevance, explain
 
-__all__ = ["Explanation", "RuleConfig", "RuleSpec", "component_relevance", "explain"]
+__all__ = ["Explanation", "RuleConfig", "RuleSpec", "check_explainable", "component_relevance", "explain"]

@@ -52,7 +52,8 @@ class _UniformMatmul(Function):
     R_a[i,k] = Σ_j a[i,k] b[k,j] / stab(z[i,j]) · R_z[i,j] · share_a, likewise for b.
     With share 0 an operand is treated as constant (CP-LRP on A·V). When a recorder is
     given, the relevance that operand a receives (AttnLRP: the attention map) is summed
-    over its last two dims and stored, computed from z without an (N×N) product.
+    over its last dim (the keys) and recorded per row (query), shape (..., rows), computed
+    from z without an (N×N) product.
     """
 
     @staticmethod
@@ -73,9 +74,9 @@ class _UniformMatmul(Function):
         if ctx.needs_input_grad[1] and ctx.share_b:
             grad_b = (a.transpose(-2, -1) @ gz) * ctx.share_b
         if ctx.record is not None:
-            # Σ_{i,k} a[i,k] (gz @ bᵀ)[i,k] = Σ_{i,j} z[i,j] gz[i,j]; half of it under the
+            # Σ_k a[i,k] (gz @ bᵀ)[i,k] = Σ_j z[i,j] gz[i,j] per row i; half of it under the
             # uniform rule, also when a is held constant (CP), so variants share a scale.
-            ctx.record((z * gz).sum(dim=(-2, -1)) * 0.5)
+            ctx.record((z * gz).sum(dim=-1) * 0.5)
         return grad_a, grad_b, None, None, None, None
 
 
@@ -137,7 +138,8 @@ def softmax(x: Tensor, rule: Softmax, *, eps: float = 1e-12) -> Tensor:
 class _PassAct(Function):
     """Element-wise activation with the identity (Pass) rule: R_in = R_out.
 
-    Optionally records the relevance at its input summed over tokens (MLP neurons).
+    Optionally records the relevance at its output, per token (MLP neurons: (batch,
+    tokens, hidden)); the recorder reduces it.
     """
 
     @staticmethod
@@ -153,8 +155,7 @@ class _PassAct(Function):
     def backward(ctx, g: Tensor):  # type: ignore[override]
         (ratio,) = ctx.saved_tensors
         if ctx.record is not None:
-            rel = ctx.y * g
-            ctx.record(rel.sum(dim=tuple(range(1, rel.dim() - 1))) if rel.dim() > 2 else rel)
+            ctx.record(ctx.y * g)
             ctx.y = None
         return None, g * ratio, None
 
@@ -248,7 +249,7 @@ class _Record(Function):
 def record_relevance(y: Tensor, record: Callable[[Tensor], None],
                      dims: tuple[int, ...] | None = None) -> Tensor:
     """y unchanged; its relevance summed over `dims` (default: the token dims, giving
-    (batch, features)) goes to `record` in the backward."""
+    (batch, features); `()`: per token, unsummed) goes to `record` in the backward."""
     return _Record.apply(y, record, dims)
 
 
@@ -278,7 +279,8 @@ def fused_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, rule: str,
     operand's gradient (q, k: ¼, v: ½ for AttnLRP; q, k detached for CP) and the softmax
     rule is its plain gradient, so scaled_dot_product_attention's own backward gives the
     exact AttnLRP / CP-LRP relevance (lxt's construction). Head relevance: half the head
-    output's, as in `uniform_matmul`.
+    output's per query (summed over the head's channels), as in `uniform_matmul`:
+    (batch, heads, queries).
     """
     if rule == "attnlrp":
         q, k, v = scale_grad(q, 0.25), scale_grad(k, 0.25), scale_grad(v, 0.5)
@@ -288,5 +290,5 @@ def fused_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, rule: str,
         raise ValueError(f"softmax rule {rule!r} needs the explicit attention")
     out = F.scaled_dot_product_attention(q, k, v, scale=scale)
     if record is not None:
-        out = record_relevance(out, lambda r: record(r * 0.5), dims=(-2, -1))
+        out = record_relevance(out, lambda r: record(r * 0.5), dims=(-1,))
     return out

@@ -15,14 +15,19 @@ afterwards):
   Norm rule.
 
 Other engines extend the tables with `register_treatment` / `register_residual`.
+`check_bn_pair` decides whether a BatchNorm may be merged into the layer registered
+right before it.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
+import torch.fx
 from torch import Tensor, nn
 
+from pxopt.errors import UnsupportedLayerError
 from pxopt.lrp.rules import lrp_sum
 
 # treatments of leaf modules
@@ -150,3 +155,81 @@ try:
     register_residual(_TimmBottleneck, _timm_bottleneck)
 except ImportError:  # pragma: no cover
     pass
+
+
+# ---------------------------------------------------------------------------------------
+# BatchNorm merging: is the BatchNorm registered after a conv / linear really its BatchNorm?
+# ---------------------------------------------------------------------------------------
+_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d)
+_PAIR_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple, str | None]] = weakref.WeakKeyDictionary()
+_GRAPHS: weakref.WeakKeyDictionary[nn.Module, torch.fx.Graph | None] = weakref.WeakKeyDictionary()
+
+
+def _out_features(module: nn.Module) -> int | None:
+    if isinstance(module, nn.Conv2d):
+        return int(module.out_channels)
+    if isinstance(module, nn.Linear):
+        return int(module.out_features)
+    return None
+
+
+class _LeafTracer(torch.fx.Tracer):
+    """Conv, Linear and BatchNorm (subclasses too, e.g. timm's BatchNormAct2d) stay leaves."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, (nn.Conv2d, nn.Linear, *_BN_TYPES)) or super().is_leaf_module(m, qualname)
+
+
+def _graph_problem(model: nn.Module, name: str, bn_name: str) -> str | None:
+    """Why `bn_name` is not the only consumer of `name`'s output in the traced forward of their
+    closest common parent; None when it is, or when that forward cannot be traced (the
+    engine's run-time check then decides)."""
+    a, b = name.split("."), bn_name.split(".")
+    n = 0
+    while n < min(len(a), len(b)) - 1 and a[n] == b[n]:
+        n += 1
+    prefix = ".".join(a[:n])
+    parent = model.get_submodule(prefix) if prefix else model
+    if parent not in _GRAPHS:  # one trace per parent module, shared by its pairs
+        try:
+            _GRAPHS[parent] = _LeafTracer().trace(parent)
+        except Exception:  # any tracing failure: no graph knowledge here
+            _GRAPHS[parent] = None
+    graph = _GRAPHS[parent]
+    if graph is None:
+        return None
+    local, bn_local = ".".join(a[n:]), ".".join(b[n:])
+    calls = [node for node in graph.nodes if node.op == "call_module" and node.target == local]
+    if len(calls) != 1:  # called twice or not at all: the run-time check decides
+        return None
+    users = list(calls[0].users)
+    if len(users) == 1 and users[0].op == "call_module" and users[0].target == bn_local:
+        return None
+    went = ", ".join(str(u.target) if u.op != "output" else "the output" for u in users) or "nothing"
+    return (f"layer {bn_name!r} ({type(model.get_submodule(bn_name)).__name__}) is registered right "
+            f"after {name!r} but the forward sends that layer's output to {went} in "
+            f"{prefix or 'the model'!r}: a BatchNorm can only be merged into the layer whose "
+            "output it alone normalises")
+
+
+def check_bn_pair(model: nn.Module, name: str, module: nn.Module, bn_name: str, bn: nn.Module) -> None:
+    """Refuse (UnsupportedLayerError) to merge BatchNorm `bn_name` into layer `name`.
+
+    The candidate comes from registration order (zennit's rule); it must also normalise the
+    layer's output channels (equal counts; DenseNet's BatchNorm before each conv fails
+    here), and where torch.fx traces the two modules' closest common parent, the layer's
+    output must go to that BatchNorm and nowhere else. Cached per model and module pair.
+    """
+    n_out = _out_features(module)
+    if n_out is not None and int(bn.num_features) != n_out:
+        raise UnsupportedLayerError(
+            f"layer {bn_name!r} ({type(bn).__name__}, {bn.num_features} features) is registered "
+            f"right after {name!r} ({type(module).__name__}, {n_out} outputs) but cannot normalise "
+            "its output: BatchNorm placed elsewhere than directly after a conv/linear layer "
+            "(e.g. before it, as in DenseNet) is not supported")
+    key = (name, bn_name, id(module), id(bn))
+    per_model = _PAIR_CACHE.setdefault(model, {})
+    if key not in per_model:
+        per_model[key] = _graph_problem(model, name, bn_name)
+    if per_model[key] is not None:
+        raise UnsupportedLayerError(per_model[key])

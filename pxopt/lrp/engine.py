@@ -173,6 +173,7 @@ class LRPEngine:
         self.recorder = Recorder()
         self._patched: list[tuple[nn.Module, Any]] = []
         self._training: list[tuple[nn.Module, bool]] = []
+        self._pairs: list[tuple[str, str, nn.Module]] = []  # merged (layer, BatchNorm name, BatchNorm)
 
     # ---- install / uninstall --------------------------------------------------------------
     def __enter__(self) -> LRPEngine:
@@ -191,6 +192,14 @@ class LRPEngine:
         self._patched.append((module, module.__dict__.get("forward")))
         module.__dict__["forward"] = types.MethodType(fn, module) if bind else fn
 
+    def check_pairs(self) -> None:
+        """After a forward: raise if a merged BatchNorm did not run right after its layer."""
+        for layer_name, bn_name, bn in self._pairs:
+            if bn.__dict__.pop("_pxopt_expected", None) is not None:
+                raise UnsupportedLayerError(
+                    f"layer {bn_name!r} (BatchNorm) did not run on the output of {layer_name!r} "
+                    "in the forward, so it cannot be merged for LRP")
+
     def _uninstall(self) -> None:
         for module, previous in reversed(self._patched):
             module.__dict__.pop("_pxopt_expected", None)
@@ -199,6 +208,7 @@ class LRPEngine:
             else:
                 module.__dict__["forward"] = previous
         self._patched.clear()
+        self._pairs = []
         for module, flag in self._training:
             module.training = flag
         self._training.clear()
@@ -211,8 +221,10 @@ class LRPEngine:
         groups = {layer.name: layer.group for layer in self.layer_map}
         self.rules.check_overrides(set(groups))
         leaves = list(_leaves(model))
-        # BatchNorm directly after a conv/linear in registration order (zennit's rule);
-        # the forward checks the pairing at run time.
+        # BatchNorm directly after a conv/linear in registration order (zennit's rule),
+        # checked against channel counts and the traced graph (`check_bn_pair`); the forward
+        # checks at run time that the BatchNorm receives exactly the layer's output
+        # (`_merged_bn_forward`, `check_pairs`).
         pairs: dict[str, tuple[str, nn.Module]] = {}
         paired_bn: dict[int, str] = {}
         for (name, mod), (bn_name, nxt) in zip(leaves, leaves[1:], strict=False):
@@ -221,8 +233,10 @@ class LRPEngine:
                     raise UnsupportedLayerError(
                         f"layer {bn_name!r} ({type(nxt).__name__}) has no running statistics "
                         "and cannot be merged for LRP")
+                cz.check_bn_pair(model, name, mod, bn_name, nxt)
                 pairs[name] = (bn_name, nxt)
                 paired_bn[id(nxt)] = name
+        self._pairs = [(name, bn_name, bn) for name, (bn_name, bn) in pairs.items()]
 
         for name, module in model.named_modules():
             residual = cz.residual_forward_of(module)

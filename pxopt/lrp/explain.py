@@ -15,7 +15,7 @@ under `torch.no_grad()` or `torch.inference_mode()`.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -33,11 +33,19 @@ Start = Literal["target", "predicted", "logit"]
 @dataclass
 class Explanation:
     """Relevance of the inputs (`input`, like the inputs), of each component
-    (`components`: module name -> (batch, n_components)) and the model's logits (`output`)."""
+    (`components`: module name -> (batch, n_components), summed over positions / tokens)
+    and the model's logits (`output`).
+
+    Transformer layers also give `token_abs` (module name -> (batch, n_components), the sum
+    over tokens of |R|, see `pxopt.scores`) and, when asked for, `tokens` (module name ->
+    (batch, tokens, n_components)). CNN layers have neither.
+    """
 
     input: Tensor
     components: dict[str, Tensor]
     output: Tensor
+    token_abs: dict[str, Tensor] = field(default_factory=dict)
+    tokens: dict[str, Tensor] | None = None
 
 
 def _record_names(layer_map: LayerMap, kinds: Iterable[str] | None) -> set[str]:
@@ -76,6 +84,7 @@ def _run(engine: LRPEngine, inputs: Tensor, targets: Any, start: str) -> Explana
     x.requires_grad_(True)
     out = engine.model(x)
     check_graph(out)
+    engine.check_pairs()
     seed = _seed(out, targets, start)
     (rel,) = torch.autograd.grad(out, x, seed)
     comps = {}
@@ -113,11 +122,25 @@ def explain(model: nn.Module, inputs: Tensor, targets: Tensor | Sequence[int] | 
         return _run(engine, inputs, targets, start)
 
 
+def check_explainable(model: nn.Module, example: Tensor, layer_map: LayerMap | None = None) -> None:
+    """Raise `UnsupportedLayerError` now if `explain` cannot explain `model` (unknown layers,
+    BatchNorm that cannot be merged, ops without a rule), e.g. before a search starts.
+
+    Explains the first sample of `example` (one forward and backward, default rules);
+    relevances that turn out non-finite are left to the rules actually used.
+    """
+    try:
+        explain(model, example[:1], None, None, start="predicted", kinds=(), layer_map=layer_map)
+    except NonFiniteRelevanceError:
+        pass
+
+
 def component_relevance(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]],
                         rules: RuleConfig | dict | str | None = None, *,
                         kinds: Iterable[str] | None = None, layer_map: LayerMap | None = None,
                         start: Start = "target") -> ComponentScores:
-    """Mean over all samples of |R| and of R per component, accumulated on the device.
+    """Mean over all samples of |R| and of R per component, accumulated on the device
+    (`ComponentScores`; for ViTs also sum_t |R_t|, their default ranking "token-abs").
 
     batches: (images, labels) already on the model's device; labels are the targets.
     """

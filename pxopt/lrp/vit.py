@@ -33,7 +33,7 @@ from pxopt.lrp import attention as ops
 from pxopt.lrp.config import RuleConfig, RuleSpec
 from pxopt.lrp.explain import Explanation, _seed
 from pxopt.lrp.rules import LayerRule, LinearOp, conv2d_op, relevance_backward
-from pxopt.scores import ComponentScores, ScoreAccumulator
+from pxopt.scores import ComponentScores, ScoreAccumulator, default_ranking
 
 LinearRule = Callable[[Tensor], Tensor]
 Recorder = Callable[[Tensor], None]
@@ -253,17 +253,39 @@ def conv_rule(spec: RuleSpec, name: str, conv: nn.Conv2d,
 
 @dataclass
 class Recording:
-    """Relevances collected during one backward pass, keyed by module name."""
+    """Relevances collected during one backward pass, keyed by module name.
+
+    heads, mlp, mlp_out: (batch, n) summed over tokens; `token_abs` holds the same layers'
+    sum over tokens of |R| (see `pxopt.scores`), and `tokens`, when not None, the per-token
+    relevance itself, (batch, tokens, n). A head's token is its query: its relevance there
+    is that of its attention weights of the query, summed over the keys.
+    """
 
     heads: dict[str, Tensor] = field(default_factory=dict)
     mlp: dict[str, Tensor] = field(default_factory=dict)
     mlp_out: dict[str, Tensor] = field(default_factory=dict)
     input: dict[str, Tensor] = field(default_factory=dict)
     conv: dict[str, Tensor] = field(default_factory=dict)
+    token_abs: dict[str, Tensor] = field(default_factory=dict)
+    tokens: dict[str, Tensor] | None = None
 
     def recorder(self, store: dict[str, Tensor], name: str) -> Recorder:
         def rec(t: Tensor) -> None:
             store[name] = t.detach()
+        return rec
+
+    def token_recorder(self, store: dict[str, Tensor], name: str, *, heads: bool = False) -> Recorder:
+        """Receives per-token relevance, (batch, tokens, n) or for heads (batch, heads,
+        queries), and stores both aggregations over the tokens (and the tokens if kept)."""
+        def rec(t: Tensor) -> None:
+            t = t.detach()
+            if heads:
+                t = t.transpose(1, 2)  # (batch, queries, heads), like the MLP's layout
+            dims = tuple(range(1, t.dim() - 1))
+            store[name] = t.sum(dim=dims)
+            self.token_abs[name] = torch.linalg.vector_norm(t, 1, dim=dims)  # Σ|t|, no |t| copy
+            if self.tokens is not None:
+                self.tokens[name] = t
         return rec
 
 
@@ -388,12 +410,13 @@ def _patch_residual_blocks(struct: ViTStructure, eps: float, saved: list) -> Non
 
 def _patch_linear(module: nn.Linear, name: str, spec: RuleSpec, saved: list,
                   rec: Recorder | None = None) -> None:
-    """Linear layer with its group's rule; with `rec`, its output relevance is recorded."""
+    """Linear layer with its group's rule; with `rec`, its output relevance is recorded
+    per token."""
     rule = linear_rule(spec, name, module.weight, module.bias)
     if rec is None:
         _set_forward(module, rule, saved)
     else:
-        _set_forward(module, lambda x: ops.record_relevance(rule(x), rec), saved)
+        _set_forward(module, lambda x: ops.record_relevance(rule(x), rec, dims=()), saved)
 
 
 def _patch_act(module: nn.Module, rec: Recorder | None, saved: list) -> None:
@@ -419,7 +442,7 @@ def explainable_vit(model: nn.Module, rules: ViTRules, recording: Recording | No
                     raise UnsupportedLayerError("LayerNorm over more than the last dim is not supported")
                 _set_forward(m, lambda x, m=m: ops.layer_norm(x, m.weight, m.bias, m.eps), saved)
         for blk in struct.blocks:
-            rec_h = recording.recorder(recording.heads, blk.attn_name) \
+            rec_h = recording.token_recorder(recording.heads, blk.attn_name, heads=True) \
                 if recording is not None and "heads" in want else None
             if struct.family == "torchvision":
                 _patch_tv_attention(blk, rules, rec_h, saved)
@@ -427,11 +450,11 @@ def explainable_vit(model: nn.Module, rules: ViTRules, recording: Recording | No
                 _patch_timm_attention(blk, rules, rec_h, saved)
                 name = f"{blk.attn_name}.proj"  # qkv runs inside the patched attention
                 _patch_linear(blk.attn.proj, name, rules.rule_for(name, blk.group), saved)
-            rec_m = recording.recorder(recording.mlp, blk.fc1_name) \
+            rec_m = recording.token_recorder(recording.mlp, blk.fc1_name) \
                 if recording is not None and "mlp" in want else None
             _patch_act(blk.act, rec_m, saved)
             _patch_linear(blk.fc1, blk.fc1_name, rules.rule_for(blk.fc1_name, blk.group), saved)
-            rec_o = recording.recorder(recording.mlp_out, blk.fc2_name) \
+            rec_o = recording.token_recorder(recording.mlp_out, blk.fc2_name) \
                 if recording is not None and mlp_outputs else None
             _patch_linear(blk.fc2, blk.fc2_name, rules.rule_for(blk.fc2_name, blk.group), saved, rec_o)
         for name in struct.head_names:
@@ -485,8 +508,9 @@ def _frozen_eval(model: nn.Module) -> Iterator[None]:
 
 
 def _explain(model: nn.Module, inputs: Tensor, targets: Any, vr: ViTRules, start: str,
-             kinds: set[str], mlp_outputs: bool, boundaries: tuple[float, float]) -> Explanation:
-    rec = Recording()
+             kinds: set[str], mlp_outputs: bool, boundaries: tuple[float, float],
+             tokens: bool = False) -> Explanation:
+    rec = Recording(tokens={} if tokens else None)
     x = inputs.detach()
     if x.is_inference():
         x = x.clone()
@@ -507,11 +531,15 @@ def _explain(model: nn.Module, inputs: Tensor, targets: Any, vr: ViTRules, start
     if "head" in kinds and struct.head_names:
         components[struct.head_names[-1]] = _seed(out, targets, start)
     total = relevance.sum() + sum((c.sum() for c in components.values()), relevance.new_zeros(()))
+    total = total + sum((c.sum() for c in rec.token_abs.values()), relevance.new_zeros(()))
     if not bool(torch.isfinite(total)):
         raise NonFiniteRelevanceError(
             "relevances became NaN or infinite: raise epsilon / the stabiliser, or check the "
             "model's outputs")
-    return Explanation(relevance.detach(), components, out.detach())
+    token_abs = {name: rec.token_abs[name] for name in components if name in rec.token_abs}
+    per_token = None if rec.tokens is None else \
+        {name: rec.tokens[name] for name in components if name in rec.tokens}
+    return Explanation(relevance.detach(), components, out.detach(), token_abs, per_token)
 
 
 def _kinds(kinds: Any) -> set[str]:
@@ -521,12 +549,18 @@ def _kinds(kinds: Any) -> set[str]:
 def explain_vit(model: nn.Module, inputs: Tensor, targets: Any = None, rules: Any = None, *,
                 start: str = "target", kinds: Any = None, mlp_outputs: bool = False,
                 matmul_eps: float = 0.0, residual_eps: float = 0.0, fused: bool = True,
-                boundaries: tuple[float, float] = (0.25, 0.75)) -> Explanation:
+                boundaries: tuple[float, float] = (0.25, 0.75),
+                tokens: bool = False) -> Explanation:
     """LRP of a ViT in one forward and one backward pass (`pxopt.lrp.explain` for ViTs).
 
     components (kinds, default heads and mlp): per attention module (batch, heads), per MLP
     fc1 (batch, hidden), with `mlp_outputs` per fc2 (batch, dim), all summed over tokens;
     "conv" adds the patch embedding's channels, "head" the relevance at the logits.
+    A head's relevance is that of its attention weights (the softmax output; half the head
+    output's under the uniform rule), an MLP neuron's that of fc1's output (= the
+    activation's output under the Pass rule). `token_abs` holds, for heads and MLP layers,
+    sum over tokens of |R| (queries for heads), and with `tokens` the per-token relevance
+    (batch, tokens, n) comes back in `tokens`.
     fused: run AttnLRP / CP-LRP attention through the fused kernel when matmul_eps is 0
     (exactly the same rule); False forces the explicit q·kᵀ, softmax, A·V ops.
     `output` equals the model's logits within 1e-5 (explicit attention and LayerNorm round
@@ -536,14 +570,16 @@ def explain_vit(model: nn.Module, inputs: Tensor, targets: Any = None, rules: An
                               fused=fused)
     vr.config.check_overrides({n for n, _ in model.named_modules() if n})
     with torch.inference_mode(False), torch.enable_grad(), _frozen_eval(model):
-        return _explain(model, inputs, targets, vr, start, _kinds(kinds), mlp_outputs, boundaries)
+        return _explain(model, inputs, targets, vr, start, _kinds(kinds), mlp_outputs, boundaries,
+                        tokens)
 
 
 def component_relevance_vit(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]],
                             rules: Any = None, *, kinds: Any = None, start: str = "target",
                             mlp_outputs: bool = False, matmul_eps: float = 0.0,
                             residual_eps: float = 0.0) -> ComponentScores:
-    """Mean over all samples of |R| and of R per component (`component_relevance` for ViTs)."""
+    """Mean over all samples of |R|, R and sum_t |R_t| per component (`component_relevance`
+    for ViTs); ranks by sum_t |R_t| ("token-abs", the reference's) unless told otherwise."""
     vr = ViTRules.from_config(rules, matmul_eps=matmul_eps, residual_eps=residual_eps)
     vr.config.check_overrides({n for n, _ in model.named_modules() if n})
     sums = ScoreAccumulator()
@@ -551,10 +587,11 @@ def component_relevance_vit(model: nn.Module, batches: Iterable[tuple[Tensor, Te
         for images, labels in batches:
             exp = _explain(model, images, labels, vr, start, _kinds(kinds), mlp_outputs,
                            (0.25, 0.75))
-            sums.add(exp.components, images.shape[0])
+            sums.add(exp.components, images.shape[0], exp.token_abs)
     return sums.result("lrp", {"rules": vr.config.to_dict(), "digest": vr.config.digest(),
                                "start": start, "matmul_eps": vr.matmul_eps,
-                               "residual_eps": vr.residual_eps})
+                               "residual_eps": vr.residual_eps},
+                       default_ranking=default_ranking("vit"))
 
 
 # --------------------------------------------------------------------------- layer map

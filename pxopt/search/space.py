@@ -13,12 +13,17 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from pxopt.errors import ConfigError
+from pxopt.scores import RANKINGS, default_ranking
 
 GROUPS: tuple[str, ...] = ("input", "low", "mid", "high", "fc")
 HIDDEN_RULES: tuple[str, ...] = ("epsilon", "gamma", "alphabeta", "zplus")
 INPUT_RULES: tuple[str, ...] = (*HIDDEN_RULES, "flat", "wsquare", "zbox")
 SOFTMAX_RULES: tuple[str, ...] = ("attnlrp", "cp", "zplus")
-RANKINGS: tuple[str, ...] = ("abs", "signed")
+# `ranking` (how a component's relevance is aggregated, `pxopt.scores`): the sort order is
+# a hyperparameter of the paper; by default a family searches its reference's absolute
+# aggregation and the signed one. "token-abs" needs tokens: transformers only.
+DEFAULT_RANKINGS: dict[str, tuple[str, ...]] = {"cnn": ("abs", "signed"), "vit": ("token-abs", "signed")}
+FAMILY_RANKINGS: dict[str, tuple[str, ...]] = {"cnn": ("abs", "signed"), "vit": RANKINGS}
 RULES_FORMAT = "pxopt.rules/1"
 
 # Default numeric ranges: log-uniform for the stabilisers, uniform for alpha (beta = alpha - 1).
@@ -69,7 +74,7 @@ class SearchSpace:
     """Everything a trial may vary; build it with `SearchSpace.build` from a study spec."""
 
     groups: dict[str, GroupSpace]
-    rankings: tuple[str, ...] = RANKINGS
+    rankings: tuple[str, ...] = DEFAULT_RANKINGS["cnn"]
     softmax: tuple[str, ...] | None = None  # None: not a transformer
     zbox_bounds: tuple[float, float] = (-3.0, 3.0)
     meta: dict = field(default_factory=dict)
@@ -120,10 +125,15 @@ class SearchSpace:
                 gamma=_range(g.get("gamma"), DEFAULT_GAMMA, f"space.{group}.gamma", positive=True),
                 alpha=alpha,
             )
-        rankings = narrowing.get("ranking", RANKINGS)
+        if family not in DEFAULT_RANKINGS:
+            raise ConfigError(f"unknown model family {family!r} (expected 'cnn' or 'vit')")
+        rankings = narrowing.get("ranking", DEFAULT_RANKINGS[family])
         rankings = (rankings,) if isinstance(rankings, str) else tuple(rankings)
-        if not rankings or any(r not in RANKINGS for r in rankings):
-            raise ConfigError(f"space.ranking must be a non-empty subset of {list(RANKINGS)}")
+        allowed_rankings = FAMILY_RANKINGS[family]
+        if not rankings or any(r not in allowed_rankings for r in rankings):
+            extra = " ('token-abs' needs tokens: transformers only)" if "token-abs" in rankings else ""
+            raise ConfigError(f"space.ranking must be a non-empty subset of {list(allowed_rankings)} "
+                              f"for a {family} model{extra}")
         softmax: tuple[str, ...] | None = None
         if family == "vit":
             sm = narrowing.get("softmax", SOFTMAX_RULES)
@@ -205,6 +215,25 @@ class SearchSpace:
         params["ranking"] = ranking
         return params
 
+    def check_resumable(self, trials: Any) -> None:
+        """Raise `ConfigError` if earlier trials of a study drew a categorical parameter
+        (`<group>.rule`, `softmax`, `ranking`) from other choices: Optuna cannot change them
+        within a study (e.g. a ViT study from before "token-abs" was the default ranking)."""
+        now: dict[str, tuple[str, ...]] = {f"{g}.rule": gs.rules for g, gs in self.groups.items()}
+        if self.softmax is not None:
+            now["softmax"] = self.softmax
+        now["ranking"] = self.rankings
+        for trial in trials:
+            for name, dist in trial.distributions.items():
+                before = tuple(getattr(dist, "choices", ()))
+                if name in now and before and before != tuple(now[name]):
+                    key, _, _ = name.partition(".")
+                    hint = f"{key} = {{ rules = {list(before)} }}" if "." in name else f"{name} = {list(before)}"
+                    raise ConfigError(
+                        f"the study drew {name} from {list(before)}, this search space offers "
+                        f"{list(now[name])} (Optuna cannot change a parameter's choices within a "
+                        f"study): set [space] {hint} to resume it, or use another --study name")
+
     # -- baselines ------------------------------------------------------------------------
     def baselines(self) -> dict[str, tuple[dict, str]]:
         """The configurations every study starts with (those that fit this space).
@@ -233,7 +262,8 @@ class SearchSpace:
                         groups[group] = {"rule": "gamma", "gamma": BASELINE_GAMMA}
             if self.softmax is not None:
                 rules["softmax"] = "attnlrp" if "attnlrp" in self.softmax else self.softmax[0]
-            ranking = "abs" if "abs" in self.rankings else self.rankings[0]
+            preferred = default_ranking("vit" if self.softmax is not None else "cnn")
+            ranking = next((r for r in (preferred, "abs") if r in self.rankings), self.rankings[0])
             try:
                 params = self.to_params(rules, ranking)
             except ConfigError:

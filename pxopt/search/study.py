@@ -155,6 +155,7 @@ def run_search(
     study = open_study(spec, url)
     pin_study_attrs(study, study_attrs or {})
     space = space or SearchSpace.build(spec.space, family=family)
+    space.check_resumable(study.get_trials(deepcopy=False))
     if spec.baselines:
         enqueue_baselines(study, space)
     n_before = len(study.trials)

@@ -677,7 +677,9 @@ def run_spec_search(
 
     The model and task are loaded here first (given as `pipeline`, or loaded on the CPU
     when N > 1): bad input fails once with one clear error before any worker starts, and
-    a built-in model is trained once, not by every worker. Baselines are queued into a
+    a built-in model is trained once, not by every worker; a model LRP cannot explain is
+    refused here too (`Pipeline.check_explainable`; a caller that passes `pipeline` checks
+    it first, as `pxopt search` does). Baselines are queued into a
     new study exactly as `run_search` does; the workers then share `spec.trials`.
     """
     from pxopt.pipeline import Pipeline
@@ -689,10 +691,12 @@ def run_spec_search(
     url = storage_url or spec.storage_url()
     if pipeline is None:
         pipeline = Pipeline.from_spec(spec, device="cpu" if n_workers > 1 else None)
+        pipeline.check_explainable()  # unsupported model: one error now, not a failed trial each
     study = open_study(spec, url)
     pin_study_attrs(study, study_attrs or {})
+    space = SearchSpace.build(spec.space, family=pipeline.family, zbox_bounds=pipeline.input_bounds())
+    space.check_resumable(study.get_trials(deepcopy=False))
     if spec.baselines:
-        space = SearchSpace.build(spec.space, family=pipeline.family, zbox_bounds=pipeline.input_bounds())
         enqueue_baselines(study, space)
     plan = WorkerPlan(
         storage=url, study_name=spec.name, n_trials=spec.trials, timeout=spec.timeout, device=spec.device,
