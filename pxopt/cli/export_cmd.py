@@ -127,7 +127,8 @@ def register(app: typer.Typer) -> None:
                 out.parent.mkdir(parents=True, exist_ok=True)
                 torch.save({"state_dict": pipeline.model.state_dict(), "pxopt": result}, out)
             typer.echo(f"masked model (same shapes, {params} params): MACs {macs:.4g}, ~{macs - saved:.4g} "
-                       f"without the masked components; CPU latency {timing} per image ({_timing_note(timing)}); "
+                       f"without the masked components; {example.device.type.upper()} latency {timing} per image "
+                       f"({_timing_note(timing)}); "
                        "use --physical for a smaller, faster model")
             summary_path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
             typer.echo(f"saved {out} (state dict, the original architecture's shapes) + {summary_path}")

@@ -314,7 +314,7 @@ def export_program(model: nn.Module, example_inputs: torch.Tensor, path: str | P
     {"file", "dynamic_batch", "max_abs_diff"}. Raises ExportFailed with one line."""
     out = Path(path)
     cpu_model = copy.deepcopy(model).cpu().eval()
-    x = example_inputs.detach().cpu()
+    x = example_inputs[:2].detach().cpu().clone()  # a clone: the program stores its example's whole storage
     if x.shape[0] < 2:  # a batch of one would pin the batch size to 1
         x = torch.cat([x, x])
     ep, dynamic, first_error = None, True, ""
