@@ -69,15 +69,16 @@ class Pipeline:
 
     # -- construction -------------------------------------------------------------------
     @classmethod
-    def from_spec(cls, spec: StudySpec, *, device: str | None = None) -> Pipeline:
-        """Load the spec's model and task (offline; builtin models train on first use)."""
+    def from_spec(cls, spec: StudySpec, *, device: str | None = None, allow_download: bool = False) -> Pipeline:
+        """Load the spec's model and task (builtin models train on first use); offline
+        unless `allow_download` (missing weights and Fashion-MNIST are then downloaded)."""
         from pxopt.data import make_task
         from pxopt.layers import discover_layers
         from pxopt.models import load_model
 
         configure_threads(spec.threads)
         dev = resolve_device(device or spec.device)
-        loaded = load_model(spec.model, device=str(dev))
+        loaded = load_model(spec.model, device=str(dev), allow_download=allow_download)
         task = make_task(
             spec.data,
             classes=spec.classes,
@@ -86,6 +87,7 @@ class Pipeline:
             seed=spec.task_seed,
             transform=loaded.transform,
             num_model_classes=loaded.num_classes,
+            allow_download=allow_download,
         )
         return cls(
             model=loaded.model,

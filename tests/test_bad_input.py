@@ -134,6 +134,10 @@ ROWS: list[Row] = [
     Row("checkpoint-other-architecture", ["search", "--storage", "{db}", "--study", "c2",
                                           "--model", "file:{dir}/vgg.pth@builtin:fmnist-resnet"],
         r"vgg\.pth does not fit the architecture: .*missing keys", fake=False),
+    Row("checkpoint-pickled-code", ["search", "--storage", "{db}", "--study", "c4",
+                                    "--model", "file:{dir}/pickled.pth@builtin:fmnist-resnet"],
+        r"^error: checkpoint \S*pickled\.pth holds pickled code \(pxopt\.models\.builtin\.archs\.FmnistResNet\), "
+        r"not a plain state dict; pxopt loads checkpoints with weights_only=True and will not run it", fake=False),
     Row("checkpoint-missing", ["search", "--storage", "{db}", "--study", "c3",
                                "--model", "file:{dir}/absent.pth@builtin:fmnist-resnet"],
         r"checkpoint file .*absent\.pth does not exist", fake=False),
@@ -179,6 +183,7 @@ def _real_files(tmp: Path) -> None:
     torch.save(model.state_dict(), tmp / "zeroed.pth")
     torch.save(fmnist_vgg().state_dict(), tmp / "vgg.pth")
     torch.save(torchvision.models.densenet121(weights=None).state_dict(), tmp / "densenet121.pth")
+    torch.save(FmnistResNet(), tmp / "pickled.pth")  # the whole module, pickled: code, not weights
     (tmp / "corrupt.pth").write_bytes(b"PK\x03\x04 not a checkpoint" * 10)
     rng = np.random.default_rng(0)
     for cls, n in (("a", 5), ("b", 5), ("c", 1)):

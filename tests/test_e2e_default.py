@@ -1,14 +1,17 @@
 """End to end on the offline default study (slow: trains the built-in model on first use).
 
 `pxopt search` with no arguments -> study in SQLite, best config JSON, HTML report; then
-export -> `pxopt prune` reproduces the stored curve point exactly, and the `optuna` CLI and
+export -> `pxopt prune` reproduces the stored curve point exactly, `pxopt prune --physical`
+writes a program that plain Python loads without pxopt, and the `optuna` CLI and
 optuna-dashboard's API read the study.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import optuna
@@ -49,6 +52,21 @@ def test_default_study_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     record = json.loads(out.with_suffix(".json").read_text())
     assert record["accuracy"] == accs[i] and "identical" in result.output
     assert out.is_file()
+
+    # --physical: the program loads in a plain Python session that never imports pxopt
+    result = runner.invoke(app, ["prune", "--config", str(best_json), "--rate", "0.3", "--physical",
+                                 "-o", "pruned.pt"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "model = torch.export.load('pruned.pt2').module()" in result.output
+    record = json.loads((tmp_path / "pruned.json").read_text())
+    assert record["params_after"] < record["params_before"]
+    script = ("import sys, torch\n"
+              "model = torch.export.load('pruned.pt2').module()\n"
+              "print(tuple(model(torch.zeros(3, 1, 28, 28)).shape), 'pxopt' in sys.modules)\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-I", "-c", script], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.split() == ["(3,", "10)", "False"], proc.stderr
 
     # the optuna CLI reads the study
     proc = subprocess.run(["optuna", "best-trial", "--study-name", "default", "--storage", url, "-f", "json"],

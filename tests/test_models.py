@@ -72,7 +72,31 @@ def test_torchvision_missing_weights_names_file_folder_and_command(tmp_path, mon
     msg = str(info.value)
     assert "mobilenet_v3_small-047dcff4.pth" in msg and str(folder) in msg
     assert "torchvision.models.get_model('mobilenet_v3_small', weights='IMAGENET1K_V1')" in msg
+    assert "or pass --allow-download" in msg
     assert "\n" not in msg
+
+
+def test_torchvision_allow_download_fetches_into_torch_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    weights = torchvision.models.MobileNet_V3_Small_Weights.IMAGENET1K_V1
+    reference = torchvision.models.mobilenet_v3_small()
+    calls = []
+
+    def fake_download(url, dst, *args, **kwargs):  # no network in tests
+        calls.append((url, dst))
+        torch.save(reference.state_dict(), dst)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
+    with pytest.raises(ModelSpecError, match="--allow-download"):
+        load_model("mobilenet_v3_small")  # without the flag: never the network
+    assert calls == []
+    loaded = load_model("mobilenet_v3_small", allow_download=True)
+    target = tmp_path / "hub" / "checkpoints" / Path(weights.url).name
+    assert calls == [(weights.url, str(target))] and target.is_file()
+    assert loaded.meta["weights_file"] == str(target)
+    assert torch.equal(loaded.model.features[0][0].weight, reference.features[0][0].weight)
+    load_model("mobilenet_v3_small")  # cached now: loads offline, no second download
+    assert len(calls) == 1
 
 
 def test_torchvision_loads_offline_from_torch_home(tmp_path, monkeypatch):
@@ -103,8 +127,10 @@ def test_torchvision_cache_refuses_pickled_code(tmp_path, monkeypatch):
     folder.mkdir(parents=True)
     weights = torchvision.models.MobileNet_V3_Small_Weights.IMAGENET1K_V1
     torch.save({"w": Evil()}, folder / Path(weights.url).name)
-    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+    with pytest.raises(CheckpointError, match=r"holds pickled code \(print\), not a plain state dict; "
+                       "pxopt loads checkpoints with weights_only=True and will not run it") as info:
         load_model("mobilenet_v3_small")
+    assert "\n" not in str(info.value) and len(str(info.value)) < 300
 
 
 def _hf_cache(home: Path, repo: str, state: dict[str, torch.Tensor]) -> Path:
@@ -127,6 +153,33 @@ def test_timm_missing_weights_message(tmp_path, monkeypatch):
     assert "model.safetensors" in msg
     assert str(tmp_path / "hub" / "models--timm--test_vit.r160_in1k" / "snapshots") in msg
     assert "timm.create_model('test_vit.r160_in1k', pretrained=True)" in msg
+    assert "or pass --allow-download" in msg and "\n" not in msg
+
+
+def test_timm_allow_download_lifts_hf_hub_offline(tmp_path, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # as with HF_HUB_OFFLINE=1 in the environment
+    reference = timm.create_model("test_vit.r160_in1k")
+    calls = []
+
+    def fake_download(repo, filename, *, cache_dir):  # no network in tests
+        calls.append((repo, filename, cache_dir, constants.HF_HUB_OFFLINE))
+        return str(_hf_cache(Path(cache_dir).parent, repo, reference.state_dict()))
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    with pytest.raises(ModelSpecError, match="--allow-download"):
+        load_model("timm:test_vit.r160_in1k")
+    assert calls == []
+    loaded = load_model("timm:test_vit.r160_in1k", allow_download=True)
+    assert calls == [("timm/test_vit.r160_in1k", "model.safetensors", str(tmp_path / "hub"), False)]
+    assert constants.HF_HUB_OFFLINE is True  # restored after the download
+    assert loaded.meta["weights_file"].startswith(str(tmp_path / "hub"))
+    for a, b in zip(loaded.model.state_dict().values(), reference.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
 
 
 def test_timm_loads_from_hf_cache(tmp_path, monkeypatch):
@@ -168,8 +221,9 @@ def test_file_spec_errors(tmp_path):
     with pytest.raises(ModelSpecError, match="does not exist"):
         load_model(f"file:{tmp_path / 'none.pth'}@builtin:fmnist-resnet")
     (tmp_path / "broken.pth").write_bytes(b"\x00garbage")
-    with pytest.raises(CheckpointError, match="cannot read checkpoint .*broken.pth"):
+    with pytest.raises(CheckpointError, match="cannot read checkpoint .*broken.pth: Unsupported operand") as info:
         load_model(f"file:{tmp_path / 'broken.pth'}@builtin:fmnist-resnet")
+    assert len(str(info.value)) < 200 + len(str(tmp_path))
     (tmp_path / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
     with pytest.raises(CheckpointError, match="cannot read checkpoint"):
         load_model(f"file:{tmp_path / 'broken.safetensors'}@builtin:fmnist-resnet")

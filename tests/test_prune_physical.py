@@ -7,7 +7,7 @@ import torch
 
 from pxopt.errors import CheckpointError, ConfigError
 from pxopt.prune import Masker, global_order
-from pxopt.prune.physical import load_pruned, physical_prune
+from pxopt.prune.physical import export_program, load_pruned, physical_prune
 from tests._prune_helpers import TinyResNet, simple_layer_map, tiny_vit, trained_tiny_resnet
 
 KINDS = ("conv", "linear")
@@ -57,23 +57,45 @@ def test_removed_equals_masked_and_is_smaller(tmp_path):
     with pytest.raises(CheckpointError):
         load_pruned(TinyResNet(width=8), tmp_path / "missing", x[:1])
 
+    # one file (state dict + history), as `pxopt prune --physical` writes it
+    single = res.save_state(tmp_path / "pruned.pt", {"note": "record"})
+    assert torch.load(single, weights_only=True)["pxopt"] == {"note": "record"}
+    with torch.no_grad():
+        assert torch.equal(load_pruned(TinyResNet(width=8), single, x[:1])(x), out)
+    torch.save(model.state_dict(), tmp_path / "plain.pt")
+    with pytest.raises(CheckpointError, match="not a file written by `pxopt prune --physical`"):
+        load_pruned(TinyResNet(width=8), tmp_path / "plain.pt", x[:1])
+
+    # the torch.export program: same outputs, any batch size
+    many = torch.cat([x] * 64)  # 512 images: the program keeps its example, which must not drag them along
+    info = export_program(res.model, many[:2], tmp_path / "pruned.pt2")
+    assert (tmp_path / "pruned.pt2").stat().st_size < many.numel() * 4 / 4
+    program = torch.export.load(str(tmp_path / "pruned.pt2")).module()
+    assert info["dynamic_batch"] and info["max_abs_diff"] <= 1e-6
+    with torch.no_grad():
+        torch.testing.assert_close(program(x), out, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(program(x[:3]), out[:3], rtol=1e-6, atol=1e-6)
+
 
 def test_group_sum_removes_whole_groups_and_reports_latency():
     model, lm, scores = _setup()
     x = torch.rand(1, 1, 28, 28)
     pruned = global_order(scores, lm, KINDS).pruned_at(0.5)
     res = physical_prune(model, lm, pruned, x, kinds=KINDS, coupled="group-sum", scores=scores,
-                         min_run_time=0.05)
+                         repeats=3, threads=1)
     mask_res = physical_prune(model, lm, pruned, x, kinds=KINDS, measure_latency=False)
     k = round((int(pruned["stem"].sum()) + int(pruned["block.conv2"].sum())) / 2)
     assert len(res.removed["stem"]) == k and res.removed["stem"] == res.removed["block.conv2"]
     assert res.macs_after <= mask_res.macs_after
     assert {"cpu_before_ms", "cpu_after_ms"} <= set(res.latency) and res.latency["cpu_after_ms"] > 0
+    stats = res.latency["cpu"]["after"]  # timed interleaved with the original, spread included
+    assert stats["median_ms"] == res.latency["cpu_after_ms"] and stats["runs"] == 3 and stats["threads"] == 1
+    assert stats["min_ms"] <= stats["q1_ms"] <= stats["median_ms"] <= stats["q3_ms"] <= stats["max_ms"]
     with pytest.raises(ConfigError):
         physical_prune(model, lm, pruned, x, kinds=KINDS, coupled="group-sum")
 
 
-def test_vit_mlp_removed_and_heads_left_masked():
+def test_vit_mlp_removed_and_heads_left_masked(tmp_path):
     model = tiny_vit()
     lm = simple_layer_map(model, "head")
     x = torch.randn(3, 1, 28, 28)
@@ -89,3 +111,7 @@ def test_vit_mlp_removed_and_heads_left_masked():
     with torch.no_grad():
         out = res.model(x)
     torch.testing.assert_close(out, _masked_output(model, lm, pruned, x, kinds), rtol=1e-5, atol=1e-5)
+    export_program(res.model, x, tmp_path / "vit.pt2")  # timm ViT with MLP neurons removed
+    with torch.no_grad():
+        torch.testing.assert_close(torch.export.load(str(tmp_path / "vit.pt2")).module()(x), out,
+                                   rtol=1e-6, atol=1e-6)

@@ -7,6 +7,7 @@ add the module's name to `_COMMAND_MODULES` to plug it in.
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
 
 import typer
@@ -14,6 +15,31 @@ from rich.console import Console
 from rich.markup import escape
 
 from pxopt.errors import PxoptError
+
+
+def _show_flags_as_flags() -> None:
+    """typer's rich help prints a type after every option, `<bool>` after flags too (its
+    plain help does not, and a flag takes no value): print nothing there for flags."""
+    from typer.core import TyperOption
+
+    original = getattr(TyperOption, "display_type_rich", None)
+    if original is None or getattr(original, "_pxopt_flags", False):
+        return
+
+    def display_type_rich(self, ctx):  # type: ignore[no-untyped-def]
+        if getattr(self, "is_flag", False) or getattr(self, "count", False):
+            return None
+        return original(self, ctx)
+
+    display_type_rich._pxopt_flags = True  # type: ignore[attr-defined]
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+
+
+_show_flags_as_flags()
+# torch warns "No CUDA runtime is found, using CUDA_HOME=..." whenever something imports
+# torch.utils.cpp_extension on a machine with a CUDA toolkit but no GPU. pxopt builds no
+# extensions, so on the command line that warning is noise.
+logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 app = typer.Typer(
     name="pxopt",

@@ -6,6 +6,7 @@ import json
 
 import typer
 
+from pxopt.cli._options import ALLOW_DOWNLOAD_HELP
 from pxopt.errors import ModelSpecError
 
 
@@ -23,6 +24,7 @@ def register(app: typer.Typer) -> None:
         force: bool = typer.Option(False, "--force", help="Retrain even if a cached model exists."),
         device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
         threads: int | None = typer.Option(None, "--threads", help="CPU threads (default: env PXOPT_THREADS)."),
+        allow_download: bool = typer.Option(False, "--allow-download", help=ALLOW_DOWNLOAD_HELP),
     ) -> None:
         """Train a built-in reference model (cached; reused unless --force)."""
         from pxopt.device import configure_threads
@@ -34,6 +36,10 @@ def register(app: typer.Typer) -> None:
             raise ModelSpecError(f"only built-in models can be trained here, got {spec!r}")
         get_builtin(parsed.name)
         configure_threads(threads)
+        if allow_download:
+            from pxopt.data.sources import fashion_mnist
+
+            fashion_mnist(allow_download=True)
         if force:
             _, meta = train_builtin(parsed.name, device=device)
         else:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from pxopt.cli._options import ALLOW_DOWNLOAD_HELP
 from pxopt.criteria import CRITERIA, check_criteria  # torch-free: the names only
 from pxopt.errors import ConfigError
 
@@ -16,7 +17,7 @@ def register(app: typer.Typer) -> None:
     def report(
         study: str | None = typer.Option(None, "--study", help="Study name (default: the default study's)."),
         storage: str | None = typer.Option(None, "--storage", help="SQLite path or SQLAlchemy URL."),
-        out: Path | None = typer.Option(None, "--out", help="HTML file (default: studies/<study>-report.html)."),
+        out: Path | None = typer.Option(None, "--out", "-o", help="HTML file (default: studies/<study>-report.html)."),
         rate: float | None = typer.Option(None, "--rate", help="Rate of the per-layer figure (default: Top-PR)."),
         baselines: Path | None = typer.Option(None, "--baselines", help="JSON table from `pxopt baselines`."),
         out_dir: Path = typer.Option(Path("studies"), "--out-dir", help="Where studies live."),
@@ -44,8 +45,8 @@ def register(app: typer.Typer) -> None:
     def dashboard(
         study: str | None = typer.Option(None, "--study", help="Study name (default: the default study's)."),
         storage: str | None = typer.Option(None, "--storage", help="SQLite path or SQLAlchemy URL."),
-        host: str = typer.Option("127.0.0.1", "--host"),
-        port: int = typer.Option(8080, "--port"),
+        host: str = typer.Option("127.0.0.1", "--host", help="Address to serve on (0.0.0.0: every interface)."),
+        port: int = typer.Option(8080, "--port", help="Port to serve on."),
         attach_only: bool = typer.Option(False, "--attach-only", help="Attach figures and notes, don't serve."),
         out_dir: Path = typer.Option(Path("studies"), "--out-dir", help="Where studies live."),
     ) -> None:
@@ -64,16 +65,17 @@ def register(app: typer.Typer) -> None:
     @app.command("baselines")
     def baselines_cmd(
         spec_path: Path | None = typer.Option(None, "--spec", help="Study spec TOML (default: studies/default.toml)."),
-        model: str | None = typer.Option(None, "--model", help="Model spec."),
-        data: str | None = typer.Option(None, "--data", help="Dataset."),
-        classes: int | None = typer.Option(None, "--classes"),
-        n_ref: int | None = typer.Option(None, "--n-ref"),
-        n_val: int | None = typer.Option(None, "--n-val"),
-        components: str | None = typer.Option(None, "--components"),
-        rates: str | None = typer.Option(None, "--rates"),
-        device: str | None = typer.Option(None, "--device"),
+        model: str | None = typer.Option(None, "--model", help="Model spec, e.g. resnet50 or builtin:fmnist-resnet."),
+        data: str | None = typer.Option(None, "--data", help="Dataset: fashion-mnist, mnist-5k or an image folder."),
+        classes: int | None = typer.Option(None, "--classes", help="Number of classes (chosen by seed)."),
+        n_ref: int | None = typer.Option(None, "--n-ref", help="Reference images per class."),
+        n_val: int | None = typer.Option(None, "--n-val", help="Validation images per class."),
+        components: str | None = typer.Option(None, "--components", help="conv, mlp or heads."),
+        rates: str | None = typer.Option(None, "--rates", help="'0,0.1,0.2' or 'start:stop:step'."),
+        device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:1 ..."),
         criteria: str = typer.Option(",".join(CRITERIA), "--criteria", help="Comma-separated criteria."),
         out_dir: Path = typer.Option(Path("studies"), "--out-dir", help="Output folder."),
+        allow_download: bool = typer.Option(False, "--allow-download", help=ALLOW_DOWNLOAD_HELP),
     ) -> None:
         """Curves of every baseline criterion on one model and task: a figure and a JSON table."""
         import plotly.graph_objects as go
@@ -89,6 +91,7 @@ def register(app: typer.Typer) -> None:
         pipeline = Pipeline.from_spec(spec)
         from pxopt.report.figures import curve_styles
 
+        pipeline = Pipeline.from_spec(spec, allow_download=allow_download)
         table: dict[str, dict] = {}
         fig = go.Figure()
         for name, line in zip(names, curve_styles(len(names)), strict=True):

@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from pxopt.cli._options import ALLOW_DOWNLOAD_HELP
 from pxopt.errors import ConfigError
 
 console = Console(stderr=True)
@@ -81,6 +82,7 @@ def register(app: typer.Typer) -> None:
         out_dir: Path = typer.Option(Path("studies"), "--out-dir", help="Where the report and best config go."),
         report: bool = typer.Option(True, "--report/--no-report", help="Write the HTML report at the end."),
         workers: int = typer.Option(1, "--workers", help="Worker processes on this study (one GPU each)."),
+        allow_download: bool = typer.Option(False, "--allow-download", help=ALLOW_DOWNLOAD_HELP),
     ) -> None:
         """Search LRP rule configurations that prune best; the same command resumes."""
         from pxopt.export import export_trial, write_export
@@ -104,7 +106,8 @@ def register(app: typer.Typer) -> None:
         if workers < 1:
             raise ConfigError(f"--workers must be >= 1, got {workers}")
         with console.status("loading model and task (a built-in model trains on first use)"):
-            pipeline = Pipeline.from_spec(spec, device="cpu" if workers > 1 else None)
+            pipeline = Pipeline.from_spec(spec, device="cpu" if workers > 1 else None,
+                                          allow_download=allow_download)
             pipeline.check_explainable()  # an unsupported model: one error line, no study
         study_attrs = pipeline.study_attrs()
         with Progress(

@@ -140,7 +140,7 @@ def fashion_mnist(*, allow_download: bool = False) -> Dataset:
         raise DataError(
             f"Fashion-MNIST not found (searched {searched}); install it with "
             f"'apt-get install dataset-fashion-mnist', set PXOPT_FASHION_MNIST to a folder "
-            f"with the four *-ubyte[.gz] files, or allow downloads"
+            f"with the four *-ubyte[.gz] files, or pass --allow-download"
         )
     return _read_fashion_mnist(folder)
 

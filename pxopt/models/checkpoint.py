@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -17,6 +18,19 @@ _PREFIXES = ("module.", "_orig_mod.")
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return (text.splitlines()[0] if text else type(exc).__name__)[:300]
+
+
+def _unpickling_error(exc: BaseException, path: Path) -> CheckpointError:
+    """One line for a refused weights-only load, instead of torch's paragraph."""
+    text = str(exc)
+    code = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text) or re.search(r"\bGLOBAL ([\w.]+)", text)
+    if code:  # the file names a Python callable: a pickled module / object, not just tensors
+        return CheckpointError(
+            f"checkpoint {path} holds pickled code ({code.group(1)}), not a plain state dict; pxopt loads "
+            f"checkpoints with weights_only=True and will not run it (save model.state_dict() instead)"
+        )
+    detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+    return CheckpointError(f"cannot read checkpoint {path}: {detail.group(1) if detail else _first_line(exc)}")
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -35,7 +49,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             obj = load_file(str(path), device="cpu")
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError, KeyError) as exc:
+    except pickle.UnpicklingError as exc:
+        raise _unpickling_error(exc, path) from exc
+    except (RuntimeError, OSError, EOFError, ValueError, KeyError) as exc:
         raise CheckpointError(f"cannot read checkpoint {path}: {_first_line(exc)}") from exc
     except Exception as exc:  # safetensors raises its own SafetensorError
         if type(exc).__name__ != "SafetensorError":

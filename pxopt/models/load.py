@@ -25,6 +25,10 @@ def _build_arch(spec: ModelSpec, *, pretrained: bool, allow_download: bool,
         from pxopt.models.builtin import FmnistTransform, get_builtin, load_builtin
 
         entry = get_builtin(spec.name)
+        if pretrained and allow_download:  # training on first use needs Fashion-MNIST
+            from pxopt.data.sources import fashion_mnist
+
+            fashion_mnist(allow_download=True)
         if pretrained:
             model, meta = load_builtin(spec.name, progress=progress)
         else:
@@ -101,7 +105,8 @@ def describe_supported() -> str:
         "Families: cnn (ResNet, VGG, EfficientNet, ... conv channels) and vit (vision",
         "transformers: MLP neurons and attention heads).",
         "Weights load offline from $TORCH_HOME/hub/checkpoints (torchvision) and the Hugging",
-        "Face cache (timm); pass --allow-download where the network is reachable.",
+        "Face cache (timm); where the network is reachable, `pxopt search`, `prune`,",
+        "`baselines` and `train` take --allow-download to fetch missing weights.",
         "",
         "Built-in models:",
     ]

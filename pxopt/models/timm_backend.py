@@ -1,4 +1,5 @@
-"""timm models: weights from the Hugging Face cache (or torch hub cache), offline unless allowed.
+"""timm models: weights from the Hugging Face cache (or torch hub cache), offline unless allowed
+(`allow_download`: fetched into those caches, with HF_HUB_OFFLINE lifted for the download).
 
 The cache folder is resolved from HF_HUB_CACHE / HF_HOME at call time (huggingface_hub
 reads them once at import), and the located file is handed to timm through
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 import difflib
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import timm
@@ -44,6 +47,29 @@ def pretrained_cfg(name: str, tag: str | None):
     return cfg
 
 
+@contextmanager
+def hub_online() -> Iterator[None]:
+    """Lift HF_HUB_OFFLINE (read once by huggingface_hub at import) for an allowed download."""
+    from huggingface_hub import constants
+
+    def reset() -> None:  # sessions built while offline refuse every request
+        from huggingface_hub import utils
+
+        if hasattr(utils, "reset_sessions"):
+            utils.reset_sessions()
+
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = False
+    if before:
+        reset()
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+        if before:
+            reset()
+
+
 def fetch_command(full: str) -> str:
     return f"python -c \"import timm; timm.create_model('{full}', pretrained=True)\""
 
@@ -61,18 +87,19 @@ def locate_weights(cfg, full: str, *, allow_download: bool) -> Path:
             if isinstance(found, str):
                 return Path(found)
         if allow_download:
-            for filename in files:
-                try:
-                    return Path(hf_hub_download(repo, filename, cache_dir=str(cache)))
-                except Exception as exc:  # EntryNotFound, network errors, ...
-                    last = exc
+            with hub_online():
+                for filename in files:
+                    try:
+                        return Path(hf_hub_download(repo, filename, cache_dir=str(cache)))
+                    except Exception as exc:  # EntryNotFound, network errors, ...
+                        last = exc
             raise ModelSpecError(f"downloading {repo} failed: {str(last).splitlines()[0]}")
         folder = cache / f"models--{repo.replace('/', '--')}" / "snapshots" / "<revision>"
         raise ModelSpecError(
             f"weights file {files[0]} for timm:{full} not found in {folder} (with refs/main "
             f"naming the revision); on a machine with internet run {fetch_command(full)} and "
             f"copy {cache / ('models--' + repo.replace('/', '--'))} here (or set HF_HOME), "
-            f"or allow downloads"
+            f"or pass --allow-download"
         )
     if cfg.url:
         import torch
@@ -86,7 +113,7 @@ def locate_weights(cfg, full: str, *, allow_download: bool) -> Path:
             return path
         raise ModelSpecError(
             f"weights file {path.name} for timm:{full} not found in {path.parent}; on a "
-            f"machine with internet run {fetch_command(full)} and copy it there, or allow downloads"
+            f"machine with internet run {fetch_command(full)} and copy it there, or pass --allow-download"
         )
     raise ModelSpecError(f"timm:{full} has no downloadable weights")
 

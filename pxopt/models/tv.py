@@ -1,4 +1,5 @@
-"""torchvision models: weights from `$TORCH_HOME/hub/checkpoints/`, offline unless allowed.
+"""torchvision models: weights from `$TORCH_HOME/hub/checkpoints/`, offline unless allowed
+(`allow_download`: torchvision's URL is fetched into that folder).
 
 torchvision itself would unpickle the cached file with `weights_only=False`; pxopt routes
 the builder's weight loading through `torch.load(..., weights_only=True)` instead.
@@ -101,7 +102,7 @@ def build(
         raise ModelSpecError(
             f"weights file {path.name} for torchvision:{name}:{weights.name} not found in "
             f"{path.parent}; on a machine with internet run {fetch_command(name, weights)} "
-            f"and copy the file into that folder (or set TORCH_HOME), or allow downloads"
+            f"and copy the file into that folder (or set TORCH_HOME), or pass --allow-download"
         )
 
     def safe_load(url: str, *args, **kwargs) -> dict:

@@ -3,6 +3,8 @@
 `physical_prune` takes the prune set of one rate (e.g. `PruneOrder.pruned_at(0.5)`) and
 returns a smaller copy of the model, its params / MACs / latency before and after, and
 the Torch-Pruning history needed to rebuild the architecture (`save` / `load_pruned`).
+`export_program` writes the pruned model as a `torch.export` program (`.pt2`), which
+loads with `torch.export.load(path).module()` and needs neither pxopt nor the history.
 
 Coupled channels: where several prunable layers write the same channels (residual adds in
 a ResNet stage, ...), Torch-Pruning can only remove a channel from all of them at once.
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -52,7 +55,9 @@ class PhysicalResult:
     params_after: int
     macs_before: float
     macs_after: float
-    latency: dict[str, float] = field(default_factory=dict)  # "cpu_before_ms", ...
+    # medians "cpu_before_ms", "cpu_after_ms" (and "cuda_*" with a GPU), plus "cpu" /
+    # "cuda": {"before": Latency.to_dict(), "after": ...} with the spread (pxopt.latency)
+    latency: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         return dict(
@@ -63,14 +68,27 @@ class PhysicalResult:
             macs_before=self.macs_before, macs_after=self.macs_after, latency=dict(self.latency),
         )
 
+    def pruning_record(self) -> dict[str, Any]:
+        """What `load_pruned` needs besides the weights: the Torch-Pruning history."""
+        return {"format": FORMAT, "history": self.history, "removed": self.removed, "masked": self.masked}
+
     def save(self, path: str | Path) -> Path:
         """Write `<path>/model.pt` (state dict) and `<path>/pruning.json` (history + summary)."""
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
         torch.save(self.model.state_dict(), out / "model.pt")
-        meta = {"format": FORMAT, "history": self.history, "summary": self.summary(),
-                "removed": self.removed, "masked": self.masked}
+        meta = {**self.pruning_record(), "summary": self.summary()}
         (out / "pruning.json").write_text(json.dumps(meta, indent=1))
+        return out
+
+    def save_state(self, path: str | Path, record: Mapping[str, Any] | None = None) -> Path:
+        """One file for fine-tuning: {"state_dict", "pruning" (history), "pxopt" (record)},
+        CPU tensors and plain containers only (loads with `weights_only=True`);
+        `load_pruned(original_model, path, example_inputs)` rebuilds the module from it."""
+        out = Path(path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        torch.save({"state_dict": state, "pruning": self.pruning_record(), "pxopt": dict(record or {})}, out)
         return out
 
 
@@ -93,15 +111,29 @@ def count(model: nn.Module, example_inputs: torch.Tensor) -> tuple[float, int]:
     return float(macs), int(params)
 
 
-def latency_ms(model: nn.Module, example_inputs: torch.Tensor, *, min_run_time: float = 0.5) -> float:
-    """Median latency of one forward pass in ms (torch.utils.benchmark; syncs CUDA itself)."""
-    from torch.utils import benchmark
+def compare_models(before: nn.Module, after: nn.Module, example_inputs: torch.Tensor, *,
+                   threads: int | None = None, repeats: int = 15) -> dict[str, Any]:
+    """CPU (and, with a GPU, CUDA) latency of two models, timed interleaved (pxopt.latency).
 
-    with torch.inference_mode():
-        model(example_inputs)  # warm-up
-        timer = benchmark.Timer(stmt="model(x)", globals={"model": model, "x": example_inputs},
-                                num_threads=torch.get_num_threads())
-        return float(timer.blocked_autorange(min_run_time=min_run_time).median * 1e3)
+    Returns the medians as "cpu_before_ms", "cpu_after_ms" (...) and the full statistics
+    (quartiles, min, max, runs, threads) under "cpu" / "cuda"."""
+    from pxopt.latency import compare_latency
+
+    out: dict[str, Any] = {}
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for dev in devices:
+        pair = {"before": before, "after": after}
+        moved = {k: m if _device_of(m).type == dev else copy.deepcopy(m).to(dev) for k, m in pair.items()}
+        stats = compare_latency(moved, example_inputs.to(dev), threads=threads, repeats=repeats)
+        out[f"{dev}_before_ms"] = stats["before"].median_ms
+        out[f"{dev}_after_ms"] = stats["after"].median_ms
+        out[dev] = {k: v.to_dict() for k, v in stats.items()}
+    return out
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
 
 
 def _build_graph(model: nn.Module, example_inputs: torch.Tensor) -> tp.DependencyGraph:
@@ -157,9 +189,14 @@ def physical_prune(
     coupled: str = "mask",
     scores: Mapping[str, torch.Tensor] | None = None,
     measure_latency: bool = True,
-    min_run_time: float = 0.5,
+    threads: int | None = None,
+    repeats: int = 15,
 ) -> PhysicalResult:
-    """Remove the components in `pruned` (layer -> bool mask) from a copy of `model`."""
+    """Remove the components in `pruned` (layer -> bool mask) from a copy of `model`.
+
+    With `measure_latency`, the original and the copy are timed interleaved on
+    `example_inputs` (`threads` CPU threads, default env PXOPT_THREADS else 1; `repeats`
+    samples each; see `compare_models`)."""
     if coupled not in ("mask", "group-sum"):
         raise ConfigError(f"coupled must be 'mask' or 'group-sum', got {coupled!r}")
     if coupled == "group-sum" and scores is None:
@@ -236,17 +273,7 @@ def physical_prune(
         macs_before=macs0, macs_after=macs1,
     )
     if measure_latency:
-        cpu_x = example_inputs.to("cpu")
-        on_cpu = next(model.parameters()).device.type == "cpu"
-        base = model if on_cpu else copy.deepcopy(model).cpu()
-        slim_m = work if on_cpu else copy.deepcopy(work).cpu()
-        res.latency["cpu_before_ms"] = latency_ms(base, cpu_x, min_run_time=min_run_time)
-        res.latency["cpu_after_ms"] = latency_ms(slim_m, cpu_x, min_run_time=min_run_time)
-        if torch.cuda.is_available():
-            dev = torch.device("cuda")
-            gx = example_inputs.to(dev)
-            res.latency["cuda_before_ms"] = latency_ms(copy.deepcopy(model).to(dev), gx, min_run_time=min_run_time)
-            res.latency["cuda_after_ms"] = latency_ms(copy.deepcopy(work).to(dev), gx, min_run_time=min_run_time)
+        res.latency = compare_models(model, work, example_inputs, threads=threads, repeats=repeats)
     return res
 
 
@@ -275,24 +302,75 @@ def by_name(layers: list[_Rebound], name: str) -> _Rebound:
     return next(la for la in layers if la.name == name)
 
 
+class ExportFailed(RuntimeError):
+    """`torch.export` could not capture the model (the message is one line)."""
+
+
+def export_program(model: nn.Module, example_inputs: torch.Tensor, path: str | Path) -> dict[str, Any]:
+    """Save `model` as a `torch.export` program on the CPU (any batch size where it traces).
+
+    The file loads without pxopt: `torch.export.load(path).module()`. The program is
+    checked against `model` on `example_inputs` before it is written; returns
+    {"file", "dynamic_batch", "max_abs_diff"}. Raises ExportFailed with one line."""
+    out = Path(path)
+    cpu_model = copy.deepcopy(model).cpu().eval()
+    x = example_inputs[:2].detach().cpu().clone()  # a clone: the program stores its example's whole storage
+    if x.shape[0] < 2:  # a batch of one would pin the batch size to 1
+        x = torch.cat([x, x])
+    ep, dynamic, first_error = None, True, ""
+    for dyn in ({0: torch.export.Dim.DYNAMIC},), None:
+        try:
+            ep = torch.export.export(cpu_model, (x,), dynamic_shapes=dyn)
+            dynamic = dyn is not None
+            break
+        except Exception as exc:  # torch.export raises many types (UserError, Unsupported, ...)
+            first_error = first_error or (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    if ep is None:
+        raise ExportFailed(f"torch.export cannot capture this model: {first_error}")
+    with torch.no_grad():
+        got, want = ep.module()(x), cpu_model(x)
+    diff = float((got - want).abs().max()) if got.shape == want.shape else math.inf
+    if not diff <= 1e-4 * max(1.0, float(want.abs().max())):
+        raise ExportFailed(f"the exported program's outputs differ from the model's (max |diff| {diff:.3g})")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.export.save(ep, str(out))
+    return {"file": str(out), "dynamic_batch": dynamic, "max_abs_diff": diff}
+
+
 def load_pruned(model: nn.Module, path: str | Path, example_inputs: torch.Tensor) -> nn.Module:
     """Rebuild a saved pruned model: replay the pruning history on `model` (the original
-    architecture, any weights; modified in place) and load the saved state dict."""
+    architecture, any weights; modified in place) and load the saved state dict.
+
+    `path`: the `.pt` file of `pxopt prune --physical` (state dict and history in one file,
+    `PhysicalResult.save_state`) or a folder written by `PhysicalResult.save`."""
     src = Path(path)
-    try:
-        meta = json.loads((src / "pruning.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot read {src / 'pruning.json'}: {exc}") from exc
+    if src.is_dir():
+        meta_file, weights = src / "pruning.json", src / "model.pt"
+        try:
+            meta = json.loads(meta_file.read_text())
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"cannot read {meta_file}: {exc}") from exc
+        state = None
+    else:
+        meta_file = weights = src
+        try:
+            saved = torch.load(src, map_location="cpu", weights_only=True)
+        except Exception as exc:  # OSError, UnpicklingError, RuntimeError ...
+            raise CheckpointError(f"cannot read {src}: {(str(exc).strip().splitlines() or [''])[0][:200]}") from exc
+        if not (isinstance(saved, dict) and isinstance(saved.get("pruning"), dict) and "state_dict" in saved):
+            raise CheckpointError(f"{src}: not a file written by `pxopt prune --physical` (no pruning history)")
+        meta, state = saved["pruning"], saved["state_dict"]
     if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{src / 'pruning.json'}: not a {FORMAT} file")
+        raise CheckpointError(f"{meta_file}: not a {FORMAT} file")
     trainable = any(p.requires_grad for p in model.parameters())
     dg = _build_graph(model, example_inputs)
     dg.load_pruning_history(meta["history"])
     for p in model.parameters():
         p.requires_grad_(trainable)
     try:
-        state = torch.load(src / "model.pt", map_location=next(model.parameters()).device, weights_only=True)
+        if state is None:
+            state = torch.load(weights, map_location=_device_of(model), weights_only=True)
         model.load_state_dict(state)
     except (OSError, RuntimeError) as exc:
-        raise CheckpointError(f"cannot load {src / 'model.pt'} into the replayed architecture: {exc}") from exc
+        raise CheckpointError(f"cannot load {weights} into the replayed architecture: {exc}") from exc
     return model.eval()
