@@ -88,10 +88,9 @@ def register(app: typer.Typer) -> None:
         names = check_criteria(criteria.split(","), what="--criteria")
         spec = load_spec(spec_path, model=model, data=data, classes=classes, n_ref=n_ref, n_val=n_val,
                          components=components, rates=parse_rates(rates), device=device)
-        pipeline = Pipeline.from_spec(spec)
+        pipeline = Pipeline.from_spec(spec, allow_download=allow_download)
         from pxopt.report.figures import curve_styles
 
-        pipeline = Pipeline.from_spec(spec, allow_download=allow_download)
         table: dict[str, dict] = {}
         fig = go.Figure()
         for name, line in zip(names, curve_styles(len(names)), strict=True):
