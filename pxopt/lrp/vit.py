@@ -33,12 +33,12 @@ from pxopt.lrp import attention as ops
 from pxopt.lrp.config import RuleConfig, RuleSpec
 from pxopt.lrp.explain import Explanation, _seed
 from pxopt.lrp.rules import LayerRule, LinearOp, conv2d_op, relevance_backward
+from pxopt.lrp.vit_check import check_vit, check_vit_coverage, is_pass_activation
 from pxopt.scores import ComponentScores, ScoreAccumulator
 
 LinearRule = Callable[[Tensor], Tensor]
 Recorder = Callable[[Tensor], None]
 
-_ACTIVATIONS = (nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Identity)
 
 
 # --------------------------------------------------------------------------- structure
@@ -108,13 +108,17 @@ def is_vit(model: nn.Module) -> bool:
 
 def vit_structure(model: nn.Module, boundaries: tuple[float, float] = (0.25, 0.75)) -> ViTStructure:
     """Find blocks, attention, MLPs, patch embedding and head; raise on unsupported parts."""
+    check_vit(model)  # exact classes only: refuse what the engine would get wrong silently
     tv, tm = _tv_vit_class(), _timm_vit_class()
     if tv is not None and isinstance(model, tv):
-        return _tv_structure(model, boundaries)
-    if tm is not None and isinstance(model, tm):
-        return _timm_structure(model, boundaries)
-    raise UnsupportedLayerError(
-        f"{type(model).__name__} is not a torchvision or timm VisionTransformer")
+        struct = _tv_structure(model, boundaries)
+    elif tm is not None and isinstance(model, tm):
+        struct = _timm_structure(model, boundaries)
+    else:
+        raise UnsupportedLayerError(
+            f"{type(model).__name__} is not a torchvision or timm VisionTransformer")
+    check_vit_coverage(model, struct)
+    return struct
 
 
 def _tv_structure(model: nn.Module, boundaries: tuple[float, float]) -> ViTStructure:
@@ -397,8 +401,7 @@ def _patch_linear(module: nn.Linear, name: str, spec: RuleSpec, saved: list,
 
 
 def _patch_act(module: nn.Module, rec: Recorder | None, saved: list) -> None:
-    if not isinstance(module, _ACTIVATIONS) and type(module).__name__ not in (
-            "GELU", "GELUTanh", "QuickGELU", "Swish", "SiLU"):
+    if not is_pass_activation(module):
         raise UnsupportedLayerError(f"activation {type(module).__name__} is not supported")
     fn = module.forward
     _set_forward(module, lambda x: ops.pass_activation(fn, x, rec), saved)
