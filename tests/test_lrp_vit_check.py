@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import timm
@@ -173,3 +174,27 @@ def test_supported_vits_pass_the_check_and_conserve(case: str) -> None:
     assert logits.abs().min() > 1e-3
     assert torch.allclose(exp.input.sum(dim=(1, 2, 3)), logits, rtol=0, atol=1e-6), \
         (exp.input.sum(dim=(1, 2, 3)), logits)
+
+
+def test_cli_refuses_a_distilled_vit_checkpoint_in_one_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """`pxopt search --model file:...@timm:<refused arch>`: one error line, exit code 2."""
+    from pxopt.cli import main
+
+    model = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, num_classes=10)
+    torch.save(model.state_dict(), tmp_path / "distilled.pth")
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    try:
+        main(["search", "--model", f"file:{tmp_path}/distilled.pth@timm:deit_tiny_distilled_patch16_224",
+              "--classes", "3", "--n-ref", "1", "--n-val", "2", "--trials", "1",
+              "--storage", f"sqlite:///{tmp_path}/s.db", "--no-report", "--out-dir", str(tmp_path)])
+        code = 0
+    except SystemExit as exc:
+        code = 0 if exc.code is None else int(exc.code)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and err.rstrip().endswith(lines[0]), err
+    assert "head_dist" in lines[0] and "VisionTransformerDistilled" in lines[0], lines[0]
