@@ -30,10 +30,10 @@ from torch.autograd import Function
 from pxopt.errors import ConfigError, NonFiniteRelevanceError, UnsupportedLayerError
 from pxopt.layers import Layer, LayerMap, register_discoverer
 from pxopt.lrp import attention as ops
+from pxopt.lrp import vit_check
 from pxopt.lrp.config import RuleConfig, RuleSpec
 from pxopt.lrp.explain import Explanation, _seed
 from pxopt.lrp.rules import LayerRule, LinearOp, conv2d_op, relevance_backward
-from pxopt.lrp.vit_check import check_vit, check_vit_coverage, is_pass_activation
 from pxopt.scores import ComponentScores, ScoreAccumulator
 
 LinearRule = Callable[[Tensor], Tensor]
@@ -108,7 +108,7 @@ def is_vit(model: nn.Module) -> bool:
 
 def vit_structure(model: nn.Module, boundaries: tuple[float, float] = (0.25, 0.75)) -> ViTStructure:
     """Find blocks, attention, MLPs, patch embedding and head; raise on unsupported parts."""
-    check_vit(model)  # exact classes only: refuse what the engine would get wrong silently
+    vit_check.check_vit(model)  # exact classes only: refuse what the engine would get wrong silently
     tv, tm = _tv_vit_class(), _timm_vit_class()
     if tv is not None and isinstance(model, tv):
         struct = _tv_structure(model, boundaries)
@@ -117,7 +117,7 @@ def vit_structure(model: nn.Module, boundaries: tuple[float, float] = (0.25, 0.7
     else:
         raise UnsupportedLayerError(
             f"{type(model).__name__} is not a torchvision or timm VisionTransformer")
-    check_vit_coverage(model, struct)
+    vit_check.check_vit_coverage(model, struct)
     return struct
 
 
@@ -401,7 +401,7 @@ def _patch_linear(module: nn.Linear, name: str, spec: RuleSpec, saved: list,
 
 
 def _patch_act(module: nn.Module, rec: Recorder | None, saved: list) -> None:
-    if not is_pass_activation(module):
+    if not vit_check.is_pass_activation(module):
         raise UnsupportedLayerError(f"activation {type(module).__name__} is not supported")
     fn = module.forward
     _set_forward(module, lambda x: ops.pass_activation(fn, x, rec), saved)

@@ -120,7 +120,7 @@ def check_vit_root(model: nn.Module) -> None:
     root, _ = _family_types(model)
     if type(model) is not root:
         extra = sorted({n for n, _ in model.named_children()}
-                       - set(_base_children(model, root)))
+                       - set(_base_children(root)))
         more = f" (its own parts: {', '.join(extra)})" if extra else ""
         raise _refuse("", model, f"is a subclass of {root.__module__}.{root.__qualname__} with "
                       f"its own forward{more}, e.g. a distillation head")
@@ -128,7 +128,7 @@ def check_vit_root(model: nn.Module) -> None:
         _check_timm_head(model)
 
 
-def _base_children(model: nn.Module, root: type) -> list[str]:
+def _base_children(root: type) -> list[str]:
     """Child names a model of exactly `root` has (the subclass's extra parts are the rest)."""
     names = ("patch_embed", "pos_drop", "patch_drop", "norm_pre", "blocks", "norm", "attn_pool",
              "fc_norm", "head_drop", "head")  # timm
