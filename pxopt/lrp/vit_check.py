@@ -122,8 +122,8 @@ def check_vit_root(model: nn.Module) -> None:
         extra = sorted({n for n, _ in model.named_children()}
                        - set(_base_children(root)))
         more = f" (its own parts: {', '.join(extra)})" if extra else ""
-        raise _refuse("", model, f"is a subclass of {root.__module__}.{root.__qualname__} with "
-                      f"its own forward{more}, e.g. a distillation head")
+        raise _refuse("", model, f"is a subclass of {root.__module__}.{root.__qualname__} "
+                      f"with its own forward{more}")
     if root.__module__.startswith("timm."):
         _check_timm_head(model)
 
