@@ -70,8 +70,14 @@ def register_treatment(types: tuple[type, ...], treatment: str) -> None:
 
 
 def treatment_of(module: nn.Module) -> str | None:
+    """The treatment of a leaf module, or None when it has none.
+
+    A subclass counts only when it keeps its base's forward: timm's StdConv2d is a Conv2d
+    whose forward standardises the weight, so the Conv2d rule (raw weight) would be wrong.
+    """
+    forward = type(module).forward
     for types, treatment in _TREATMENTS:
-        if isinstance(module, types):
+        if any(isinstance(module, t) and forward is t.forward for t in types):
             return treatment
     return None
 

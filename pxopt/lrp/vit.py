@@ -30,6 +30,7 @@ from torch.autograd import Function
 from pxopt.errors import ConfigError, NonFiniteRelevanceError, UnsupportedLayerError
 from pxopt.layers import Layer, LayerMap, register_discoverer
 from pxopt.lrp import attention as ops
+from pxopt.lrp import vit_check
 from pxopt.lrp.config import RuleConfig, RuleSpec
 from pxopt.lrp.explain import Explanation, _seed
 from pxopt.lrp.rules import LayerRule, LinearOp, conv2d_op, relevance_backward
@@ -38,7 +39,6 @@ from pxopt.scores import ComponentScores, ScoreAccumulator, default_ranking
 LinearRule = Callable[[Tensor], Tensor]
 Recorder = Callable[[Tensor], None]
 
-_ACTIVATIONS = (nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Identity)
 
 
 # --------------------------------------------------------------------------- structure
@@ -108,13 +108,17 @@ def is_vit(model: nn.Module) -> bool:
 
 def vit_structure(model: nn.Module, boundaries: tuple[float, float] = (0.25, 0.75)) -> ViTStructure:
     """Find blocks, attention, MLPs, patch embedding and head; raise on unsupported parts."""
+    vit_check.check_vit(model)  # exact classes only: refuse what the engine would get wrong silently
     tv, tm = _tv_vit_class(), _timm_vit_class()
     if tv is not None and isinstance(model, tv):
-        return _tv_structure(model, boundaries)
-    if tm is not None and isinstance(model, tm):
-        return _timm_structure(model, boundaries)
-    raise UnsupportedLayerError(
-        f"{type(model).__name__} is not a torchvision or timm VisionTransformer")
+        struct = _tv_structure(model, boundaries)
+    elif tm is not None and isinstance(model, tm):
+        struct = _timm_structure(model, boundaries)
+    else:
+        raise UnsupportedLayerError(
+            f"{type(model).__name__} is not a torchvision or timm VisionTransformer")
+    vit_check.check_vit_coverage(model, struct)
+    return struct
 
 
 def _tv_structure(model: nn.Module, boundaries: tuple[float, float]) -> ViTStructure:
@@ -420,8 +424,7 @@ def _patch_linear(module: nn.Linear, name: str, spec: RuleSpec, saved: list,
 
 
 def _patch_act(module: nn.Module, rec: Recorder | None, saved: list) -> None:
-    if not isinstance(module, _ACTIVATIONS) and type(module).__name__ not in (
-            "GELU", "GELUTanh", "QuickGELU", "Swish", "SiLU"):
+    if not vit_check.is_pass_activation(module):
         raise UnsupportedLayerError(f"activation {type(module).__name__} is not supported")
     fn = module.forward
     _set_forward(module, lambda x: ops.pass_activation(fn, x, rec), saved)
