@@ -17,8 +17,7 @@ import optuna
 from pxopt.errors import NonFiniteRelevanceError, PxoptError
 from pxopt.search.meta import library_versions
 from pxopt.search.space import SearchSpace
-
-OnRate = Callable[[int, float, float], None]
+from pxopt.vocab import OnRate
 
 
 class CurveLike(Protocol):
