@@ -36,7 +36,7 @@ def run_default(spec_path: Path, trials: int | None, storage: Path) -> tuple[opt
     t0 = time.perf_counter()
     pipeline = Pipeline.from_spec(spec)
     load_s = time.perf_counter() - t0
-    space = SearchSpace.build(spec.space, family=pipeline.family, zbox_bounds=pipeline.input_bounds())
+    space = SearchSpace.build(spec.space, family=pipeline.family)
     t1 = time.perf_counter()
     result = run_search(spec, pipeline.evaluate, space=space, storage_url=spec.storage_url(),
                         timings=pipeline.timings, study_attrs=pipeline.study_attrs())

@@ -40,8 +40,11 @@ from pxopt.prune.prefix import PrefixCache, default_budget
 from pxopt.prune.severed import SeveredDetector
 from pxopt.prune.slicing import Slicer
 from pxopt.scores import ComponentScores
+from pxopt.vocab import DEFAULT_RATES, OnRate, check_rates
 
-DEFAULT_RATES: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(20))
+__all__ = ["DEFAULT_RATES", "TOP_PR_FRACTION", "Curve", "OnRate", "accuracy_curve", "check_rates",
+           "curve_area", "top_pruning_rate"]
+
 TOP_PR_FRACTION = 0.95
 
 #: The name of the figure of merit everywhere (JSON keys, figures, CLI output, dashboard).
@@ -53,8 +56,6 @@ AREA_DEFINITION = (
 )
 #: Axis title of figures that plot it.
 AREA_TITLE = "area (mean accuracy over the rate span)"
-
-OnRate = Callable[[int, float, float], None]
 
 
 @dataclass
@@ -77,18 +78,6 @@ class Curve:
             "pruned_per_layer": {k: list(v) for k, v in self.pruned_per_layer.items()},
             "stopped_early_at": self.stopped_early_at, "chance": self.chance, "meta": dict(self.meta),
         }
-
-
-def check_rates(rates: Sequence[float]) -> list[float]:
-    """Rates must be strictly increasing in [0, 1] (nested masks only grow)."""
-    rs = [float(r) for r in rates]
-    if not rs:
-        raise ConfigError("rates must contain at least one pruning rate")
-    if any(not 0.0 <= r <= 1.0 for r in rs):
-        raise ConfigError(f"pruning rates must lie in [0, 1], got {rs}")
-    if any(b <= a for a, b in zip(rs, rs[1:], strict=False)):
-        raise ConfigError(f"pruning rates must be strictly increasing, got {rs}")
-    return rs
 
 
 def curve_area(rates: Sequence[float], accuracies: Sequence[float]) -> float:

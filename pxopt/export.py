@@ -1,7 +1,9 @@
 """The best (or a chosen) trial as a self-contained JSON file, and reading it back.
 
 Format `pxopt.export/1`: everything needed to re-apply the configuration to the same
-model and task (`pxopt prune --config`) and to check the result against the stored curve.
+model and task (`pxopt prune --config`) and to check the result against the stored curve,
+including the grouping that turned layers into rule groups (`grouping`, and the groups it
+made, `layer_groups`, when the study recorded them).
 Imports are validated field by field before use; nothing is ever unpickled.
 
 `area` is `pxopt.evaluate.AREA_DEFINITION`, named in `area_definition`. Files of older
@@ -22,9 +24,8 @@ from optuna.trial import TrialState
 
 from pxopt.errors import ConfigError
 from pxopt.evaluate import AREA_DEFINITION, curve_area
-from pxopt.scores import RANKINGS
 from pxopt.search.meta import library_versions
-from pxopt.search.spec import COMPONENTS, check_rates
+from pxopt.vocab import COMPONENTS, GROUPINGS, LEGACY_GROUPING, RANKINGS, check_choice, check_rates
 
 EXPORT_FORMAT = "pxopt.export/1"
 _REQUIRED: dict[str, type | tuple[type, ...]] = {
@@ -72,6 +73,9 @@ def export_trial(study: optuna.Study, number: int | None = None) -> dict[str, An
         "rules": attrs["rules"],
         "ranking": attrs["ranking"],
         "components": spec.get("components", "conv"),
+        # how hidden layers formed the rule groups (studies made before the option: count)
+        "grouping": spec.get("grouping", LEGACY_GROUPING),
+        "layer_groups": study.user_attrs.get("pxopt.layer_groups"),
         "model": spec.get("model", ""),
         "task": {
             "data": spec.get("data"),
@@ -105,10 +109,16 @@ def validate_export(data: Any) -> dict[str, Any]:
             raise ConfigError(f"export lacks field {key!r}")
         if not isinstance(data[key], kind) or isinstance(data[key], bool):
             raise ConfigError(f"{key}: wrong type {type(data[key]).__name__}")
-    if data["ranking"] not in RANKINGS:
-        raise ConfigError(f"ranking must be one of {', '.join(map(repr, RANKINGS))}, got {data['ranking']!r}")
-    if data["components"] not in COMPONENTS:
-        raise ConfigError(f"components must be one of {sorted(COMPONENTS)}, got {data['components']!r}")
+    check_choice(data["ranking"], RANKINGS, "ranking")
+    check_choice(data["components"], tuple(COMPONENTS), "components")
+    # exports written before the grouping option used the count grouping
+    data.setdefault("grouping", LEGACY_GROUPING)
+    check_choice(data["grouping"], GROUPINGS, "grouping")
+    groups = data.get("layer_groups")
+    if groups is not None and not (
+            isinstance(groups, dict)
+            and all(isinstance(v, list) and all(isinstance(n, str) for n in v) for v in groups.values())):
+        raise ConfigError("layer_groups: expected an object mapping group -> list of layer names")
     if not data["model"]:
         raise ConfigError("model: empty model spec")
     missing = [k for k in _TASK_KEYS if k not in data["task"]]

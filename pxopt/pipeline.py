@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -23,11 +23,11 @@ from torch import nn
 from pxopt.device import configure_threads, resolve_device
 from pxopt.errors import NonFiniteRelevanceError
 from pxopt.scores import ComponentScores
+from pxopt.vocab import OnRate
 
 if TYPE_CHECKING:
     from pxopt.search.spec import StudySpec
 
-OnRate = Callable[[int, float, float], None]
 
 
 @dataclass
@@ -92,7 +92,9 @@ class Pipeline:
         return cls(
             model=loaded.model,
             task=task,
-            layer_map=discover_layers(loaded.model),
+            layer_map=discover_layers(
+                loaded.model, grouping=spec.grouping,
+                example_input=torch.zeros(1, *loaded.input_size, device=dev)),
             kinds=spec.kinds,
             rates=list(spec.rates),
             device=dev,
@@ -229,11 +231,6 @@ class Pipeline:
             yield pruned
 
     # -- facts used by reports ----------------------------------------------------------
-    def input_bounds(self) -> tuple[float, float]:
-        """Lowest and highest input value of the reference set (ZBox bounds)."""
-        images = self.task.reference.images
-        return float(images.min()), float(images.max())
-
     def count_macs(self) -> tuple[float, dict[str, float]]:
         """MACs of one image's forward pass: total, and per component of each prunable layer."""
         prunable = {layer.module: layer for layer in self.layer_map if layer.kind in self.kinds}
@@ -278,4 +275,7 @@ class Pipeline:
             "pxopt.layer_sizes": {
                 layer.name: int(layer.n_components) for layer in self.layer_map if layer.kind in self.kinds
             },
+            # which layers each rule group holds, and how they were grouped
+            "pxopt.grouping": self.layer_map.describe_grouping(),
+            "pxopt.layer_groups": self.layer_map.groups(),
         }

@@ -26,8 +26,9 @@ from typing import Literal
 
 import torch
 
+from pxopt.vocab import RANKINGS  # the one list, re-exported
+
 Ranking = Literal["abs", "signed", "token-abs"]
-RANKINGS: tuple[str, ...] = ("abs", "signed", "token-abs")
 
 
 def default_ranking(family: str) -> str:

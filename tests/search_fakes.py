@@ -116,9 +116,6 @@ class FakePipeline:
     def timings(self) -> dict:
         return dict(self.evaluator.last_timings)
 
-    def input_bounds(self) -> tuple[float, float]:
-        return (-1.0, 2.0)
-
     def check_explainable(self) -> None:
         pass
 

@@ -207,7 +207,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     _space_spec(tmp, "negspace", 'low = { rules = ["epsilon"], epsilon = -1e-3 }')
     _real_files(tmp)
     tiny = "\n".join(f'{g} = {{ rules = ["epsilon"], epsilon = 1e-300 }}'
-                     for g in ("input", "low", "mid", "high", "fc"))
+                     for g in ("low", "mid", "high", "fc"))
     _space_spec(tmp, "tinyeps", 'ranking = ["abs"]\n' + tiny, model=f"file:{tmp}/zeroed.pth@builtin:fmnist-resnet")
     mp = pytest.MonkeyPatch()
     mp.setattr(pxopt.pipeline.Pipeline, "from_spec", FakePipeline.from_spec)

@@ -1,4 +1,4 @@
-"""discover_layers: forward order, groups by depth, classifier layers, extension registry."""
+"""discover_layers: forward order, groups, classifier layers, extension registry."""
 
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ def test_resnet18_groups() -> None:
     assert lm[-1].name == "fc" and lm[-1].kind == "head" and lm[-1].group == "fc"
     hidden = [layer for layer in lm if layer.group in ("low", "mid", "high")]
     assert [layer.depth for layer in hidden] == list(range(19))
-    assert Counter(layer.group for layer in hidden) == {"low": 5, "mid": 10, "high": 4}
+    # stages: layer1 / layer2+layer3 / layer4 (tests/test_groups_reference.py: name by name)
+    assert Counter(layer.group for layer in hidden) == {"low": 4, "mid": 10, "high": 5}
     # groups are monotone in depth
     order = {"low": 0, "mid": 1, "high": 2}
     assert all(order[a.group] <= order[b.group] for a, b in zip(hidden, hidden[1:], strict=False))
@@ -41,11 +42,13 @@ def test_vgg_classifier_layers_are_fc() -> None:
 def test_boundaries_and_timm() -> None:
     model = timm.create_model("resnet18", pretrained=False)
     default = discover_layers(model)
-    wide = discover_layers(model, boundaries=(0.5, 0.5))
+    assert default.stage_rule == "resnet" and default.by_name()["layer4.0.conv1"].group == "high"
+    count = discover_layers(model, grouping="count")
+    wide = discover_layers(model, boundaries=(0.5, 0.5), grouping="count")
     assert Counter(layer.group for layer in wide)["mid"] == 0
-    assert Counter(layer.group for layer in default)["mid"] > 0
+    assert Counter(layer.group for layer in count)["mid"] > 0
     with pytest.raises(ConfigError, match="boundaries"):
-        discover_layers(model, boundaries=(0.8, 0.2))
+        discover_layers(model, boundaries=(0.8, 0.2), grouping="count")
 
 
 def test_forward_order_from_an_example_input() -> None:

@@ -88,3 +88,6 @@ def test_masked_context_and_study_attrs() -> None:
     attrs = pipe.study_attrs()
     assert attrs["pxopt.total_macs"] > sum(attrs["pxopt.layer_macs"].values())
     assert set(attrs["pxopt.layer_sizes"]) == set(attrs["pxopt.layer_macs"])
+    # a plain Sequential discovered without an input has no stages: the count split
+    assert attrs["pxopt.grouping"] == {"grouping": "count", "stage_rule": ""}
+    assert attrs["pxopt.layer_groups"] == pipe.layer_map.groups()

@@ -61,6 +61,7 @@ def register(app: typer.Typer) -> None:
             name="prune", model=model or exp["model"], data=data or task["data"], classes=task["classes"],
             n_ref=task["n_ref"], n_val=task["n_val"], task_seed=task["seed"], batch_size=task["batch_size"],
             components=exp["components"], rates=sorted({0.0, rate}), device=device or "auto",
+            grouping=exp["grouping"],  # the rule groups the configuration was found with
         ).validated()
         pipeline = Pipeline.from_spec(spec, allow_download=allow_download)
         scores = pipeline.scores(exp["rules"])

@@ -13,15 +13,13 @@ per-head relevance is read inside the backward at no extra pass.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd import Function
 
-Softmax = Literal["attnlrp", "cp", "zplus"]
-SOFTMAX_RULES: tuple[str, ...] = ("attnlrp", "cp", "zplus")
+Softmax = str  # one of pxopt.lrp.registry.SOFTMAX_RULES
 
 
 def stabilise(z: Tensor, eps: float) -> Tensor:

@@ -12,60 +12,33 @@ export, import, CLI. Example::
      "softmax": "attnlrp",
      "overrides": {"layer4.2.conv3": {"rule": "zplus"}}}
 
-Missing groups take the default (epsilon 1e-6); missing numeric parameters take the
-defaults of zennit 0.5.1 (gamma 0.25, alpha 2 / beta 1), except ZBox bounds, which depend
-on the input normalisation and are therefore required. Every invalid entry raises
+The rules, their parameters and defaults come from `pxopt.lrp.registry`, the groups from
+`pxopt.vocab`. Missing groups take the default (epsilon 1e-6); missing numeric parameters
+take the defaults of zennit 0.5.1 (gamma 0.25, alpha 2 / beta 1), except ZBox bounds, which
+depend on the input normalisation and are therefore required. Every invalid entry raises
 `ConfigError` naming the field (`groups.mid.alpha`, `overrides.fc.rule`, ...).
+
+The `input` group is the first layer's rule. It changes the relevance that reaches the
+input (heatmaps), never a component's score: a layer's component relevance is read at its
+output, before its own rule applies. Pruning studies therefore do not search it and give
+the first layer the `low` group's rule (`pxopt.search.space`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from pxopt.errors import ConfigError
+from pxopt.lrp.registry import DEFAULT_SOFTMAX, SOFTMAX_RULES, STABILIZER, get_rule, parse_params
+from pxopt.vocab import GROUPS
+
+__all__ = ["DEFAULT_RULE", "FORMAT", "GROUPS", "SOFTMAX_RULES", "STABILIZER", "RuleConfig", "RuleSpec"]
 
 FORMAT = "pxopt.rules/1"
-GROUPS: tuple[str, ...] = ("input", "low", "mid", "high", "fc")
-SOFTMAX_RULES: tuple[str, ...] = ("attnlrp", "cp", "zplus")
-
-# rule name -> {parameter: default}; None marks a required parameter.
-RULE_PARAMS: dict[str, dict[str, float | None]] = {
-    "epsilon": {"epsilon": 1e-6},
-    "gamma": {"gamma": 0.25},
-    "alphabeta": {"alpha": 2.0, "beta": 1.0},
-    "zplus": {},
-    "flat": {},
-    "wsquare": {},
-    "zbox": {"low": None, "high": None},
-    "pass": {},
-    "norm": {},
-}
-
-# Stabiliser of every rule other than Epsilon (zennit's default `stabilizer=1e-6`).
-STABILIZER = 1e-6
-
-
-def _number(value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ConfigError(f"{where}: must be finite, got {value!r}")
-    return value
-
-
-def _bound(value: Any, where: str) -> float | tuple[float, ...]:
-    """ZBox bound: a number or one number per input channel."""
-    if isinstance(value, list | tuple):
-        if not value:
-            raise ConfigError(f"{where}: empty list")
-        return tuple(_number(v, f"{where}[{i}]") for i, v in enumerate(value))
-    return _number(value, where)
 
 
 @dataclass(frozen=True)
@@ -89,55 +62,9 @@ class RuleSpec:
             d = {"rule": d}
         if not isinstance(d, Mapping):
             raise ConfigError(f"{where}: expected an object like {{'rule': 'epsilon'}}, got {d!r}")
-        name = d.get("rule")
-        if name not in RULE_PARAMS:
-            raise ConfigError(
-                f"{where}.rule: unknown rule {name!r}; choose one of {', '.join(RULE_PARAMS)}"
-            )
-        allowed = RULE_PARAMS[name]
-        for key in d:
-            if key != "rule" and key not in allowed:
-                raise ConfigError(
-                    f"{where}.{key}: unknown parameter for rule {name!r}"
-                    + (f" (allowed: {', '.join(allowed)})" if allowed else " (it takes none)")
-                )
-        params: dict[str, Any] = {}
-        for key, default in allowed.items():
-            if key not in d:
-                if default is None:
-                    raise ConfigError(f"{where}.{key}: required for rule {name!r}")
-                params[key] = default
-            elif name == "zbox":
-                params[key] = _bound(d[key], f"{where}.{key}")
-            else:
-                params[key] = _number(d[key], f"{where}.{key}")
-        cls._validate(name, params, where)
-        return cls(name, tuple(sorted(params.items())))
-
-    @staticmethod
-    def _validate(name: str, p: dict[str, Any], where: str) -> None:
-        if name == "epsilon" and p["epsilon"] < 0:
-            raise ConfigError(f"{where}.epsilon: must be >= 0, got {p['epsilon']}")
-        if name == "gamma" and p["gamma"] < 0:
-            raise ConfigError(f"{where}.gamma: must be >= 0, got {p['gamma']}")
-        if name == "alphabeta":
-            if p["alpha"] < 0:
-                raise ConfigError(f"{where}.alpha: must be >= 0, got {p['alpha']}")
-            if p["beta"] < 0:
-                raise ConfigError(f"{where}.beta: must be >= 0, got {p['beta']}")
-            if abs(p["alpha"] - p["beta"] - 1.0) > 1e-9:
-                raise ConfigError(
-                    f"{where}.alpha: alpha - beta must equal 1, got alpha={p['alpha']}, beta={p['beta']}"
-                )
-        if name == "zbox":
-            low, high = p["low"], p["high"]
-            n = max(len(b) if isinstance(b, tuple) else 1 for b in (low, high))
-            lows = low if isinstance(low, tuple) else (low,) * n
-            highs = high if isinstance(high, tuple) else (high,) * n
-            if len(lows) != len(highs):
-                raise ConfigError(f"{where}.high: needs as many entries as low ({len(lows)})")
-            if any(lo > hi for lo, hi in zip(lows, highs, strict=True)):
-                raise ConfigError(f"{where}.low: must be <= high")
+        rule = get_rule(d.get("rule"), f"{where}.rule")
+        params = parse_params(rule, {k: v for k, v in d.items() if k != "rule"}, where)
+        return cls(rule.name, tuple(sorted(params.items())))
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"rule": self.name}
@@ -154,7 +81,7 @@ class RuleConfig:
     """Rules per layer group, optional per-layer overrides and the ViT softmax treatment."""
 
     groups: Mapping[str, RuleSpec] = field(default_factory=lambda: {g: DEFAULT_RULE for g in GROUPS})
-    softmax: str = "attnlrp"
+    softmax: str = DEFAULT_SOFTMAX
     overrides: Mapping[str, RuleSpec] = field(default_factory=dict)
 
     # ---- construction -------------------------------------------------------------------
@@ -181,7 +108,7 @@ class RuleConfig:
             groups[g] = (
                 RuleSpec.from_dict(groups_in[g], f"groups.{g}") if g in groups_in else DEFAULT_RULE
             )
-        softmax = d.get("softmax", "attnlrp")
+        softmax = d.get("softmax", DEFAULT_SOFTMAX)
         if softmax not in SOFTMAX_RULES:
             raise ConfigError(f"softmax: unknown {softmax!r}; choose one of {', '.join(SOFTMAX_RULES)}")
         over_in = d.get("overrides", {}) or {}

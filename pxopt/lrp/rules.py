@@ -37,9 +37,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pxopt.errors import ConfigError
+from pxopt.lrp import registry
 from pxopt.lrp.config import STABILIZER, RuleSpec
-
-LAYER_RULES = ("epsilon", "gamma", "alphabeta", "zplus", "flat", "wsquare", "zbox", "norm")
 
 
 def stabilize(z: Tensor, eps: float) -> Tensor:
@@ -159,10 +158,10 @@ class LayerRule:
     _abs: Tensor | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        if self.rule.name not in LAYER_RULES:
+        if "layer" not in registry.get_rule(self.rule.name).sites:
             raise ConfigError(
                 f"rule {self.rule.name!r} cannot be applied to the linear/conv layer "
-                f"{self.name or '?'!r}; use one of {', '.join(LAYER_RULES)}"
+                f"{self.name or '?'!r}; use one of {', '.join(registry.rules_for('layer'))}"
             )
         self.weight = self.weight.detach()
         self.bias = None if self.bias is None else self.bias.detach()
@@ -329,6 +328,13 @@ def relevance_backward(layer: LayerRule, x: Tensor, z: Tensor, r: Tensor) -> Ten
     raise ConfigError(f"unknown layer rule {name!r}")  # pragma: no cover
 
 
+def layer_backward(layer: LayerRule, x: Tensor, z: Tensor, r: Tensor) -> Tensor:
+    """Relevance of the input x of `layer`: the backward its rule registers
+    (`pxopt.lrp.registry`), or the built-in kernel `relevance_backward`."""
+    kernel = registry.get_rule(layer.rule.name).backward
+    return (kernel or relevance_backward)(layer, x, z, r)
+
+
 # ---------------------------------------------------------------------------------------
 # Autograd functions
 # ---------------------------------------------------------------------------------------
@@ -350,7 +356,7 @@ class LayerRuleFn(torch.autograd.Function):
             layer.recorder(r)
         if not ctx.needs_input_grad[0]:
             return None, None
-        return relevance_backward(layer, x, z, r), None
+        return layer_backward(layer, x, z, r), None
 
 
 class PassFn(torch.autograd.Function):

@@ -33,7 +33,7 @@ from pxopt.lrp import attention as ops
 from pxopt.lrp import vit_check
 from pxopt.lrp.config import RuleConfig, RuleSpec
 from pxopt.lrp.explain import Explanation, _seed
-from pxopt.lrp.rules import LayerRule, LinearOp, conv2d_op, relevance_backward
+from pxopt.lrp.rules import LayerRule, LinearOp, conv2d_op, layer_backward
 from pxopt.scores import ComponentScores, ScoreAccumulator, default_ranking
 
 LinearRule = Callable[[Tensor], Tensor]
@@ -221,7 +221,7 @@ class _RelevanceRule(Function):
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
         x, z = ctx.saved_tensors
-        r_in = relevance_backward(ctx.layer, x, z, z * g)
+        r_in = layer_backward(ctx.layer, x, z, z * g)
         if ctx.record_input is not None:
             ctx.record_input(r_in)
         return torch.where(x != 0, r_in / x, torch.zeros_like(x)), None, None

@@ -11,8 +11,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from pxopt.errors import ConfigError
-
-PRUNABLE_KINDS = ("conv", "linear", "mlp", "heads")
+from pxopt.vocab import PRUNABLE_KINDS
 
 
 def normalise_kinds(kinds: str | Sequence[str] | None) -> tuple[str, ...]:

@@ -24,8 +24,7 @@ from pxopt.errors import NonFiniteRelevanceError, PxoptError, StorageError
 from pxopt.evaluate import AREA, AREA_DEFINITION, partial_area
 from pxopt.search.meta import library_versions
 from pxopt.search.space import SearchSpace
-
-OnRate = Callable[[int, float, float], None]
+from pxopt.vocab import OnRate
 
 
 class CurveLike(Protocol):

@@ -8,20 +8,24 @@ the CLI flags only override fields of it.
 from __future__ import annotations
 
 import dataclasses
-import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pxopt.errors import ConfigError
+from pxopt.vocab import (
+    COMPONENTS,
+    DEFAULT_GROUPING,
+    DEFAULT_RATES,
+    GROUPINGS,
+    LEGACY_GROUPING,
+    check_choice,
+    check_rates,
+)
 
-DEFAULT_RATES: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(20))
-COMPONENTS: dict[str, tuple[str, ...]] = {
-    "conv": ("conv",),
-    "mlp": ("mlp",),
-    "heads": ("heads",),
-}
+__all__ = ["COMPONENTS", "DEFAULT_RATES", "StudySpec", "check_rates", "json_safe"]
+
 STUDIES_DIR = Path("studies")
 
 # TOML table -> fields of StudySpec that it may hold.
@@ -29,7 +33,7 @@ _TABLES: dict[str, tuple[str, ...]] = {
     "study": ("name", "trials", "timeout", "seed", "storage", "baselines"),
     "model": ("model", "device", "threads"),
     "task": ("data", "classes", "n_ref", "n_val", "task_seed", "batch_size"),
-    "prune": ("components", "rates", "cap"),
+    "prune": ("components", "rates", "cap", "grouping"),
     "sampler": ("sampler",),
     "pruner": ("pruner",),
     "space": ("space",),
@@ -52,6 +56,7 @@ class StudySpec:
     components: str = "conv"
     rates: list[float] = field(default_factory=lambda: list(DEFAULT_RATES))
     cap: float | None = None
+    grouping: str = DEFAULT_GROUPING  # how hidden layers form the rule groups (pxopt.vocab.GROUPINGS)
     trials: int | None = 20
     timeout: float | None = None
     seed: int = 0
@@ -118,6 +123,7 @@ class StudySpec:
                 f"prune.components must be one of {sorted(COMPONENTS)}, got {self.components!r}"
             )
         self.rates = check_rates(self.rates)
+        check_choice(self.grouping, GROUPINGS, "prune.grouping")
         for name in ("n_ref", "batch_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ConfigError(f"task.{name} must be a positive integer, got {getattr(self, name)!r}")
@@ -153,8 +159,14 @@ class StudySpec:
         return f"sqlite:///{path}"
 
     def identity(self) -> dict[str, Any]:
-        """What must not change when a study is resumed (model, task, components, rates)."""
-        return {
+        """What must not change when a study is resumed (model, task, components, rates,
+        grouping).
+
+        The grouping enters only when it is not "count", the grouping of every study made
+        before the option existed, so those studies keep their identity (and resume with
+        `grouping = "count"`), while a stage-grouped study never mixes with them.
+        """
+        out = {
             "model": self.model,
             "data": str(self.data),
             "classes": self.classes,
@@ -164,6 +176,9 @@ class StudySpec:
             "components": self.components,
             "rates": list(self.rates),
         }
+        if self.grouping != LEGACY_GROUPING:
+            out["grouping"] = self.grouping
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe copy (stored with the study)."""
@@ -172,21 +187,6 @@ class StudySpec:
 
 PRUNERS = ("median", "percentile", "halving", "hyperband", "none")
 SAMPLERS = ("tpe", "random")
-
-
-def check_rates(rates: Any) -> list[float]:
-    """Rates must be a non-empty, strictly increasing list in [0, 1)."""
-    try:
-        values = [float(r) for r in rates]
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"rates must be a list of numbers, got {rates!r}") from exc
-    if not values:
-        raise ConfigError("rates must not be empty")
-    if any(not (0.0 <= r < 1.0) or math.isnan(r) for r in values):
-        raise ConfigError(f"rates must lie in [0, 1), got {values}")
-    if any(b <= a for a, b in zip(values, values[1:], strict=False)):
-        raise ConfigError(f"rates must be strictly increasing, got {values}")
-    return values
 
 
 def json_safe(value: Any) -> Any:

@@ -15,13 +15,15 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from pxopt.errors import ConfigError, PxoptError
+from pxopt.errors import ConfigError, PxoptError, StorageError
 from pxopt.search.meta import library_versions
 from pxopt.search.objective import Evaluate, Objective, check_objective
 from pxopt.search.space import SearchSpace
 from pxopt.search.spec import StudySpec
 from pxopt.search.storage import pin_study_attrs
+from pxopt.vocab import LEGACY_GROUPING
 
+#: States that count against the study's trial budget (failed trials are retried or redone).
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 SPEC_ATTR = "pxopt.spec"
 
@@ -84,19 +86,42 @@ def open_study(spec: StudySpec, storage: str | optuna.storages.BaseStorage | Non
     if isinstance(storage, str):
         storage = open_storage(storage)
     task = {k: v for k, v in spec.identity().items() if k != "model"}
-    study = shared_open_study(
-        storage,
-        spec.name,
-        model_spec=spec.model,
-        task=task,
-        pruner=make_pruner(spec.pruner, len(spec.rates)),
-    )
+    try:
+        study = shared_open_study(
+            storage,
+            spec.name,
+            model_spec=spec.model,
+            task=task,
+            pruner=make_pruner(spec.pruner, len(spec.rates)),
+        )
+    except StorageError as exc:
+        _refuse_other_grouping(storage, spec, exc)
+        raise
     check_objective(study)  # refuses a study whose values are an older objective's
     if SPEC_ATTR not in study.user_attrs:
         study.set_user_attr(SPEC_ATTR, spec.to_dict())
         study.set_user_attr("pxopt.versions", library_versions())
     study.sampler = make_sampler(spec, len(study.trials))
     return study
+
+
+def _refuse_other_grouping(storage: optuna.storages.BaseStorage, spec: StudySpec,
+                           cause: Exception) -> None:
+    """Say so when a study was refused because it was made with another grouping (the
+    grouping is part of the task identity, see `StudySpec.identity`)."""
+    try:
+        attrs = storage.get_study_user_attrs(storage.get_study_id_from_name(spec.name))
+    except Exception:  # (no such study, or unreadable: the original error stands)
+        return
+    stored_spec = attrs.get(SPEC_ATTR)
+    if not isinstance(stored_spec, dict):
+        return
+    stored = stored_spec.get("grouping", LEGACY_GROUPING)
+    if stored != spec.grouping:
+        raise StorageError(
+            f"study {spec.name!r} was made with grouping {stored!r}, not {spec.grouping!r} (other "
+            f"rule groups, so its trials do not mix): set grouping = {stored!r} in the spec's "
+            "[prune] table to resume it, or use another --study name") from cause
 
 
 def enqueue_baselines(study: optuna.Study, space: SearchSpace) -> list[str]:

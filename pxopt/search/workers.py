@@ -51,12 +51,11 @@ from pxopt.search.storage import (
     open_storage,
     pin_study_attrs,
 )
+from pxopt.search.study import FINISHED as _FINISHED  # states that count against the trial budget
 
 Objective = Callable[[optuna.Trial], float]
 FAIL_REASON = "fail_reason"
 INTERRUPTED = "interrupted by SIGINT (Ctrl-C); queued again for the next run"
-#: States that count against the study's trial budget (failed trials are retried or redone).
-_FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 #: A worker stops after this many failed trials in a row (a broken setup, not bad luck).
 MAX_CONSECUTIVE_FAILURES = 5
 
@@ -640,7 +639,7 @@ class SpecFactory:
 
         spec = self.spec
         pipeline = self.pipeline if self.pipeline is not None else Pipeline.from_spec(spec, device=ctx.device)
-        space = SearchSpace.build(spec.space, family=pipeline.family, zbox_bounds=pipeline.input_bounds())
+        space = SearchSpace.build(spec.space, family=pipeline.family)
         offset = ctx.n_trials_before + 1000 * ctx.index
         seeds = {"study": spec.seed, "sampler": spec.seed + offset, "task": spec.task_seed, "worker": ctx.index}
         objective = Objective(space, pipeline.evaluate, spec.rates, timings=pipeline.timings, seeds=seeds)
@@ -694,7 +693,7 @@ def run_spec_search(
         pipeline.check_explainable()  # unsupported model: one error now, not a failed trial each
     study = open_study(spec, url)
     pin_study_attrs(study, study_attrs or {})
-    space = SearchSpace.build(spec.space, family=pipeline.family, zbox_bounds=pipeline.input_bounds())
+    space = SearchSpace.build(spec.space, family=pipeline.family)
     space.check_resumable(study.get_trials(deepcopy=False))
     if spec.baselines:
         enqueue_baselines(study, space)

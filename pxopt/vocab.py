@@ -1,0 +1,87 @@
+"""The shared vocabulary, defined once: layer groups, groupings, component kinds, rankings,
+pruning rates and the per-rate callback type.
+
+Every package imports these names from here instead of keeping its own copy (the LRP rules
+and softmax treatments have their own registry, `pxopt.lrp.registry`). The module imports
+nothing heavy, so any package may use it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from pxopt.errors import ConfigError
+
+# ---- layer groups -----------------------------------------------------------------------
+# A rule configuration picks one rule per group. `input` is the first layer (its rule shapes
+# heatmaps only), `low` / `mid` / `high` the hidden layers by stage, `fc` the classifier.
+GROUPS: tuple[str, ...] = ("input", "low", "mid", "high", "fc")
+INPUT_GROUP = "input"
+HIDDEN_GROUPS: tuple[str, ...] = ("low", "mid", "high")
+# In pruning studies the first layer takes this group's rule (as in the reference code):
+# its own rule never reaches a component score, so it is not searched.
+INPUT_FOLLOWS = "low"
+# The groups a pruning study searches a rule for.
+SEARCHED_GROUPS: tuple[str, ...] = tuple(g for g in GROUPS if g != INPUT_GROUP)
+
+# ---- groupings: how hidden layers are split into low / mid / high ------------------------
+# "stage": by the network's stages, as the reference code groups them (ResNet conv1+layer1 /
+# layer2+layer3 / layer4; VGG-16 convs 1-4 / 5-9 / 10-13; ViT blocks by quarters);
+# "count": by position among the hidden layers (first quarter / middle half / last quarter),
+# the grouping of pxopt before stages (and of every study made before the option existed).
+GROUPINGS: tuple[str, ...] = ("stage", "count")
+DEFAULT_GROUPING = "stage"
+LEGACY_GROUPING = "count"
+
+# ---- component kinds --------------------------------------------------------------------
+# Layer kinds of a layer map; "head" is the classifier, never pruned.
+LAYER_KINDS: tuple[str, ...] = ("conv", "linear", "mlp", "heads", "head")
+PRUNABLE_KINDS: tuple[str, ...] = tuple(k for k in LAYER_KINDS if k != "head")
+# A study's `components` -> the layer kinds whose components it prunes.
+COMPONENTS: dict[str, tuple[str, ...]] = {
+    "conv": ("conv",),
+    "mlp": ("mlp",),
+    "heads": ("heads",),
+}
+
+# ---- ranking: how component scores are aggregated and sorted (`pxopt.scores`) -----------
+# "abs": |sum over positions| (the reference's score for conv channels), "signed": the sum,
+# "token-abs": sum over tokens of |R| (the reference's score for transformer components).
+RANKINGS: tuple[str, ...] = ("abs", "signed", "token-abs")
+
+# ---- pruning rates ----------------------------------------------------------------------
+DEFAULT_RATES: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(20))
+
+# on_rate(index, rate, accuracy): called after each rate of a curve; may raise (e.g.
+# optuna.TrialPruned) to stop the curve.
+OnRate = Callable[[int, float, float], None]
+
+
+def check_rates(rates: Any) -> list[float]:
+    """Pruning rates: a non-empty, strictly increasing list in [0, 1).
+
+    Rate 1 is excluded: it prunes every component of the kind, so all criteria give the same
+    (dead) model and the point says nothing about the ranking; the paper's grid ends at 0.95.
+    """
+    if isinstance(rates, str | bytes):
+        raise ConfigError(f"rates must be a list of numbers, got {rates!r}")
+    try:
+        values = [float(r) for r in rates]
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"rates must be a list of numbers, got {rates!r}") from exc
+    if not values:
+        raise ConfigError("rates must contain at least one pruning rate")
+    if any(math.isnan(r) or not 0.0 <= r < 1.0 for r in values):
+        raise ConfigError(f"rates must lie in [0, 1), got {values}")
+    if any(b <= a for a, b in zip(values, values[1:], strict=False)):
+        raise ConfigError(f"rates must be strictly increasing, got {values}")
+    return values
+
+
+def check_choice(value: Any, choices: Sequence[str], where: str) -> str:
+    """`value` if it is one of `choices`, else a `ConfigError` naming `where`."""
+    if not isinstance(value, str) or value not in choices:
+        raise ConfigError(f"{where} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
