@@ -18,7 +18,7 @@ from optuna.trial import TrialState
 
 from pxopt.errors import ConfigError
 from pxopt.search.meta import library_versions
-from pxopt.search.spec import COMPONENTS, check_rates
+from pxopt.search.spec import AUTO_COMPONENTS, COMPONENTS, check_rates
 
 EXPORT_FORMAT = "pxopt.export/1"
 _REQUIRED: dict[str, type | tuple[type, ...]] = {
@@ -100,7 +100,7 @@ def validate_export(data: Any) -> dict[str, Any]:
             raise ConfigError(f"{key}: wrong type {type(data[key]).__name__}")
     if data["ranking"] not in ("abs", "signed"):
         raise ConfigError(f"ranking must be 'abs' or 'signed', got {data['ranking']!r}")
-    if data["components"] not in COMPONENTS:
+    if data["components"] not in (*COMPONENTS, AUTO_COMPONENTS):
         raise ConfigError(f"components must be one of {sorted(COMPONENTS)}, got {data['components']!r}")
     if not data["model"]:
         raise ConfigError("model: empty model spec")

@@ -80,6 +80,7 @@ class FakePipeline:
         self.rates = list(spec.rates)
         self.evaluator = FakeEvaluator(self.rates)
         self.task = _FakeTask()
+        self.components = "conv" if spec.components == "auto" else spec.components  # a CNN
 
     @classmethod
     def from_spec(cls, spec, **_kw) -> FakePipeline:

@@ -22,6 +22,8 @@ COMPONENTS: dict[str, tuple[str, ...]] = {
     "mlp": ("mlp",),
     "heads": ("heads",),
 }
+#: `components = "auto"`: decided by the model's layer map (`pxopt.search.components`).
+AUTO_COMPONENTS = "auto"
 STUDIES_DIR = Path("studies")
 
 # TOML table -> fields of StudySpec that it may hold.
@@ -49,7 +51,7 @@ class StudySpec:
     n_val: int | None = 50
     task_seed: int = 0
     batch_size: int = 128
-    components: str = "conv"
+    components: str = AUTO_COMPONENTS  # or a key of COMPONENTS
     rates: list[float] = field(default_factory=lambda: list(DEFAULT_RATES))
     cap: float | None = None
     trials: int | None = 20
@@ -113,9 +115,10 @@ class StudySpec:
         """Check every field; raise `ConfigError` naming the first bad one."""
         if not self.name or any(c in self.name for c in "/\\"):
             raise ConfigError(f"study.name must be a plain name, got {self.name!r}")
-        if self.components not in COMPONENTS:
+        if self.components not in (*COMPONENTS, AUTO_COMPONENTS):
             raise ConfigError(
-                f"prune.components must be one of {sorted(COMPONENTS)}, got {self.components!r}"
+                f"prune.components must be one of {[*sorted(COMPONENTS), AUTO_COMPONENTS]}, "
+                f"got {self.components!r}"
             )
         self.rates = check_rates(self.rates)
         for name in ("n_ref", "batch_size"):
@@ -139,7 +142,9 @@ class StudySpec:
 
     @property
     def kinds(self) -> tuple[str, ...]:
-        """Layer kinds (`pxopt.layers`) whose components are pruned."""
+        """Layer kinds (`pxopt.layers`) whose components are pruned ("auto": resolve first)."""
+        if self.components not in COMPONENTS:
+            raise ConfigError(f"prune.components {self.components!r} is decided by the model: load it first")
         return COMPONENTS[self.components]
 
     def storage_url(self, base_dir: str | Path = STUDIES_DIR) -> str:
@@ -148,8 +153,7 @@ class StudySpec:
             if "://" in self.storage:
                 return self.storage
             return f"sqlite:///{Path(self.storage).expanduser().resolve()}"
-        path = (Path(base_dir) / f"{self.name}.db").resolve()
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path = (Path(base_dir) / f"{self.name}.db").resolve()  # its folder is made on first write
         return f"sqlite:///{path}"
 
     def identity(self) -> dict[str, Any]:

@@ -168,6 +168,36 @@ def _is_sqlite_file(url: str) -> bool:
     return parsed.get_backend_name() == "sqlite" and database not in ("", ":memory:") and not database.startswith("file:")
 
 
+def sqlite_path(path_or_url: str | Path) -> Path | None:
+    """The file of a SQLite storage (path or URL), or None for a server or in-memory database."""
+    url = storage_url(path_or_url)
+    try:
+        return Path(make_url(url).database) if _is_sqlite_file(url) else None
+    except (sqlalchemy.exc.ArgumentError, ValueError):
+        return None
+
+
+def check_reachable(path_or_url: str | Path) -> None:
+    """Fail fast (`StorageError`) on a storage that cannot be used, without creating a file.
+
+    A database server is connected to once; a SQLite file is left alone (it is created by
+    the first `open_storage`, so a search that fails before that leaves nothing behind).
+    """
+    path = sqlite_path(path_or_url)
+    if path is not None:
+        if path.is_dir():
+            raise StorageError(f"storage {str(path)!r} is a directory: give a file such as {path}/pxopt.db")
+        return
+    open_storage(path_or_url, heartbeat_interval=None).engine.dispose()
+
+
+def require_existing(path_or_url: str | Path) -> None:
+    """Refuse (`StorageError`) a SQLite storage whose file does not exist (opening would create it)."""
+    path = sqlite_path(path_or_url)
+    if path is not None and not path.is_file():
+        raise StorageError(f"no study file {str(path)!r}: run `pxopt search` first or pass --storage")
+
+
 def _short_reason(exc: BaseException) -> str:
     """The first meaningful line of a driver error (drivers add SQL and links below it)."""
     orig = getattr(exc, "orig", None) or exc

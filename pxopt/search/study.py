@@ -97,12 +97,15 @@ def open_study(spec: StudySpec, storage: str | optuna.storages.BaseStorage | Non
     return study
 
 
-def enqueue_baselines(study: optuna.Study, space: SearchSpace) -> list[str]:
-    """Enqueue the baseline configurations into a fresh study (first trials)."""
+def enqueue_baselines(study: optuna.Study, space: SearchSpace, limit: int | None = None) -> list[str]:
+    """Enqueue the baseline configurations into a fresh study (first trials).
+
+    At most `limit` (the trial budget): a baseline beyond it would stay WAITING forever.
+    """
     if study.trials:
         return []
     names = []
-    for name, (rules, ranking) in space.baselines().items():
+    for name, (rules, ranking) in list(space.baselines().items())[:limit]:
         study.enqueue_trial(space.to_params(rules, ranking), user_attrs={"baseline": name})
         names.append(name)
     return names
@@ -154,7 +157,7 @@ def run_search(
     pin_study_attrs(study, study_attrs or {})
     space = space or SearchSpace.build(spec.space, family=family)
     if spec.baselines:
-        enqueue_baselines(study, space)
+        enqueue_baselines(study, space, limit=spec.trials)
     n_before = len(study.trials)
     finished = len(study.get_trials(deepcopy=False, states=FINISHED))
     remaining = None if spec.trials is None else max(spec.trials - finished, 0)

@@ -92,6 +92,7 @@ class WorkerPlan:
     heartbeat_interval: int | None = DEFAULT_HEARTBEAT_INTERVAL
     grace_period: int | None = None
     max_retry: int | None = DEFAULT_MAX_RETRY
+    optuna_verbosity: int | None = None  # Optuna's log level in spawned workers (None: Optuna's default)
 
 
 @dataclass
@@ -404,6 +405,8 @@ def _stderr(message: str) -> None:
 
 def _child_main(factory: ObjectiveFactory, plan: WorkerPlan, ctx: WorkerContext, errors: Any) -> None:
     """Entry point of a spawned worker: exit 0 done, 130 interrupted, 2 user error, 1 bug."""
+    if plan.optuna_verbosity is not None:
+        optuna.logging.set_verbosity(plan.optuna_verbosity)
     try:
         completed = run_worker(factory, plan, ctx)
     except PxoptError as exc:
@@ -486,6 +489,8 @@ def run_workers(
     except KeyError as exc:
         raise StorageError(f"study {plan.study_name!r} does not exist in the storage") from exc
     before = _count(study, _FINISHED)
+    if progress is not None:
+        progress(before)  # a resumed study starts where it stands
     summary = RunSummary(n_workers=0, trials_before=before, trials_after=before)
     if plan.n_trials is not None:
         remaining = plan.n_trials - before
@@ -689,14 +694,15 @@ def run_spec_search(
     url = storage_url or spec.storage_url()
     if pipeline is None:
         pipeline = Pipeline.from_spec(spec, device="cpu" if n_workers > 1 else None)
+    spec = spec.with_overrides(components=pipeline.components)  # "auto" -> the model's
     study = open_study(spec, url)
     pin_study_attrs(study, study_attrs or {})
     if spec.baselines:
         space = SearchSpace.build(spec.space, family=pipeline.family, zbox_bounds=pipeline.input_bounds())
-        enqueue_baselines(study, space)
+        enqueue_baselines(study, space, limit=spec.trials)
     plan = WorkerPlan(
         storage=url, study_name=spec.name, n_trials=spec.trials, timeout=spec.timeout, device=spec.device,
-        heartbeat_interval=heartbeat_from_env(),
+        heartbeat_interval=heartbeat_from_env(), optuna_verbosity=optuna.logging.get_verbosity(),
     )
     factory = SpecFactory(spec, pipeline if n_workers == 1 else None)
     if n_workers > 1:
