@@ -149,15 +149,15 @@ def test_progress_counts_a_resumed_study_and_optuna_stays_quiet(fake: Path, capf
 
 
 def test_progress_callback_starts_at_the_stored_count(fake: Path) -> None:
-    from pxopt.search.workers import run_spec_search
+    from pxopt.search import run_search
 
     spec = load_spec(None, model="builtin:tiny", name="c", trials=2, rates=[0.0, 0.5])
     seen: list[int] = []
-    run_spec_search(spec, pipeline=FakePipeline(spec), progress=seen.append, log=lambda _m: None)
+    run_search(spec, pipeline=FakePipeline(spec), progress=seen.append, log=lambda _m: None)
     assert seen[0] == 0 and seen[-1] == 2
     seen.clear()
-    run_spec_search(spec.with_overrides(trials=3), pipeline=FakePipeline(spec), progress=seen.append,
-                    log=lambda _m: None)
+    run_search(spec.with_overrides(trials=3), pipeline=FakePipeline(spec), progress=seen.append,
+               log=lambda _m: None)
     assert seen[0] == 2 and seen[-1] == 3
 
 

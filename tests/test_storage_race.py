@@ -80,3 +80,24 @@ def test_sqlite_file_storage_survives_pickling(tmp_path: Path) -> None:
 
 def test_memory_and_server_urls_get_the_plain_storage() -> None:
     assert type(open_storage("sqlite:///:memory:", heartbeat_interval=None)) is optuna.storages.RDBStorage
+
+
+def test_stale_failures_get_their_reason_and_spare_finished_trials(tmp_path: Path) -> None:
+    """The hook behind `fail_stale_trials`: reason first, finished trials untouched, then undone."""
+    from pxopt.search.storage import recording_stale_failures
+
+    storage = open_storage(tmp_path / "r.db", heartbeat_interval=None)
+    study = optuna.create_study(storage=storage)
+    running, done = study.ask(), study.ask()
+    study.tell(done, 1.0)
+    with recording_stale_failures(storage, "gone quiet") as failed:
+        assert storage.set_trial_state_values(done._trial_id, TrialState.FAIL) is False
+        assert storage.set_trial_state_values(running._trial_id, TrialState.FAIL) is True
+    assert failed == [running._trial_id]
+    first, second = study.trials
+    assert first.state == TrialState.FAIL and first.user_attrs["fail_reason"] == "gone quiet"
+    assert second.state == TrialState.COMPLETE and second.value == 1.0
+    assert "set_trial_state_values" not in vars(storage)  # the class's method again
+    later = study.ask()
+    study.tell(later, state=TrialState.FAIL)
+    assert "fail_reason" not in study.trials[2].user_attrs

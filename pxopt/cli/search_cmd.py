@@ -72,11 +72,22 @@ def load_spec(
 
 
 def is_imagenet_model(model: str) -> bool:
-    """A torchvision or timm model (or a checkpoint of one): ImageNet classes and preprocessing."""
+    """A torchvision or timm model (or a checkpoint of one): ImageNet classes and preprocessing.
+
+    An unknown model name or weights tag is reported first (`ModelSpecError`).
+    """
     from pxopt.models.spec import parse_spec
 
     parsed = parse_spec(model)
-    if parsed.kind == "file" and parsed.arch is not None:
+    if parsed.kind == "torchvision":
+        from pxopt.models.tv import weights_enum
+
+        weights_enum(parsed.name, parsed.tag)
+    elif parsed.kind == "timm":
+        from pxopt.models.timm_backend import pretrained_cfg
+
+        pretrained_cfg(parsed.name, parsed.tag)
+    elif parsed.kind == "file" and parsed.arch is not None:
         parsed = parsed.arch
     return parsed.kind in ("torchvision", "timm")
 
@@ -104,6 +115,8 @@ def optuna_logging(verbose: bool) -> Iterator[None]:
     logger = logging.getLogger("optuna")
     previous = optuna.logging.get_verbosity()
     handler = RichHandler(console=console, show_path=False, markup=False, rich_tracebacks=False)
+    if not verbose:
+        handler.addFilter(_no_traceback)  # a failed trial's reason is its fail_reason, not a traceback
     optuna.logging.disable_default_handler()
     logger.addHandler(handler)
     optuna.logging.set_verbosity(logging.INFO if verbose else logging.WARNING)
@@ -113,6 +126,13 @@ def optuna_logging(verbose: bool) -> Iterator[None]:
         logger.removeHandler(handler)
         optuna.logging.set_verbosity(previous)
         optuna.logging.enable_default_handler()
+
+
+def _no_traceback(record: object) -> bool:
+    """Keep the log line, drop the traceback attached to it."""
+    record.exc_info = None  # type: ignore[attr-defined]
+    record.exc_text = None  # type: ignore[attr-defined]
+    return True
 
 
 def _log(message: str) -> None:
@@ -149,9 +169,9 @@ def register(app: typer.Typer) -> None:
         from pxopt.export import export_trial, write_export
         from pxopt.pipeline import Pipeline
         from pxopt.report import write_report
+        from pxopt.search import run_search
+        from pxopt.search.pool import resume_command
         from pxopt.search.storage import check_reachable
-        from pxopt.search.study import open_storage
-        from pxopt.search.workers import run_spec_search
 
         if classes is not None and class_names is not None:
             raise ConfigError("give either --classes or --class-names, not both")
@@ -177,14 +197,14 @@ def register(app: typer.Typer) -> None:
             TimeElapsedColumn(), console=console, transient=False,
         ) as progress:
             bar = progress.add_task("finished trials", total=spec.trials)
-            summary = run_spec_search(
-                spec, n_workers=workers, storage_url=url, pipeline=pipeline, study_attrs=study_attrs,
-                progress=lambda n: progress.update(bar, completed=n), log=_log,
+            result = run_search(
+                spec, workers=workers, pipeline=pipeline, storage_url=url, study_attrs=study_attrs,
+                progress=lambda n: progress.update(bar, completed=n), log=_log, resume_hint=resume_command(),
             )
-        st = optuna.load_study(study_name=spec.name, storage=open_storage(url))
-        new = summary.trials_after - summary.trials_before
+        st = result.study
+        new = result.trials_after - result.trials_before
         typer.echo(f"study:  {spec.name} in {url} ({len(st.trials)} trials, {new} newly finished)")
-        if summary.interrupted:
+        if result.interrupted:
             raise typer.Exit(130)
         try:
             best = st.best_trial

@@ -15,7 +15,8 @@ import hashlib
 import importlib.util
 import json
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,9 @@ DEFAULT_MAX_RETRY = 3
 SQLITE_TIMEOUT = 60.0
 #: Seconds to wait for a database server before reporting it unreachable.
 CONNECT_TIMEOUT = 10
+
+#: The trial user attribute that says why a trial failed (stale, out of memory, NaN, ...).
+FAIL_REASON = "fail_reason"
 
 #: Study user attributes that pin a study to one model and one task.
 ATTR_MODEL = "pxopt.model"
@@ -159,6 +163,40 @@ class SQLiteFileStorage(RDBStorage):
         state = super().__getstate__()
         state["_state_lock"] = None
         return state
+
+
+@contextmanager
+def recording_stale_failures(storage: RDBStorage, reason: str) -> Iterator[list[int]]:
+    """While active, a trial failed on `storage` is a stale one: it gets `fail_reason` first.
+
+    For Optuna's public `optuna.storages.fail_stale_trials`, which fails a trial without
+    a reason (and a finished trial takes no more attributes). A trial that is no longer
+    RUNNING when its turn comes (its owner finished it meanwhile) is left alone; on SQLite
+    the read, the reason and the write happen under the state lock. Yields the ids of the
+    trials failed. Only for the thread that runs the check (Optuna's heartbeat thread
+    never changes a trial's state).
+    """
+    plain = storage.set_trial_state_values  # the class's method, bound
+    lock = storage.state_lock() if isinstance(storage, SQLiteFileStorage) else nullcontext()
+    failed: list[int] = []
+
+    def fail_with_reason(trial_id: int, state: TrialState, values: Sequence[float] | None = None) -> bool:
+        if state != TrialState.FAIL:
+            return plain(trial_id, state, values)
+        with lock:
+            if storage.get_trial(trial_id).state != TrialState.RUNNING:
+                return False
+            storage.set_trial_user_attr(trial_id, FAIL_REASON, reason)
+            done = plain(trial_id, state, values)
+        if done:
+            failed.append(trial_id)
+        return done
+
+    storage.set_trial_state_values = fail_with_reason  # type: ignore[method-assign]
+    try:
+        yield failed
+    finally:
+        del storage.set_trial_state_values  # the class's method again
 
 
 def _is_sqlite_file(url: str) -> bool:
