@@ -233,7 +233,7 @@ def require_existing(path_or_url: str | Path) -> None:
     """Refuse (`StorageError`) a SQLite storage whose file does not exist (opening would create it)."""
     path = sqlite_path(path_or_url)
     if path is not None and not path.is_file():
-        raise StorageError(f"no study file {str(path)!r}: run `pxopt search` first or pass --storage")
+        raise StorageError(f"no study file {str(path)!r}: check the path, or run `pxopt search` first")
 
 
 def _short_reason(exc: BaseException) -> str:
