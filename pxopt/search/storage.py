@@ -113,6 +113,20 @@ def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
         cursor.close()
 
 
+def _creation_lock(url: str) -> FileLock | nullcontext:
+    """For a SQLite file: the state lock file, held while the file and Optuna's tables are made.
+
+    Two processes creating the same new database at once (a search and a reader, two
+    searches) otherwise both insert Optuna's schema version ("UNIQUE constraint failed:
+    alembic_version.version_num").
+    """
+    if not _is_sqlite_file(url):
+        return nullcontext()
+    database = Path(make_url(url).database)
+    database.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(f"{database}.lock")
+
+
 def _prepare_sqlite(url: str) -> None:
     """Create the file's folder and switch the file to WAL before Optuna's first connection.
 
@@ -274,9 +288,9 @@ def open_storage(
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             callback = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
     try:
-        if parsed.get_backend_name() == "sqlite":
-            _prepare_sqlite(url)
-        with warnings.catch_warnings():
+        with _creation_lock(url), warnings.catch_warnings():
+            if parsed.get_backend_name() == "sqlite":
+                _prepare_sqlite(url)
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             storage_class = SQLiteFileStorage if _is_sqlite_file(url) else RDBStorage
             storage = storage_class(
