@@ -16,7 +16,7 @@ test: install-test
 	$(PY) -m ruff check pxopt tests benchmarks
 	$(PY) -m pytest -q
 
-test-fast:
+test-fast: install-test
 	$(PY) -m pytest -q -m "not slow"
 
 lint:

@@ -30,8 +30,9 @@ sys.path.insert(0, str(ROOT / "tests"))  # the toy objective and the PostgreSQL 
 from fixtures_pg import PgUnavailable, create_database, throwaway_server  # noqa: E402
 from test_workers_toy import ToyFactory  # noqa: E402
 
+from pxopt.search.pool import run_workers  # noqa: E402
 from pxopt.search.storage import open_storage, open_study  # noqa: E402
-from pxopt.search.workers import WorkerPlan, run_workers  # noqa: E402
+from pxopt.search.workers import WorkerPlan  # noqa: E402
 
 
 def measure(url: str, name: str, n_workers: int, n_trials: int, heartbeat: int | None) -> dict:

@@ -25,7 +25,15 @@ from optuna.trial import TrialState
 from pxopt.errors import ConfigError
 from pxopt.evaluate import AREA_DEFINITION, curve_area
 from pxopt.search.meta import library_versions
-from pxopt.vocab import COMPONENTS, GROUPINGS, LEGACY_GROUPING, RANKINGS, check_choice, check_rates
+from pxopt.vocab import (
+    AUTO_COMPONENTS,
+    COMPONENTS,
+    GROUPINGS,
+    LEGACY_GROUPING,
+    RANKINGS,
+    check_choice,
+    check_rates,
+)
 
 EXPORT_FORMAT = "pxopt.export/1"
 _REQUIRED: dict[str, type | tuple[type, ...]] = {
@@ -110,7 +118,7 @@ def validate_export(data: Any) -> dict[str, Any]:
         if not isinstance(data[key], kind) or isinstance(data[key], bool):
             raise ConfigError(f"{key}: wrong type {type(data[key]).__name__}")
     check_choice(data["ranking"], RANKINGS, "ranking")
-    check_choice(data["components"], tuple(COMPONENTS), "components")
+    check_choice(data["components"], (*COMPONENTS, AUTO_COMPONENTS), "components")
     # exports written before the grouping option used the count grouping
     data.setdefault("grouping", LEGACY_GROUPING)
     check_choice(data["grouping"], GROUPINGS, "grouping")

@@ -45,6 +45,7 @@ class Pipeline:
     model_spec: str = ""
     cache_size: int = 32
     cap: float | None = None  # prune at most this fraction of any layer (None: no cap)
+    components: str | None = None  # the spec's components, "auto" resolved by the layer map
     last_timings: dict[str, Any] = field(default_factory=dict)
     _cache: OrderedDict[str, ComponentScores] = field(default_factory=OrderedDict, repr=False)
     _val_batches: list | None = field(default=None, repr=False)
@@ -71,14 +72,23 @@ class Pipeline:
     @classmethod
     def from_spec(cls, spec: StudySpec, *, device: str | None = None, allow_download: bool = False) -> Pipeline:
         """Load the spec's model and task (builtin models train on first use); offline
-        unless `allow_download` (missing weights and Fashion-MNIST are then downloaded)."""
+        unless `allow_download` (missing weights and Fashion-MNIST are then downloaded).
+
+        `spec.components = "auto"` becomes the model's own (`pxopt.search.components`);
+        a choice that leaves fewer than two layers to prune is a `ConfigError`.
+        """
         from pxopt.data import make_task
         from pxopt.layers import discover_layers
         from pxopt.models import load_model
+        from pxopt.search.components import resolve_components
+        from pxopt.search.spec import COMPONENTS
 
         configure_threads(spec.threads)
         dev = resolve_device(device or spec.device)
         loaded = load_model(spec.model, device=str(dev), allow_download=allow_download)
+        layer_map = discover_layers(loaded.model, grouping=spec.grouping,
+                                    example_input=torch.zeros(1, *loaded.input_size, device=dev))
+        components = resolve_components(spec.components, layer_map, loaded.spec)  # before the data loads
         task = make_task(
             spec.data,
             classes=spec.classes,
@@ -92,16 +102,15 @@ class Pipeline:
         return cls(
             model=loaded.model,
             task=task,
-            layer_map=discover_layers(
-                loaded.model, grouping=spec.grouping,
-                example_input=torch.zeros(1, *loaded.input_size, device=dev)),
-            kinds=spec.kinds,
+            layer_map=layer_map,
+            kinds=COMPONENTS[components],
             rates=list(spec.rates),
             device=dev,
             batch_size=spec.batch_size,
             family=loaded.family,
             model_spec=loaded.spec,
             cap=spec.cap,
+            components=components,
         )
 
     # -- scores ---------------------------------------------------------------------------

@@ -45,6 +45,8 @@ COMPONENTS: dict[str, tuple[str, ...]] = {
     "mlp": ("mlp",),
     "heads": ("heads",),
 }
+# `components = "auto"`: decided by the model's layer map (`pxopt.search.components`).
+AUTO_COMPONENTS = "auto"
 
 # ---- ranking: how component scores are aggregated and sorted (`pxopt.scores`) -----------
 # "abs": |sum over positions| (the reference's score for conv channels), "signed": the sum,

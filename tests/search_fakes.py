@@ -105,6 +105,7 @@ class FakePipeline:
         self.evaluator = FakeEvaluator(self.rates)
         self.task = _FakeTask()
         self.model = tiny_linear_model()
+        self.components = "conv" if spec.components == "auto" else spec.components  # a CNN
 
     @classmethod
     def from_spec(cls, spec, **_kw) -> FakePipeline:

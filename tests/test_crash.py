@@ -20,18 +20,16 @@ from fixtures_pg import pg_server, pg_url  # noqa: F401
 from optuna.trial import TrialState
 from test_workers_toy import ToyFactory, always_nan
 
+from pxopt.search.guard import CAUGHT, FAIL_REASON, INTERRUPTED, guard
+from pxopt.search.pool import run_workers
 from pxopt.search.storage import open_storage, open_study
 from pxopt.search.workers import (
-    FAIL_REASON,
-    INTERRUPTED,
     WorkerContext,
     WorkerPlan,
     WorkerSetup,
     _requeue_interrupted,
     fail_stale_trials,
-    guard,
     run_worker,
-    run_workers,
 )
 
 TOY = Path(__file__).with_name("test_workers_toy.py")
@@ -230,8 +228,6 @@ def test_guard_turns_every_oom_kind_into_a_caught_failure(error, reason):
     def objective(trial: optuna.Trial) -> float:
         raise error
 
-    from pxopt.search.workers import CAUGHT
-
     study.optimize(guard(objective), n_trials=2, catch=CAUGHT)
     assert [t.state for t in study.trials] == [TrialState.FAIL] * 2
     assert study.trials[0].user_attrs[FAIL_REASON].startswith(reason)
@@ -298,8 +294,6 @@ def test_real_cuda_oom_fails_only_that_trial(tmp_path):
             total = torch.cuda.get_device_properties(0).total_memory
             torch.empty(2 * total, dtype=torch.uint8, device="cuda")  # raises OutOfMemoryError
         return float(torch.ones(4, device="cuda").sum())
-
-    from pxopt.search.workers import CAUGHT
 
     study.optimize(guard(objective), n_trials=2, catch=CAUGHT)
     assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE]

@@ -11,6 +11,7 @@ import multiprocessing as mp
 from pathlib import Path
 
 import optuna
+import pytest
 from optuna.trial import TrialState
 
 from pxopt.search.storage import SQLiteFileStorage, open_storage
@@ -80,3 +81,54 @@ def test_sqlite_file_storage_survives_pickling(tmp_path: Path) -> None:
 
 def test_memory_and_server_urls_get_the_plain_storage() -> None:
     assert type(open_storage("sqlite:///:memory:", heartbeat_interval=None)) is optuna.storages.RDBStorage
+
+
+def test_stale_failures_get_their_reason_and_spare_finished_trials(tmp_path: Path) -> None:
+    """The hook behind `fail_stale_trials`: reason first, finished trials untouched, then undone."""
+    from pxopt.search.storage import recording_stale_failures
+
+    storage = open_storage(tmp_path / "r.db", heartbeat_interval=None)
+    study = optuna.create_study(storage=storage)
+    running, done = study.ask(), study.ask()
+    study.tell(done, 1.0)
+    with recording_stale_failures(storage, "gone quiet") as failed:
+        assert storage.set_trial_state_values(done._trial_id, TrialState.FAIL) is False
+        assert storage.set_trial_state_values(running._trial_id, TrialState.FAIL) is True
+    assert failed == [running._trial_id]
+    first, second = study.trials
+    assert first.state == TrialState.FAIL and first.user_attrs["fail_reason"] == "gone quiet"
+    assert second.state == TrialState.COMPLETE and second.value == 1.0
+    assert "set_trial_state_values" not in vars(storage)  # the class's method again
+    later = study.ask()
+    study.tell(later, state=TrialState.FAIL)
+    assert "fail_reason" not in study.trials[2].user_attrs
+
+
+def _open_new(url: str, start: mp.Barrier, results: mp.Queue) -> None:
+    """Open a storage whose file does not exist yet, at the same moment as the others."""
+    start.wait()
+    try:
+        open_storage(url, heartbeat_interval=None)
+        results.put(None)
+    except Exception as exc:  # noqa: BLE001 - report the race, don't crash
+        results.put(f"{type(exc).__name__}: {exc}")
+
+
+@pytest.mark.slow
+def test_processes_creating_one_new_sqlite_file_do_not_collide(tmp_path: Path) -> None:
+    """A search and a reader (or two searches) creating the same database at once.
+
+    Without the creation lock one of them fails with "UNIQUE constraint failed:
+    alembic_version.version_num" (both insert Optuna's schema version).
+    """
+    ctx = mp.get_context("spawn")
+    for attempt in range(3):
+        url = f"sqlite:///{tmp_path / f'new{attempt}.db'}"
+        start, results = ctx.Barrier(N_WORKERS), ctx.Queue()
+        procs = [ctx.Process(target=_open_new, args=(url, start, results)) for _ in range(N_WORKERS)]
+        for proc in procs:
+            proc.start()
+        errors = [results.get(timeout=240) for _ in procs]
+        for proc in procs:
+            proc.join(timeout=60)
+        assert [e for e in errors if e is not None] == []

@@ -102,6 +102,7 @@ def test_each_list_is_defined_once() -> None:
     import pxopt.pipeline
     import pxopt.prune._layers
     import pxopt.search.objective
+    import pxopt.search.pool
     import pxopt.search.space
     import pxopt.search.spec
     import pxopt.search.study
@@ -115,7 +116,7 @@ def test_each_list_is_defined_once() -> None:
     assert pxopt.search.spec.check_rates is vocab.check_rates is pxopt.evaluate.check_rates
     assert pxopt.evaluate.DEFAULT_RATES is vocab.DEFAULT_RATES is pxopt.search.spec.DEFAULT_RATES
     assert pxopt.search.objective.OnRate is vocab.OnRate is pxopt.evaluate.OnRate is pxopt.pipeline.OnRate
-    assert pxopt.search.workers._FINISHED is pxopt.search.study.FINISHED
+    assert pxopt.search.pool.FINISHED is pxopt.search.workers.FINISHED
     # and no module spells one of them out again
     copies = {
         "groups": r"\"input\",\s*\"low\",\s*\"mid\",\s*\"high\",\s*\"fc\"",

@@ -11,14 +11,9 @@ from optuna.trial import TrialState
 from test_workers_toy import ToyFactory
 
 from pxopt.errors import ConfigError, StorageError
+from pxopt.search.pool import assign_devices, run_workers
 from pxopt.search.storage import open_storage, open_study
-from pxopt.search.workers import (
-    WorkerContext,
-    WorkerPlan,
-    WorkerSetup,
-    assign_devices,
-    run_workers,
-)
+from pxopt.search.workers import WorkerContext, WorkerPlan, WorkerSetup
 
 TASK = {"dataset": "toy"}
 
@@ -97,12 +92,12 @@ def test_devices_round_robin_over_visible_gpus(monkeypatch):
     assert assign_devices(2, "cpu", gpus=["0", "1"]) == [("cpu", None), ("cpu", None)]
     assert assign_devices(2, "cuda:1", gpus=["0", "1"]) == [("cuda:1", None), ("cuda:1", None)]
     assert assign_devices(2, "auto", gpus=[]) == [("auto", None), ("auto", None)]
-    from pxopt.search import workers
+    from pxopt.search import pool
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3, 7")
-    assert workers.visible_gpus() == ["3", "7"]
+    assert pool.visible_gpus() == ["3", "7"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
-    assert workers.visible_gpus() == []
+    assert pool.visible_gpus() == []
 
 
 def _env_factory(ctx: WorkerContext) -> WorkerSetup:
@@ -131,9 +126,9 @@ def test_each_process_sees_only_its_gpu(tmp_path, monkeypatch):
     """The env var is what CUDA reads: each spawned worker gets its own GPU id."""
     import json
 
-    from pxopt.search import workers
+    from pxopt.search import pool
 
-    monkeypatch.setattr(workers, "visible_gpus", lambda: ["4", "6"])
+    monkeypatch.setattr(pool, "visible_gpus", lambda: ["4", "6"])
     monkeypatch.setenv("PXOPT_TEST_RECORD", str(tmp_path))
     url = str(tmp_path / "gpu.db")
     open_study(open_storage(url), "g", model_spec="toy", task=TASK)
@@ -150,14 +145,14 @@ def test_spec_search_runs_baselines_and_the_real_objective_in_process(tmp_path, 
     from search_fakes import FakePipeline
 
     import pxopt.pipeline
+    from pxopt.search import run_search
     from pxopt.search.spec import StudySpec
-    from pxopt.search.workers import run_spec_search
 
     monkeypatch.setattr(pxopt.pipeline.Pipeline, "from_spec", FakePipeline.from_spec)
     spec = StudySpec(name="fake", model="builtin:tiny", trials=6, storage=str(tmp_path / "f.db"),
                      rates=[0.0, 0.2, 0.4, 0.6, 0.8])
     seen: list[int] = []
-    summary = run_spec_search(spec, n_workers=1, progress=seen.append)
+    summary = run_search(spec, workers=1, progress=seen.append)
     assert (summary.trials_before, summary.trials_after, summary.exit_codes) == (0, 6, [0])
     assert seen == sorted(seen) and seen[-1] == 6
     study = optuna.load_study(study_name="fake", storage=open_storage(tmp_path / "f.db"))
@@ -166,10 +161,10 @@ def test_spec_search_runs_baselines_and_the_real_objective_in_process(tmp_path, 
     assert study.best_trial.user_attrs["curve"]["rates"] == [0.0, 0.2, 0.4, 0.6, 0.8]
     assert study.user_attrs["pxopt.model"] == "builtin:tiny"
     with pytest.raises(StorageError, match="created for model 'builtin:tiny'"):
-        run_spec_search(StudySpec(name="fake", model="builtin:other", trials=6,
-                                  storage=str(tmp_path / "f.db")), n_workers=1)
+        run_search(StudySpec(name="fake", model="builtin:other", trials=6,
+                             storage=str(tmp_path / "f.db")), workers=1)
     with pytest.raises(ConfigError, match="--workers must be >= 1"):
-        run_spec_search(spec, n_workers=0)
+        run_search(spec, workers=0)
 
 
 def test_a_user_error_in_a_worker_process_reaches_the_parent_as_one_line(tmp_path):

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import optuna
 
-from pxopt.search.workers import WorkerContext, WorkerPlan, WorkerSetup, run_workers
+from pxopt.search.pool import run_workers
+from pxopt.search.workers import WorkerContext, WorkerPlan, WorkerSetup
 
 
 @dataclass(frozen=True)

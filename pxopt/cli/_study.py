@@ -20,6 +20,7 @@ def default_study_name() -> str:
 
 def load_study(study: str | None, storage: str | None, out_dir: Path = Path("studies")) -> tuple[optuna.Study, str]:
     """Open an existing study: `--storage` or `<out_dir>/<study>.db`; error if missing."""
+    from pxopt.search.storage import require_existing
     from pxopt.search.study import open_storage
 
     name = study or default_study_name()
@@ -28,6 +29,7 @@ def load_study(study: str | None, storage: str | None, out_dir: Path = Path("stu
         if not path.is_file():
             raise StorageError(f"no study file {str(path)!r}: run `pxopt search` first or pass --storage")
         storage = str(path)
+    require_existing(storage)  # opening a missing SQLite file would create an empty study database
     backend = open_storage(storage)
     try:
         loaded = optuna.load_study(study_name=name, storage=backend)

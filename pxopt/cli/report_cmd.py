@@ -80,7 +80,7 @@ def register(app: typer.Typer) -> None:
         """Curves of every baseline criterion on one model and task: a figure and a JSON table."""
         import plotly.graph_objects as go
 
-        from pxopt.cli.search_cmd import load_spec, parse_rates
+        from pxopt.cli.search_cmd import load_spec, parse_rates, require_data
         from pxopt.evaluate import AREA_DEFINITION
         from pxopt.pipeline import Pipeline
         from pxopt.search.objective import curve_record
@@ -88,6 +88,7 @@ def register(app: typer.Typer) -> None:
         names = check_criteria(criteria.split(","), what="--criteria")
         spec = load_spec(spec_path, model=model, data=data, classes=classes, n_ref=n_ref, n_val=n_val,
                          components=components, rates=parse_rates(rates), device=device)
+        require_data(spec, data_given=data is not None, spec_path=spec_path)
         pipeline = Pipeline.from_spec(spec, allow_download=allow_download)
         from pxopt.report.figures import curve_styles
 
@@ -107,7 +108,7 @@ def register(app: typer.Typer) -> None:
         (out_dir / f"{stem}.json").write_text(
             json.dumps({"format": "pxopt.baselines/1", "area_definition": AREA_DEFINITION,
                         "model": spec.model, "task": pipeline.task.describe(),
-                        "components": spec.components, "criteria": table}, indent=2) + "\n", encoding="utf-8")
+                        "components": pipeline.components, "criteria": table}, indent=2) + "\n", encoding="utf-8")
         fig.write_html(out_dir / f"{stem}.html", include_plotlyjs=True)
         typer.echo(f"table: {out_dir / (stem + '.json')}\nfigure: {out_dir / (stem + '.html')}")
 

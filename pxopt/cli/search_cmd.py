@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import optuna
@@ -45,20 +48,97 @@ def load_spec(
     spec_path: Path | None,
     **overrides: object,
 ):
-    """The spec file (or the default study) with CLI overrides applied."""
-    from pxopt.search.spec import StudySpec
+    """The spec file (else studies/default.toml) with CLI overrides applied.
+
+    Without `--spec`, every setting of the default study that the user did not override
+    still applies (threads, timeout, sampler, ...). Settings tied to the default model or
+    data are dropped when those change: another model gets its own study name and the
+    components its layer map chooses ("auto"); other data gets all its classes.
+    """
+    from pxopt.search.spec import AUTO_COMPONENTS, StudySpec
 
     if spec_path is not None:
-        spec = StudySpec.from_toml(spec_path)
-    elif overrides.get("model") is None and (default := find_default_spec()) is not None:
-        spec = StudySpec.from_toml(default)
-    else:
-        spec = StudySpec()
-        if overrides.get("model") is not None:  # a new model: its own study name unless given
-            overrides.setdefault("name", None)
-            if overrides.get("name") is None:
-                overrides["name"] = str(overrides["model"]).replace(":", "-").replace("/", "-").replace("@", "-")
+        return StudySpec.from_toml(spec_path).with_overrides(**overrides)
+    default = find_default_spec()
+    spec = StudySpec.from_toml(default) if default is not None else StudySpec()
+    model, data = overrides.get("model"), overrides.get("data")
+    if model is not None and model != spec.model:
+        if overrides.get("name") is None:
+            overrides["name"] = str(model).replace(":", "-").replace("/", "-").replace("@", "-")
+        if overrides.get("components") is None:
+            overrides["components"] = AUTO_COMPONENTS
+    if data is not None and data != spec.data and overrides.get("classes") is None:
+        spec = dataclasses.replace(spec, classes=None)
     return spec.with_overrides(**overrides)
+
+
+def is_imagenet_model(model: str) -> bool:
+    """A torchvision or timm model (or a checkpoint of one): ImageNet classes and preprocessing.
+
+    An unknown model name or weights tag is reported first (`ModelSpecError`).
+    """
+    from pxopt.models.spec import parse_spec
+
+    parsed = parse_spec(model)
+    if parsed.kind == "torchvision":
+        from pxopt.models.tv import weights_enum
+
+        weights_enum(parsed.name, parsed.tag)
+    elif parsed.kind == "timm":
+        from pxopt.models.timm_backend import pretrained_cfg
+
+        pretrained_cfg(parsed.name, parsed.tag)
+    elif parsed.kind == "file" and parsed.arch is not None:
+        parsed = parsed.arch
+    return parsed.kind in ("torchvision", "timm")
+
+
+def require_data(spec, *, data_given: bool, spec_path: Path | None) -> None:
+    """An ImageNet model needs ImageNet data: refuse to pair it with the default Fashion-MNIST."""
+    if spec_path is None and not data_given and is_imagenet_model(spec.model):
+        raise ConfigError(
+            f"{spec.model} is an ImageNet model: pass --data /path/to/imagenet (a folder of WNID class "
+            "folders) and --classes N or --class-names a,b,c for a class subset"
+        )
+
+
+@contextmanager
+def optuna_logging(verbose: bool) -> Iterator[None]:
+    """Optuna's log through the rich console (above the progress bar), INFO only if verbose.
+
+    Optuna's own handler writes to the terminal line the bar is drawn on; by default only
+    its warnings (a failed trial and why) are worth a line.
+    """
+    import logging
+
+    from rich.logging import RichHandler
+
+    logger = logging.getLogger("optuna")
+    previous = optuna.logging.get_verbosity()
+    handler = RichHandler(console=console, show_path=False, markup=False, rich_tracebacks=False)
+    if not verbose:
+        handler.addFilter(_no_traceback)  # a failed trial's reason is its fail_reason, not a traceback
+    optuna.logging.disable_default_handler()
+    logger.addHandler(handler)
+    optuna.logging.set_verbosity(logging.INFO if verbose else logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        optuna.logging.set_verbosity(previous)
+        optuna.logging.enable_default_handler()
+
+
+def _no_traceback(record: object) -> bool:
+    """Keep the log line, drop the traceback attached to it."""
+    record.exc_info = None  # type: ignore[attr-defined]
+    record.exc_text = None  # type: ignore[attr-defined]
+    return True
+
+
+def _log(message: str) -> None:
+    """Worker messages go through the console, so they print above the progress bar."""
+    console.print(message, markup=False, highlight=False, soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:
@@ -77,19 +157,23 @@ def register(app: typer.Typer) -> None:
         study: str | None = typer.Option(None, "--study", help="Study name (default: the spec's)."),
         device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:1 ..."),
         seed: int | None = typer.Option(None, "--seed", help="Sampler seed."),
-        components: str | None = typer.Option(None, "--components", help="conv, mlp or heads."),
+        components: str | None = typer.Option(
+            None, "--components", help="conv, mlp, heads or auto (default: the model's: conv for CNNs, mlp for ViTs)."
+        ),
         rates: str | None = typer.Option(None, "--rates", help="'0,0.1,0.2' or 'start:stop:step'."),
         out_dir: Path = typer.Option(Path("studies"), "--out-dir", help="Where the report and best config go."),
         report: bool = typer.Option(True, "--report/--no-report", help="Write the HTML report at the end."),
         workers: int = typer.Option(1, "--workers", help="Worker processes on this study (one GPU each)."),
         allow_download: bool = typer.Option(False, "--allow-download", help=ALLOW_DOWNLOAD_HELP),
+        verbose: bool = typer.Option(False, "--verbose", "-v", help="Also print Optuna's line per trial."),
     ) -> None:
         """Search LRP rule configurations that prune best; the same command resumes."""
         from pxopt.export import export_trial, write_export
         from pxopt.pipeline import Pipeline
         from pxopt.report import write_report
-        from pxopt.search.study import open_storage
-        from pxopt.search.workers import run_spec_search
+        from pxopt.search import run_search
+        from pxopt.search.pool import resume_command
+        from pxopt.search.storage import check_reachable
 
         if classes is not None and class_names is not None:
             raise ConfigError("give either --classes or --class-names, not both")
@@ -100,29 +184,31 @@ def register(app: typer.Typer) -> None:
             seed=seed, components=components, rates=parse_rates(rates),
         )
         url = spec.storage_url(out_dir)
-        open_storage(url)  # fail fast on an unreachable storage, before loading the model
-        console.print(f"study [bold]{spec.name}[/]: model {spec.model}, data {spec.data}, "
-                      f"components {spec.components}, {len(spec.rates)} rates")
+        check_reachable(url)  # a database server fails fast; a SQLite file is made only after the model loads
         if workers < 1:
             raise ConfigError(f"--workers must be >= 1, got {workers}")
+        require_data(spec, data_given=data is not None, spec_path=spec_path)
         with console.status("loading model and task (a built-in model trains on first use)"):
             pipeline = Pipeline.from_spec(spec, device="cpu" if workers > 1 else None,
                                           allow_download=allow_download)
             pipeline.check_explainable()  # an unsupported model: one error line, no study
+        spec = spec.with_overrides(components=pipeline.components)
+        console.print(f"study [bold]{spec.name}[/]: model {spec.model}, data {spec.data}, "
+                      f"components {spec.components}, {len(spec.rates)} rates")
         study_attrs = pipeline.study_attrs()
-        with Progress(
+        with optuna_logging(verbose), Progress(
             TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
             TimeElapsedColumn(), console=console, transient=False,
         ) as progress:
             bar = progress.add_task("finished trials", total=spec.trials)
-            summary = run_spec_search(
-                spec, n_workers=workers, storage_url=url, pipeline=pipeline, study_attrs=study_attrs,
-                progress=lambda n: progress.update(bar, completed=n),
+            result = run_search(
+                spec, workers=workers, pipeline=pipeline, storage_url=url, study_attrs=study_attrs,
+                progress=lambda n: progress.update(bar, completed=n), log=_log, resume_hint=resume_command(),
             )
-        st = optuna.load_study(study_name=spec.name, storage=open_storage(url))
-        new = summary.trials_after - summary.trials_before
+        st = result.study
+        new = result.trials_after - result.trials_before
         typer.echo(f"study:  {spec.name} in {url} ({len(st.trials)} trials, {new} newly finished)")
-        if summary.interrupted:
+        if result.interrupted:
             raise typer.Exit(130)
         try:
             best = st.best_trial
@@ -139,4 +225,3 @@ def register(app: typer.Typer) -> None:
             maps, note = try_study_heatmaps(st, pipeline)
             report_path = write_report(st, out_dir / f"{spec.name}-report.html", heatmaps=maps, heatmaps_note=note)
             typer.echo(f"report: {report_path}")
-

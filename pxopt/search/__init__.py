@@ -1,7 +1,8 @@
 """Bayesian optimisation of LRP rule configurations with Optuna.
 
 The verbs: `StudySpec.from_toml` (what to search), `SearchSpace.build` (which rules),
-`run_search(spec, evaluate)` (create or resume the study and optimise).
+`run_search(spec, workers=N)` (load the model once, create or resume the study, optimise
+with N worker processes; `pxopt search` calls the same function).
 """
 
 from pxopt.search.space import SearchSpace

@@ -15,6 +15,7 @@ from typing import Any
 
 from pxopt.errors import ConfigError
 from pxopt.vocab import (
+    AUTO_COMPONENTS,
     COMPONENTS,
     DEFAULT_GROUPING,
     DEFAULT_RATES,
@@ -24,7 +25,7 @@ from pxopt.vocab import (
     check_rates,
 )
 
-__all__ = ["COMPONENTS", "DEFAULT_RATES", "StudySpec", "check_rates", "json_safe"]
+__all__ = ["AUTO_COMPONENTS", "COMPONENTS", "DEFAULT_RATES", "StudySpec", "check_rates", "json_safe"]
 
 STUDIES_DIR = Path("studies")
 
@@ -53,7 +54,7 @@ class StudySpec:
     n_val: int | None = 50
     task_seed: int = 0
     batch_size: int = 128
-    components: str = "conv"
+    components: str = AUTO_COMPONENTS  # or a key of COMPONENTS
     rates: list[float] = field(default_factory=lambda: list(DEFAULT_RATES))
     cap: float | None = None
     grouping: str = DEFAULT_GROUPING  # how hidden layers form the rule groups (pxopt.vocab.GROUPINGS)
@@ -118,9 +119,10 @@ class StudySpec:
         """Check every field; raise `ConfigError` naming the first bad one."""
         if not self.name or any(c in self.name for c in "/\\"):
             raise ConfigError(f"study.name must be a plain name, got {self.name!r}")
-        if self.components not in COMPONENTS:
+        if self.components not in (*COMPONENTS, AUTO_COMPONENTS):
             raise ConfigError(
-                f"prune.components must be one of {sorted(COMPONENTS)}, got {self.components!r}"
+                f"prune.components must be one of {[*sorted(COMPONENTS), AUTO_COMPONENTS]}, "
+                f"got {self.components!r}"
             )
         self.rates = check_rates(self.rates)
         check_choice(self.grouping, GROUPINGS, "prune.grouping")
@@ -145,7 +147,9 @@ class StudySpec:
 
     @property
     def kinds(self) -> tuple[str, ...]:
-        """Layer kinds (`pxopt.layers`) whose components are pruned."""
+        """Layer kinds (`pxopt.layers`) whose components are pruned ("auto": resolve first)."""
+        if self.components not in COMPONENTS:
+            raise ConfigError(f"prune.components {self.components!r} is decided by the model: load it first")
         return COMPONENTS[self.components]
 
     def storage_url(self, base_dir: str | Path = STUDIES_DIR) -> str:
@@ -154,8 +158,7 @@ class StudySpec:
             if "://" in self.storage:
                 return self.storage
             return f"sqlite:///{Path(self.storage).expanduser().resolve()}"
-        path = (Path(base_dir) / f"{self.name}.db").resolve()
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path = (Path(base_dir) / f"{self.name}.db").resolve()  # its folder is made on first write
         return f"sqlite:///{path}"
 
     def identity(self) -> dict[str, Any]:

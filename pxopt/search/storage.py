@@ -15,7 +15,8 @@ import hashlib
 import importlib.util
 import json
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,9 @@ DEFAULT_MAX_RETRY = 3
 SQLITE_TIMEOUT = 60.0
 #: Seconds to wait for a database server before reporting it unreachable.
 CONNECT_TIMEOUT = 10
+
+#: The trial user attribute that says why a trial failed (stale, out of memory, NaN, ...).
+FAIL_REASON = "fail_reason"
 
 #: Study user attributes that pin a study to one model and one task.
 ATTR_MODEL = "pxopt.model"
@@ -109,6 +113,20 @@ def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
         cursor.close()
 
 
+def _creation_lock(url: str) -> FileLock | nullcontext:
+    """For a SQLite file: the state lock file, held while the file and Optuna's tables are made.
+
+    Two processes creating the same new database at once (a search and a reader, two
+    searches) otherwise both insert Optuna's schema version ("UNIQUE constraint failed:
+    alembic_version.version_num").
+    """
+    if not _is_sqlite_file(url):
+        return nullcontext()
+    database = Path(make_url(url).database)
+    database.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(f"{database}.lock")
+
+
 def _prepare_sqlite(url: str) -> None:
     """Create the file's folder and switch the file to WAL before Optuna's first connection.
 
@@ -161,11 +179,75 @@ class SQLiteFileStorage(RDBStorage):
         return state
 
 
+@contextmanager
+def recording_stale_failures(storage: RDBStorage, reason: str) -> Iterator[list[int]]:
+    """While active, a trial failed on `storage` is a stale one: it gets `fail_reason` first.
+
+    For Optuna's public `optuna.storages.fail_stale_trials`, which fails a trial without
+    a reason (and a finished trial takes no more attributes). A trial that is no longer
+    RUNNING when its turn comes (its owner finished it meanwhile) is left alone; on SQLite
+    the read, the reason and the write happen under the state lock. Yields the ids of the
+    trials failed. Only for the thread that runs the check (Optuna's heartbeat thread
+    never changes a trial's state).
+    """
+    plain = storage.set_trial_state_values  # the class's method, bound
+    lock = storage.state_lock() if isinstance(storage, SQLiteFileStorage) else nullcontext()
+    failed: list[int] = []
+
+    def fail_with_reason(trial_id: int, state: TrialState, values: Sequence[float] | None = None) -> bool:
+        if state != TrialState.FAIL:
+            return plain(trial_id, state, values)
+        with lock:
+            if storage.get_trial(trial_id).state != TrialState.RUNNING:
+                return False
+            storage.set_trial_user_attr(trial_id, FAIL_REASON, reason)
+            done = plain(trial_id, state, values)
+        if done:
+            failed.append(trial_id)
+        return done
+
+    storage.set_trial_state_values = fail_with_reason  # type: ignore[method-assign]
+    try:
+        yield failed
+    finally:
+        del storage.set_trial_state_values  # the class's method again
+
+
 def _is_sqlite_file(url: str) -> bool:
     """A SQLite database in a plain file (not in memory, not a `file:` URI)."""
     parsed = make_url(url)
     database = parsed.database or ""
     return parsed.get_backend_name() == "sqlite" and database not in ("", ":memory:") and not database.startswith("file:")
+
+
+def sqlite_path(path_or_url: str | Path) -> Path | None:
+    """The file of a SQLite storage (path or URL), or None for a server or in-memory database."""
+    url = storage_url(path_or_url)
+    try:
+        return Path(make_url(url).database) if _is_sqlite_file(url) else None
+    except (sqlalchemy.exc.ArgumentError, ValueError):
+        return None
+
+
+def check_reachable(path_or_url: str | Path) -> None:
+    """Fail fast (`StorageError`) on a storage that cannot be used, without creating a file.
+
+    A database server is connected to once; a SQLite file is left alone (it is created by
+    the first `open_storage`, so a search that fails before that leaves nothing behind).
+    """
+    path = sqlite_path(path_or_url)
+    if path is not None:
+        if path.is_dir():
+            raise StorageError(f"storage {str(path)!r} is a directory: give a file such as {path}/pxopt.db")
+        return
+    open_storage(path_or_url, heartbeat_interval=None).engine.dispose()
+
+
+def require_existing(path_or_url: str | Path) -> None:
+    """Refuse (`StorageError`) a SQLite storage whose file does not exist (opening would create it)."""
+    path = sqlite_path(path_or_url)
+    if path is not None and not path.is_file():
+        raise StorageError(f"no study file {str(path)!r}: check the path, or run `pxopt search` first")
 
 
 def _short_reason(exc: BaseException) -> str:
@@ -206,9 +288,9 @@ def open_storage(
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             callback = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
     try:
-        if parsed.get_backend_name() == "sqlite":
-            _prepare_sqlite(url)
-        with warnings.catch_warnings():
+        with _creation_lock(url), warnings.catch_warnings():
+            if parsed.get_backend_name() == "sqlite":
+                _prepare_sqlite(url)
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             storage_class = SQLiteFileStorage if _is_sqlite_file(url) else RDBStorage
             storage = storage_class(

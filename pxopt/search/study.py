@@ -1,30 +1,33 @@
 """Creating, resuming and running a study (Optuna does the bookkeeping).
 
-`run_search(spec, evaluator)` is the one verb: it opens the storage, creates or resumes
-the study (refusing one made for another model or task), seeds TPE so a resumed study
-does not replay its first trials, enqueues the baselines into a new study and optimises.
+`run_search(spec, workers=N)` is the one verb, for the library and `pxopt search` alike:
+it loads the model and task once (or takes the caller's `evaluate`), creates or resumes
+the study (refusing one made for another model, task or weights), queues the baselines
+into a new study and runs N workers on it (`pxopt.search.pool`), which share the trial
+budget, seed their samplers apart and survive crashes and Ctrl-C.
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
 from optuna.trial import TrialState
 
-from pxopt.errors import ConfigError, PxoptError, StorageError
+from pxopt.errors import ConfigError, StorageError
 from pxopt.search.meta import library_versions
 from pxopt.search.objective import Evaluate, Objective, check_objective
 from pxopt.search.space import SearchSpace
 from pxopt.search.spec import StudySpec
-from pxopt.search.storage import pin_study_attrs
+from pxopt.search.storage import DEFAULT_HEARTBEAT_INTERVAL, pin_study_attrs
+from pxopt.search.workers import WorkerContext, WorkerPlan, WorkerSetup
 from pxopt.vocab import LEGACY_GROUPING
 
-#: States that count against the study's trial budget (failed trials are retried or redone).
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+Callback = Callable[[optuna.Study, optuna.trial.FrozenTrial], None]
 SPEC_ATTR = "pxopt.spec"
 
 
@@ -124,12 +127,15 @@ def _refuse_other_grouping(storage: optuna.storages.BaseStorage, spec: StudySpec
             "[prune] table to resume it, or use another --study name") from cause
 
 
-def enqueue_baselines(study: optuna.Study, space: SearchSpace) -> list[str]:
-    """Enqueue the baseline configurations into a fresh study (first trials)."""
+def enqueue_baselines(study: optuna.Study, space: SearchSpace, limit: int | None = None) -> list[str]:
+    """Enqueue the baseline configurations into a fresh study (first trials).
+
+    At most `limit` (the trial budget): a baseline beyond it would stay WAITING forever.
+    """
     if study.trials:
         return []
     names = []
-    for name, (rules, ranking) in space.baselines().items():
+    for name, (rules, ranking) in list(space.baselines().items())[:limit]:
         study.enqueue_trial(space.to_params(rules, ranking), user_attrs={"baseline": name})
         names.append(name)
     return names
@@ -137,11 +143,16 @@ def enqueue_baselines(study: optuna.Study, space: SearchSpace) -> list[str]:
 
 @dataclass
 class SearchResult:
-    """What a finished (or interrupted) search leaves: the study and where it lives."""
+    """What a finished (or interrupted) search leaves: the study, where it lives, what ran."""
 
     study: optuna.Study
     storage_url: str
-    n_new_trials: int
+    n_new_trials: int  # trials added by this run, failed ones included
+    trials_before: int = 0  # finished (COMPLETE or PRUNED) trials before the run
+    trials_after: int = 0  # ... and after it
+    interrupted: bool = False  # Ctrl-C: running trials were failed and queued again
+    exit_codes: list[int] = field(default_factory=list)  # one per worker (0 done, 130 interrupted)
+    resume_hint: str | None = None  # set when interrupted
 
     @property
     def best_trial(self) -> optuna.trial.FrozenTrial | None:
@@ -160,49 +171,121 @@ def baseline_trials(study: optuna.Study) -> dict[str, optuna.trial.FrozenTrial]:
     }
 
 
+@dataclass
+class SpecFactory:
+    """Builds the search's objective for a spec inside each worker (`pxopt.search.pool`).
+
+    A spawned worker loads its own model and task on its own device; the in-process worker
+    reuses `pipeline` (or the caller's `evaluate`), which are never pickled. Each worker
+    offsets its sampler seed by its index and by the trials already in the study, so
+    workers do not propose the same rules and a resumed study does not replay its first.
+    """
+
+    spec: StudySpec
+    space: SearchSpace
+    pipeline: Any = None  # pxopt.pipeline.Pipeline, loaded by run_search
+    evaluate: Evaluate | None = None  # a caller's evaluator instead of the pipeline's
+    timings: Callable[[], Mapping[str, Any]] | None = None
+    callbacks: tuple[Callback, ...] = ()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "pipeline": None, "evaluate": None, "timings": None, "callbacks": ()}
+
+    def __call__(self, ctx: WorkerContext) -> WorkerSetup:
+        spec = self.spec
+        evaluate, timings = self.evaluate, self.timings
+        if evaluate is None:
+            pipeline = self.pipeline
+            if pipeline is None:
+                from pxopt.pipeline import Pipeline
+
+                pipeline = Pipeline.from_spec(spec, device=ctx.device)
+            evaluate, timings = pipeline.evaluate, pipeline.timings
+        offset = ctx.n_trials_before + 1000 * ctx.index
+        seeds = {"study": spec.seed, "sampler": spec.seed + offset, "task": spec.task_seed, "worker": ctx.index}
+        objective = Objective(self.space, evaluate, spec.rates, timings=timings, seeds=seeds)
+        return WorkerSetup(
+            objective, make_sampler(spec, offset), make_pruner(spec.pruner, len(spec.rates)), list(self.callbacks)
+        )
+
+
+def heartbeat_from_env() -> int:
+    """Heartbeat interval in seconds: `PXOPT_HEARTBEAT` (default 60); a killed worker's
+    trial is retried after twice this time."""
+    raw = os.environ.get("PXOPT_HEARTBEAT", "").strip()
+    if not raw:
+        return DEFAULT_HEARTBEAT_INTERVAL
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ConfigError(f"PXOPT_HEARTBEAT must be a whole number of seconds >= 1, got {raw!r}")
+    return value
+
+
 def run_search(
     spec: StudySpec,
-    evaluate: Evaluate,
+    evaluate: Evaluate | None = None,
     *,
+    workers: int = 1,
+    pipeline: Any = None,
     space: SearchSpace | None = None,
     family: str = "cnn",
     storage_url: str | None = None,
     timings: Callable[[], Mapping[str, Any]] | None = None,
-    callbacks: Iterable[Callable[[optuna.Study, optuna.trial.FrozenTrial], None]] = (),
+    callbacks: Iterable[Callback] = (),
     study_attrs: Mapping[str, Any] | None = None,
+    progress: Callable[[int], None] | None = None,
+    log: Callable[[str], None] | None = None,
+    resume_hint: str | None = None,
 ) -> SearchResult:
-    """Run (or resume) the study until it holds `spec.trials` finished trials or time is up.
+    """Run (or resume) the spec's study until it holds `spec.trials` finished trials.
 
-    A trial that raises a `PxoptError` (bad rule parameters, NaN relevances) fails with
-    its reason in the user attributes; the study goes on.
+    The model and task load here once (`pipeline`, else `Pipeline.from_spec`; on the CPU
+    when `workers` > 1, each worker then loads its own), so bad input fails with one
+    error before any worker starts and a built-in model trains once. `evaluate` (with
+    `space` or `family`, and `timings`) replaces the pipeline, in this process only.
+    `study_attrs` (default: the pipeline's, with its weights fingerprint) are stored with
+    the study and checked on resume. A trial that fails (bad rule parameters, NaN,
+    out of memory) fails alone with its `fail_reason`; the study goes on. `progress(n)`
+    gets the finished-trial count, first what the study already holds. After Ctrl-C the
+    result is `interrupted` and `resume_hint` has been logged.
     """
+    from pxopt.search.pool import run_workers
+
+    if not isinstance(workers, int) or workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {workers}")
+    if evaluate is not None and workers > 1:
+        raise ConfigError("a custom evaluate runs in this process only: use workers=1")
     url = storage_url or spec.storage_url()
+    if evaluate is None:
+        if pipeline is None:
+            from pxopt.pipeline import Pipeline
+
+            pipeline = Pipeline.from_spec(spec, device="cpu" if workers > 1 else None)
+            pipeline.check_explainable()  # unsupported model: one error now, not a failed trial each
+        spec = spec.with_overrides(components=pipeline.components)  # "auto" -> the model's
+        space = space or SearchSpace.build(spec.space, family=pipeline.family)
+        if study_attrs is None:
+            study_attrs = pipeline.study_attrs()
+    space = space or SearchSpace.build(spec.space, family=family)
     study = open_study(spec, url)
     pin_study_attrs(study, study_attrs or {})
-    space = space or SearchSpace.build(spec.space, family=family)
     space.check_resumable(study.get_trials(deepcopy=False))
     if spec.baselines:
-        enqueue_baselines(study, space)
+        enqueue_baselines(study, space, limit=spec.trials)
     n_before = len(study.trials)
-    finished = len(study.get_trials(deepcopy=False, states=FINISHED))
-    remaining = None if spec.trials is None else max(spec.trials - finished, 0)
-    sampler_seed = spec.seed + n_before
-    objective = Objective(
-        space,
-        evaluate,
-        spec.rates,
-        timings=timings,
-        seeds={"study": spec.seed, "sampler": sampler_seed, "task": spec.task_seed},
+    plan = WorkerPlan(
+        storage=url, study_name=spec.name, n_trials=spec.trials, timeout=spec.timeout, device=spec.device,
+        heartbeat_interval=heartbeat_from_env(), optuna_verbosity=optuna.logging.get_verbosity(),
     )
-    all_callbacks = list(callbacks)
-    if spec.trials is not None:
-        all_callbacks.append(optuna.study.MaxTrialsCallback(spec.trials, states=FINISHED))
-    if remaining != 0:
-        study.optimize(
-            objective,
-            n_trials=remaining,
-            timeout=spec.timeout,
-            catch=(PxoptError,),
-            callbacks=all_callbacks,
-        )
-    return SearchResult(study=study, storage_url=url, n_new_trials=len(study.trials) - n_before)
+    factory = SpecFactory(spec, space, pipeline if workers == 1 else None, evaluate, timings, tuple(callbacks))
+    del pipeline  # with several workers each loads its own: free this copy before they start
+    summary = run_workers(factory, plan, workers, resume_hint=resume_hint or "the same run_search(spec) call",
+                          log=log, progress=progress)
+    return SearchResult(
+        study=study, storage_url=url, n_new_trials=len(study.trials) - n_before,
+        trials_before=summary.trials_before, trials_after=summary.trials_after,
+        interrupted=summary.interrupted, exit_codes=summary.exit_codes, resume_hint=summary.resume_hint,
+    )
