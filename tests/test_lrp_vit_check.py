@@ -187,6 +187,8 @@ def test_cli_refuses_a_distilled_vit_checkpoint_in_one_line(
     capsys.readouterr()
     try:
         main(["search", "--model", f"file:{tmp_path}/distilled.pth@timm:deit_tiny_distilled_patch16_224",
+              # an ImageNet model needs --data; the model is refused before the folder is read
+              "--data", str(tmp_path / "imagenet"),
               "--classes", "3", "--n-ref", "1", "--n-val", "2", "--trials", "1",
               "--storage", f"sqlite:///{tmp_path}/s.db", "--no-report", "--out-dir", str(tmp_path)])
         code = 0
