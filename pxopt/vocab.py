@@ -52,6 +52,11 @@ AUTO_COMPONENTS = "auto"
 # "abs": |sum over positions| (the reference's score for conv channels), "signed": the sum,
 # "token-abs": sum over tokens of |R| (the reference's score for transformer components).
 RANKINGS: tuple[str, ...] = ("abs", "signed", "token-abs")
+# The rankings a model family may use, and those its studies search by default: the sort
+# order is a hyperparameter of the paper, so a family searches its reference's absolute
+# aggregation and the signed one. "token-abs" needs tokens: transformers only.
+FAMILY_RANKINGS: dict[str, tuple[str, ...]] = {"cnn": ("abs", "signed"), "vit": RANKINGS}
+DEFAULT_RANKINGS: dict[str, tuple[str, ...]] = {"cnn": ("abs", "signed"), "vit": ("token-abs", "signed")}
 
 # ---- pruning rates ----------------------------------------------------------------------
 DEFAULT_RATES: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(20))

@@ -33,13 +33,15 @@ from pxopt.lrp.registry import (
     searched_rules,
 )
 from pxopt.scores import default_ranking
-from pxopt.vocab import GROUPS, INPUT_FOLLOWS, INPUT_GROUP, RANKINGS, SEARCHED_GROUPS
-
-# `ranking` (how a component's relevance is aggregated, `pxopt.scores`): the sort order is
-# a hyperparameter of the paper; by default a family searches its reference's absolute
-# aggregation and the signed one. "token-abs" needs tokens: transformers only.
-DEFAULT_RANKINGS: dict[str, tuple[str, ...]] = {"cnn": ("abs", "signed"), "vit": ("token-abs", "signed")}
-FAMILY_RANKINGS: dict[str, tuple[str, ...]] = {"cnn": ("abs", "signed"), "vit": RANKINGS}
+from pxopt.vocab import (
+    DEFAULT_RANKINGS,
+    FAMILY_RANKINGS,
+    GROUPS,
+    INPUT_FOLLOWS,
+    INPUT_GROUP,
+    RANKINGS,
+    SEARCHED_GROUPS,
+)
 
 RULES_FORMAT = "pxopt.rules/1"
 # The baselines' numbers: LRP-epsilon's usual stabiliser and zennit's default gamma.
