@@ -37,6 +37,11 @@ def test_trials_to_reach() -> None:
     assert SE.trials_to_reach(curve, 0.8) == 5
     assert SE.trials_to_reach(curve, 0.81) is None
     assert SE.trials_to_reach(curve, 0.6) == 3
+    # not monotone: touches 0.6 at trial 2, falls back, holds from trial 4
+    wobbly = [0.5, 0.65, 0.55, 0.7, 0.62]
+    assert SE.trials_to_reach(wobbly, 0.6) == 4
+    assert SE.trials_to_reach(wobbly, 0.6, stay=False) == 2
+    assert SE.trials_to_reach([0.7, 0.5], 0.6) is None
 
 
 def test_picked_held_out_follows_the_search_best_not_the_held_out_best() -> None:
