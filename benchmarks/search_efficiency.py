@@ -208,6 +208,17 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return {"best_held_out_any": target_area, "target": target, "groups": out}
 
 
+def same_as_random(runs: list[dict[str, Any]]) -> list[str]:
+    """Samplers whose every run proposed exactly the random sampler's trials (same seed, pruner)."""
+    rand = {(r["pruner"], r["seed"]): r["search_values"] for r in runs if r["sampler"] == "random"}
+    out = []
+    for name in dict.fromkeys(r["sampler"] for r in runs if r["sampler"] != "random"):
+        mine = [r for r in runs if r["sampler"] == name]
+        if mine and all(rand.get((r["pruner"], r["seed"])) == r["search_values"] for r in mine):
+            out.append(name)
+    return out
+
+
 def markdown(res: dict[str, Any]) -> str:
     s, sm = res["settings"], res["summary"]
     lines = [
@@ -237,6 +248,11 @@ def markdown(res: dict[str, Any]) -> str:
                      f"{g['final_search_mean']:.4f} | {med} ({g['n_reached']}/{g['n_seeds']}) | "
                      f"{_runs(g['trials_to_reach'])} ({_runs(g['trials_to_first_touch'])}) | "
                      f"{g['pruned_fraction']:.0%} | {g['seconds_mean']:.0f} |")
+    same = same_as_random(res["runs"])
+    if same:
+        lines += ["", "Same trials as the random sampler (same seed and pruner), so the sampler fell back to "
+                      "independent random sampling on this conditional, mostly categorical space: "
+                      + ", ".join(same) + "."]
     if res.get("skipped"):
         lines += ["", "Skipped: " + "; ".join(f"{k}: {v}" for k, v in res["skipped"].items()) + "."]
     lines += ["", f"Wall time {res['wall_seconds'] / 60:.1f} min on {res['machine']}.", ""]

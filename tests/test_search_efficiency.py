@@ -72,6 +72,13 @@ def test_summary_trials_to_99_percent_of_best_any_run() -> None:
     assert sm["groups"]["random/none"]["pruned_fraction"] == pytest.approx(1 / 3)
 
 
+def test_same_as_random_detects_a_fallback_sampler() -> None:
+    runs = [{"sampler": "random", "pruner": "none", "seed": 0, "search_values": [0.1, None, 0.3]},
+            {"sampler": "cmaes", "pruner": "none", "seed": 0, "search_values": [0.1, None, 0.3]},
+            {"sampler": "tpe", "pruner": "none", "seed": 0, "search_values": [0.1, None, 0.4]}]
+    assert SE.same_as_random(runs) == ["cmaes"]
+
+
 def test_unknown_sampler_is_a_config_error() -> None:
     from pxopt.errors import ConfigError
 
