@@ -457,6 +457,7 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [
         "# Optimised LRP vs baseline criteria on the built-in Fashion-MNIST models",
         "",
+        *([f"**{results['scale']}**", ""] if results.get("scale") else []),
         ("**PARTIAL RESULTS** (the run did not finish; missing cells were not computed)."
          if not results.get("complete") else f"Complete run ({s['trials']} trials per search, {s['seeds']} seeds)."),
         "",
@@ -466,9 +467,9 @@ def markdown(results: dict[str, Any]) -> str:
         f"1..{s['seeds']}, {s['n_ref']} images/class); one-shot pruning, no fine-tuning. "
         f"The row 'optimised − {PAIRED_AGAINST}' is the difference paired over the same reference "
         "sets: mean, 95 % t-interval, two-sided paired t-test and Wilcoxon signed-rank p, number of sets.",
-        f"The search ({s['trials']} trials"
-        + (f", stopped early after {s['patience']} without improvement" if s.get("patience") else "")
-        + ", reference seed 0) tuned on {s['val_search']} validation "
+        f"The search (at most {s['trials']} trials"
+        + (f", stopped early only after {s['patience']} trials without improvement" if s.get("patience") else "")
+        + f", reference seed 0) tuned on {s['val_search']} validation "
         f"images per task; **all numbers below come from {s['val_eval']} other validation images per task "
         "(split evenly over its classes) that the search never saw** (Fashion-MNIST test split).",
         "",
@@ -508,7 +509,8 @@ def markdown(results: dict[str, Any]) -> str:
                 area = se.get("search_area", se.get("search_area_normalised"))
                 search_lines.append(f"{_setting_label(recs[k])}: best = {src}, area {area:.3f}"
                                     f" on the search split ({se['n_complete']} complete / {se['n_pruned']} pruned / "
-                                    f"{se['n_failed']} failed trials, {se['seconds']:.0f} s)")
+                                    f"{se['n_failed']} failed trials, {se['seconds']:.0f} s"
+                                    f"{', stopped early' if se.get('stopped_early') else ''})")
         if search_lines:
             lines += ["Search: " + "; ".join(search_lines) + ".", ""]
     lines += [f"Command: `{results['command']}`", "",
@@ -649,7 +651,7 @@ def _git_commit() -> str | None:
 
 
 def run(s: Settings, *, command: str, log: Callable[[str], None] = print,
-        load: Callable[[str], Any] | None = None, png: bool = True) -> dict[str, Any]:
+        load: Callable[[str], Any] | None = None, png: bool = True, scale: str | None = None) -> dict[str, Any]:
     """The whole comparison; returns the results dict (also written to `s.out_dir`)."""
     configure_threads(s.threads)
     if load is None:
@@ -659,7 +661,7 @@ def run(s: Settings, *, command: str, log: Callable[[str], None] = print,
             return load_model(spec, device=s.device)
     started = time.perf_counter()
     results: dict[str, Any] = {
-        "format": RESULTS_FORMAT, "complete": False, "command": command, "machine": _machine(),
+        "format": RESULTS_FORMAT, "complete": False, "command": command, "machine": _machine(), "scale": scale,
         "git_commit": _git_commit(), "settings_used": s.to_dict(), "settings": {}, "errors": {},
         "wall_seconds": 0.0,
         "note": ("search on the 'search' validation split (reference seed 0); every reported number "
@@ -716,6 +718,7 @@ def main(
     work_dir: Path = typer.Option(None, help="Where the search studies (SQLite) go."),
     render_only: bool = typer.Option(False, "--render-only", help="Re-write table/figure from the JSON."),
     png: bool = typer.Option(True, help="Render the PNG figure (kaleido + chromium)."),
+    scale: str = typer.Option(None, help="Label at the top of the table (e.g. 'REDUCED SCALE ...')."),
 ) -> None:
     """Search, then evaluate optimised LRP and every baseline on held-out images."""
     if render_only:
@@ -734,7 +737,7 @@ def main(
     else:
         s = dataclasses.replace(Settings(), **{k: v for k, v in overrides.items() if v is not None}).validated()
     command = "python benchmarks/results.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    run(s, command=command.strip(), png=png)
+    run(s, command=command.strip(), png=png, scale=scale)
 
 
 if __name__ == "__main__":
