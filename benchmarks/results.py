@@ -3,15 +3,20 @@
 For each built-in Fashion-MNIST model (ResNet, VGG, ViT; for the ViT both MLP neurons and
 attention heads) and each task (all 10 classes; 3 classes):
 
-1. search the LRP rule configuration with a fixed budget (`pxopt.search.run_search`) on a
-   *search* validation split, with the reference set of seed 0;
+1. search the LRP rule configuration (`pxopt.search.run_search`; the paper protocol: 100 trials,
+   stopped early only after `--patience` 50 trials without improvement) on a *search*
+   validation split, with the reference set of seed 0;
 2. evaluate the best configuration and every baseline criterion (`pxopt.criteria`) on
    `--seeds` reference sets (seeds 1..S, none of them the search's) and on *held-out*
    validation images, disjoint from the search split (same test-set draw, split per class);
 3. report mean and standard error over the seeds of the area (mean accuracy over the
-   rate grid, `Curve.area`, `pxopt.evaluate.AREA_DEFINITION`) and of Top-PR, per criterion.
+   rate grid, `Curve.area`, `pxopt.evaluate.AREA_DEFINITION`) and of Top-PR, per criterion,
+   and optimised - lrp-epsilon paired over the seeds (mean, 95 % t-interval, t-test, Wilcoxon).
 
-    python benchmarks/results.py                       # full run (~30-40 min on 2 CPU cores)
+`--models` takes the short names resnet, vgg, vit or any built-in model name (`fmnist-resnet50`
+once it exists); the components follow the model's family (cnn: conv; vit: mlp and heads).
+
+    python benchmarks/results.py                       # paper protocol (hours on 2 CPU cores)
     python benchmarks/results.py --quick --models resnet --seeds 2
     python benchmarks/results.py --render-only         # table + figure from the saved JSON
 
@@ -52,12 +57,28 @@ OUT_DIR = Path(__file__).resolve().parent / "results"
 STEM = "paper_comparison"
 RESULTS_FORMAT = "pxopt.results/1"
 
-# model key -> (model spec, component kinds evaluated separately)
-MODELS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "resnet": ("builtin:fmnist-resnet", ("conv",)),
-    "vgg": ("builtin:fmnist-vgg", ("conv",)),
-    "vit": ("builtin:fmnist-vit", ("mlp", "heads")),
-}
+# Built-in models by short name; any other name of `pxopt.models.builtin.BUILTINS` (e.g. the
+# paper-scale `fmnist-resnet50`) is accepted as it is. The components evaluated follow the
+# loaded model's family, so a new built-in needs no entry here.
+MODEL_ALIASES: dict[str, str] = {"resnet": "fmnist-resnet", "vgg": "fmnist-vgg", "vit": "fmnist-vit"}
+COMPONENTS_BY_FAMILY: dict[str, tuple[str, ...]] = {"cnn": ("conv",), "vit": ("mlp", "heads")}
+# The paired comparison of the table: optimised LRP against this baseline, over reference seeds.
+PAIRED_AGAINST = "lrp-epsilon"
+
+
+def builtin_names() -> tuple[str, ...]:
+    """Names of the built-in models known to this pxopt (the registry is the one list)."""
+    from pxopt.models.builtin import BUILTINS
+
+    return tuple(BUILTINS)
+
+
+def model_spec(key: str) -> str:
+    """`builtin:<name>` for a short key (resnet, vgg, vit) or any built-in name."""
+    name = key.removeprefix("builtin:")
+    return f"builtin:{MODEL_ALIASES.get(name, name)}"
+
+
 # Order of the table and legend: optimised LRP, then the library's criteria (pxopt.criteria
 # .CRITERIA, the one list of names) from LRP down to random, each normalised form beside its raw one.
 CRITERIA: tuple[str, ...] = ("optimised", *reversed(LIBRARY_CRITERIA))
@@ -70,7 +91,8 @@ class Settings:
 
     models: tuple[str, ...] = ("resnet", "vgg", "vit")
     tasks: tuple[int, ...] = (10, 3)
-    trials: int = 20
+    trials: int = 100  # the paper protocol: >= 100 trials ...
+    patience: int = 50  # ... stopping early only after this many without improvement (0: never)
     seeds: int = 5
     n_ref: int = 10  # reference images per class (LRP and every criterion)
     val_search: int = 200  # validation images per task the search sees (split evenly over classes)
@@ -87,15 +109,18 @@ class Settings:
     @classmethod
     def quick(cls, **overrides: Any) -> Settings:
         """A few minutes: fewer trials, two seeds, fewer images, a coarser rate grid."""
-        base = dict(trials=4, seeds=2, n_ref=4, val_search=30, val_eval=45,
+        base = dict(trials=4, patience=0, seeds=2, n_ref=4, val_search=30, val_eval=45,
                     rates=[round(0.1 * i, 1) for i in range(10)], ig_steps=4)
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**base).validated()
 
     def validated(self) -> Settings:
-        unknown = sorted(set(self.models) - set(MODELS))
+        known = builtin_names()
+        unknown = sorted(m for m in self.models if model_spec(m).removeprefix("builtin:") not in known)
         if unknown:
-            raise ConfigError(f"unknown model {unknown[0]!r}; choose from {', '.join(MODELS)}")
+            raise ConfigError(f"unknown model {unknown[0]!r}; choose from {', '.join([*MODEL_ALIASES, *known])}")
+        if int(self.patience) < 0:
+            raise ConfigError(f"--patience must be >= 0 (0: no early stop), got {self.patience}")
         bad = sorted(set(self.criteria) - set(CRITERIA))
         if bad:
             raise ConfigError(f"unknown criterion {bad[0]!r}; choose from {', '.join(CRITERIA)}")
@@ -215,8 +240,10 @@ def search(setting: Setting, s: Settings, log: Callable[[str], None]) -> dict[st
             f"area {'-' if area is None else f'{area:.4f}'}  best {best}  "
             f"({time.perf_counter() - start:.0f} s)")
 
+    patience = StopAfterNoImprovement(s.patience) if s.patience else None
+    callbacks = [progress] if patience is None else [progress, patience]
     result = run_search(spec, pipe.evaluate, family=setting.loaded.family, storage_url=url,
-                        timings=pipe.timings, callbacks=[progress])
+                        timings=pipe.timings, callbacks=callbacks)
     best = result.best_trial
     if best is None:
         raise RuntimeError(f"{setting.key}: the search finished no trial")
@@ -232,10 +259,38 @@ def search(setting: Setting, s: Settings, log: Callable[[str], None]) -> dict[st
         "n_complete": states.count("COMPLETE"),
         "n_pruned": states.count("PRUNED"),
         "n_failed": states.count("FAIL"),
+        "patience": s.patience,
+        "stopped_early": bool(patience and patience.stopped),
         "seconds": round(time.perf_counter() - start, 1),
         "storage": url,
         "validation_images": len(setting.search_task.validation),
     }
+
+
+class StopAfterNoImprovement:
+    """Optuna callback: `study.stop()` once `patience` finished trials in a row (complete or
+    pruned) have not improved the best value. Failed trials do not count either way."""
+
+    def __init__(self, patience: int) -> None:
+        if patience < 1:
+            raise ConfigError(f"patience must be >= 1, got {patience}")
+        self.patience = int(patience)
+        self.stopped = False
+
+    def trials_since_best(self, study: Any) -> int:
+        from optuna.trial import TrialState
+
+        try:
+            best = study.best_trial.number
+        except ValueError:  # no complete trial yet
+            return 0
+        finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+        return sum(1 for t in finished if t.number > best)
+
+    def __call__(self, study: Any, trial: Any) -> None:
+        if self.trials_since_best(study) >= self.patience:
+            self.stopped = True
+            study.stop()
 
 
 def _best_value(study: Any) -> str:
@@ -286,6 +341,44 @@ def mean_se(values: Sequence[float]) -> tuple[float, float]:
     return float(x.mean()), se
 
 
+def paired_comparison(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
+    """a - b paired over the same reference seeds: mean, 95 % t-interval, paired t-test and
+    Wilcoxon signed-rank p (two-sided). NaN where undefined (one seed; all differences 0)."""
+    from scipy import stats
+
+    x = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    n = len(x)
+    out: dict[str, Any] = {"n_seeds": n, "mean_diff": float(x.mean()) if n else math.nan,
+                           "ci95": [math.nan, math.nan], "t_p": math.nan, "wilcoxon_p": math.nan,
+                           "n_positive": int((x > 0).sum()), "n_negative": int((x < 0).sum())}
+    if n < 2:
+        return out
+    sd = float(x.std(ddof=1))
+    half = float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
+    out["ci95"] = [out["mean_diff"] - half, out["mean_diff"] + half]
+    if sd > 0:
+        out["t_p"] = float(stats.ttest_rel(a, b).pvalue)
+    if np.any(x != 0):
+        out["wilcoxon_p"] = float(stats.wilcoxon(x).pvalue)
+    return out
+
+
+def paired_summary(per_seed: dict[str, dict[str, Any]], first: str = "optimised",
+                   second: str = PAIRED_AGAINST) -> dict[str, Any] | None:
+    """`first - second` for area and Top-PR over the seeds where both ran (None: not both)."""
+    seeds = [k for k, runs in per_seed.items() if first in runs and second in runs]
+    if not seeds:
+        return None
+    return {"first": first, "second": second, "seeds": seeds,
+            **{metric: paired_comparison([_metric(per_seed[k][first], metric) for k in seeds],
+                                         [_metric(per_seed[k][second], metric) for k in seeds])
+               for metric in ("area", "top_pr")}}
+
+
+def _metric(run: dict[str, Any], metric: str) -> float:
+    return _run_area(run) if metric == "area" else float(run[metric])
+
+
 def summarise(per_seed: dict[str, dict[str, Any]], criteria: Sequence[str]) -> dict[str, dict[str, Any]]:
     """Per criterion: mean/SE of area and Top-PR, and the mean/SE curve, over the seeds done."""
     summary: dict[str, dict[str, Any]] = {}
@@ -324,6 +417,7 @@ def run_setting(setting: Setting, s: Settings, record: dict[str, Any], save: Cal
         t0 = time.perf_counter()
         record["per_seed"][str(seed)] = evaluate_seed(setting, record["search"], seed, s)
         record["summary"] = summarise(record["per_seed"], s.criteria)
+        record["paired"] = paired_summary(record["per_seed"])
         areas = ", ".join(f"{k} {v['area']:.3f}" for k, v in record["per_seed"][str(seed)].items())
         log(f"[{setting.key}] seed {seed}/{s.seeds} ({time.perf_counter() - t0:.0f} s): {areas}")
         save()
@@ -363,14 +457,19 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [
         "# Optimised LRP vs baseline criteria on the built-in Fashion-MNIST models",
         "",
+        *([f"**{results['scale']}**", ""] if results.get("scale") else []),
         ("**PARTIAL RESULTS** (the run did not finish; missing cells were not computed)."
          if not results.get("complete") else f"Complete run ({s['trials']} trials per search, {s['seeds']} seeds)."),
         "",
         f"Area = mean top-1 accuracy over pruning rates {s['rates'][0]}..{s['rates'][-1]} "
         f"({len(s['rates'])} rates, trapezoid rule / span); Top-PR = highest rate keeping >= 95 % of "
         f"the unpruned accuracy. Mean ± standard error over {s['seeds']} reference sets (seeds "
-        f"1..{s['seeds']}, {s['n_ref']} images/class); one-shot pruning, no fine-tuning.",
-        f"The search ({s['trials']} trials, reference seed 0) tuned on {s['val_search']} validation "
+        f"1..{s['seeds']}, {s['n_ref']} images/class); one-shot pruning, no fine-tuning. "
+        f"The row 'optimised − {PAIRED_AGAINST}' is the difference paired over the same reference "
+        "sets: mean, 95 % t-interval, two-sided paired t-test and Wilcoxon signed-rank p, number of sets.",
+        f"The search (at most {s['trials']} trials"
+        + (f", stopped early only after {s['patience']} trials without improvement" if s.get("patience") else "")
+        + f", reference seed 0) tuned on {s['val_search']} validation "
         f"images per task; **all numbers below come from {s['val_eval']} other validation images per task "
         "(split evenly over its classes) that the search never saw** (Fashion-MNIST test split).",
         "",
@@ -392,6 +491,10 @@ def markdown(results: dict[str, Any]) -> str:
                     cells.append("-" if sm is None else _fmt(sm[f"{metric}_mean"], sm[f"{metric}_se"], pct))
                 if any(c != "-" for c in cells):
                     lines.append(f"| {name} | " + " | ".join(cells) + " |")
+            paired = [_fmt_paired((recs[k].get("paired") or {}).get(metric), pct) for k in keys]
+            if any(c != "-" for c in paired):
+                lines.append(f"| optimised − {PAIRED_AGAINST}: mean [95 % CI], p (t / Wilcoxon) | "
+                             + " | ".join(paired) + " |")
             lines.append("")
         accs = []
         for k in keys:
@@ -406,7 +509,8 @@ def markdown(results: dict[str, Any]) -> str:
                 area = se.get("search_area", se.get("search_area_normalised"))
                 search_lines.append(f"{_setting_label(recs[k])}: best = {src}, area {area:.3f}"
                                     f" on the search split ({se['n_complete']} complete / {se['n_pruned']} pruned / "
-                                    f"{se['n_failed']} failed trials, {se['seconds']:.0f} s)")
+                                    f"{se['n_failed']} failed trials, {se['seconds']:.0f} s"
+                                    f"{', stopped early' if se.get('stopped_early') else ''})")
         if search_lines:
             lines += ["Search: " + "; ".join(search_lines) + ".", ""]
     lines += [f"Command: `{results['command']}`", "",
@@ -416,12 +520,30 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _fmt_paired(p: dict[str, Any] | None, pct: bool = False) -> str:
+    """`+0.105 [+0.080, +0.130], p 0.001 / 0.062 (n 5)`; '-' when not computed."""
+    if not p or not math.isfinite(p["mean_diff"]):
+        return "-"
+    scale = 100.0 if pct else 1.0
+
+    def num(v: float) -> str:
+        return "nan" if not math.isfinite(v) else (f"{v * scale:+.0f}" if pct else f"{v:+.3f}")
+
+    def pv(v: float) -> str:
+        return "-" if not math.isfinite(v) else f"{v:.2g}"
+
+    lo, hi = p["ci95"]
+    unit = " pp" if pct else ""
+    return f"{num(p['mean_diff'])}{unit} [{num(lo)}, {num(hi)}], p {pv(p['t_p'])} / {pv(p['wilcoxon_p'])} (n {p['n_seeds']})"
+
+
 def _setting_label(rec: dict[str, Any]) -> str:
     comp = {"conv": "channels", "mlp": "MLP neurons", "heads": "heads"}[rec["components"]]
     return f"{_MODEL_LABELS.get(rec['model'], rec['model'])} {comp}"
 
 
-_MODEL_LABELS = {"resnet": "ResNet", "vgg": "VGG", "vit": "ViT"}
+_MODEL_LABELS = {"resnet": "ResNet", "vgg": "VGG", "vit": "ViT", "fmnist-resnet": "ResNet", "fmnist-vgg": "VGG",
+                 "fmnist-vit": "ViT"}
 
 
 _COLOURS = {"optimised": "#d62728", "lrp-epsilon": "#1f77b4", "yeom-zplus": "#2ca02c", "ig": "#9467bd",
@@ -502,6 +624,7 @@ def write_outputs(results: dict[str, Any], out_dir: Path, *, png: bool = False) 
     """JSON (everything), Markdown table, HTML figure, and the PNG when asked."""
     out_dir.mkdir(parents=True, exist_ok=True)
     results["table"] = table_rows(results)
+    results["paired"] = {k: r["paired"] for k, r in results["settings"].items() if r.get("paired")}
     tmp = out_dir / f"{STEM}.json.tmp"
     tmp.write_text(json.dumps(results, indent=1, allow_nan=True))
     tmp.replace(out_dir / f"{STEM}.json")
@@ -528,7 +651,7 @@ def _git_commit() -> str | None:
 
 
 def run(s: Settings, *, command: str, log: Callable[[str], None] = print,
-        load: Callable[[str], Any] | None = None, png: bool = True) -> dict[str, Any]:
+        load: Callable[[str], Any] | None = None, png: bool = True, scale: str | None = None) -> dict[str, Any]:
     """The whole comparison; returns the results dict (also written to `s.out_dir`)."""
     configure_threads(s.threads)
     if load is None:
@@ -538,7 +661,7 @@ def run(s: Settings, *, command: str, log: Callable[[str], None] = print,
             return load_model(spec, device=s.device)
     started = time.perf_counter()
     results: dict[str, Any] = {
-        "format": RESULTS_FORMAT, "complete": False, "command": command, "machine": _machine(),
+        "format": RESULTS_FORMAT, "complete": False, "command": command, "machine": _machine(), "scale": scale,
         "git_commit": _git_commit(), "settings_used": s.to_dict(), "settings": {}, "errors": {},
         "wall_seconds": 0.0,
         "note": ("search on the 'search' validation split (reference seed 0); every reported number "
@@ -550,9 +673,10 @@ def run(s: Settings, *, command: str, log: Callable[[str], None] = print,
         write_outputs(results, s.out_dir, png=png_now)
 
     for model_key in s.models:
-        spec, kinds = MODELS[model_key]
+        spec = model_spec(model_key)
         log(f"loading {spec} ...")
         loaded = load(spec)
+        kinds = COMPONENTS_BY_FAMILY[loaded.family]
         for n_classes in s.tasks:
             for kind in kinds:
                 setting = build_setting(model_key, kind, n_classes, loaded, s)
@@ -575,9 +699,12 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 @app.command()
 def main(
-    trials: int = typer.Option(None, help="Search budget per setting (default 20; quick 4)."),
+    trials: int = typer.Option(None, help="Search budget per setting (default 100; quick 4)."),
+    patience: int = typer.Option(None, help="Stop a search after this many trials without improvement "
+                                            "(default 50; 0: never; quick 0)."),
     seeds: int = typer.Option(None, help="Reference sets evaluated (default 5; quick 2)."),
-    models: str = typer.Option("resnet,vgg,vit", help="Comma-separated: resnet, vgg, vit."),
+    models: str = typer.Option("resnet,vgg,vit", help="Comma-separated: resnet, vgg, vit or any built-in "
+                                                      "model name (pxopt models)."),
     tasks: str = typer.Option("10,3", help="Comma-separated class counts."),
     quick: bool = typer.Option(False, "--quick", help="Reduced budget (a few minutes)."),
     n_ref: int = typer.Option(None, help="Reference images per class."),
@@ -591,6 +718,7 @@ def main(
     work_dir: Path = typer.Option(None, help="Where the search studies (SQLite) go."),
     render_only: bool = typer.Option(False, "--render-only", help="Re-write table/figure from the JSON."),
     png: bool = typer.Option(True, help="Render the PNG figure (kaleido + chromium)."),
+    scale: str = typer.Option(None, help="Label at the top of the table (e.g. 'REDUCED SCALE ...')."),
 ) -> None:
     """Search, then evaluate optimised LRP and every baseline on held-out images."""
     if render_only:
@@ -599,7 +727,7 @@ def main(
         print(f"re-rendered from {path}")
         return
     rates = None if rate_step is None else [round(rate_step * i, 4) for i in range(int(round(1 / rate_step)))]
-    overrides = dict(trials=trials, seeds=seeds, n_ref=n_ref, val_search=val_search, val_eval=val_eval,
+    overrides = dict(trials=trials, patience=patience, seeds=seeds, n_ref=n_ref, val_search=val_search, val_eval=val_eval,
                      rates=rates, ig_steps=ig_steps,
                      models=tuple(m.strip() for m in models.split(",") if m.strip()),
                      tasks=tuple(int(t) for t in tasks.split(",") if t.strip()),
@@ -609,7 +737,7 @@ def main(
     else:
         s = dataclasses.replace(Settings(), **{k: v for k, v in overrides.items() if v is not None}).validated()
     command = "python benchmarks/results.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    run(s, command=command.strip(), png=png)
+    run(s, command=command.strip(), png=png, scale=scale)
 
 
 if __name__ == "__main__":

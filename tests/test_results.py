@@ -123,3 +123,79 @@ def test_reduced_run_on_builtin_resnet(tmp_path: Path) -> None:
     saved = json.loads((tmp_path / "out" / "paper_comparison.json").read_text())
     assert len(saved["table"]) == len(R.CRITERIA)
     assert "held-out" in saved["note"] or "held out" in saved["note"]
+
+
+def test_paired_comparison_matches_scipy() -> None:
+    from scipy import stats
+
+    a = [0.52, 0.55, 0.50, 0.58, 0.53]
+    b = [0.42, 0.44, 0.43, 0.41, 0.45]
+    p = R.paired_comparison(a, b)
+    d = [x - y for x, y in zip(a, b, strict=True)]
+    mean = sum(d) / 5
+    sd = math.sqrt(sum((v - mean) ** 2 for v in d) / 4)
+    half = stats.t.ppf(0.975, 4) * sd / math.sqrt(5)
+    assert p["n_seeds"] == 5 and p["n_positive"] == 5 and p["n_negative"] == 0
+    assert p["mean_diff"] == pytest.approx(mean)
+    assert p["ci95"] == pytest.approx([mean - half, mean + half])
+    assert p["t_p"] == pytest.approx(stats.ttest_rel(a, b).pvalue)
+    assert p["wilcoxon_p"] == pytest.approx(stats.wilcoxon(d).pvalue)
+    assert p["wilcoxon_p"] == pytest.approx(0.0625)  # exact: 2 / 2**5, all five differences positive
+
+
+def test_paired_comparison_degenerate_cases() -> None:
+    one = R.paired_comparison([0.5], [0.4])
+    assert one["mean_diff"] == pytest.approx(0.1) and math.isnan(one["ci95"][0]) and math.isnan(one["t_p"])
+    same = R.paired_comparison([0.5, 0.6], [0.5, 0.6])  # no difference: no test, not p = 1 by fiat
+    assert same["mean_diff"] == 0.0 and math.isnan(same["t_p"]) and math.isnan(same["wilcoxon_p"])
+
+
+def test_paired_row_in_table(tmp_path: Path) -> None:
+    results = _fake_results()
+    rec = results["settings"]["resnet-conv-3cls"]
+    for seed, eps in (("1", 0.7), ("2", 0.75)):
+        rec["per_seed"][seed]["lrp-epsilon"] = {"area": eps, "top_pr": 0.25, "accuracies": [0.9, 0.5]}
+    rec["summary"] = R.summarise(rec["per_seed"], R.CRITERIA)
+    rec["paired"] = R.paired_summary(rec["per_seed"])
+    assert rec["paired"]["area"]["mean_diff"] == pytest.approx(0.125)  # (0.8-0.7 + 0.9-0.75) / 2
+    assert rec["paired"]["top_pr"]["mean_diff"] == pytest.approx(0.25)
+    R.write_outputs(results, tmp_path, png=False)
+    md = (tmp_path / "paper_comparison.md").read_text()
+    assert "| optimised − lrp-epsilon: mean [95 % CI], p (t / Wilcoxon) | +0.125 [" in md
+    assert "(n 2) |" in md
+    saved = json.loads((tmp_path / "paper_comparison.json").read_text())
+    assert saved["paired"]["resnet-conv-3cls"]["area"]["n_seeds"] == 2
+
+
+def _toy_study(values: list[float], patience: int):
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    it = iter(values)
+    callback = R.StopAfterNoImprovement(patience)
+    study.optimize(lambda _t: next(it), n_trials=len(values), callbacks=[callback])
+    return study, callback
+
+
+def test_patience_stops_after_n_trials_without_improvement() -> None:
+    # best at trial 2 (0.9); trials 3, 4, 5 do not improve -> stop after trial 5 with patience 3
+    study, cb = _toy_study([0.1, 0.5, 0.9, 0.2, 0.9, 0.3, 0.95, 0.99], patience=3)
+    assert cb.stopped and len(study.trials) == 6
+    # an improvement resets the count: best at 1, 3, 5; never 3 in a row without one
+    study, cb = _toy_study([0.1, 0.2, 0.1, 0.3, 0.2, 0.4, 0.1, 0.1], patience=3)
+    assert not cb.stopped and len(study.trials) == 8
+
+
+def test_patience_must_be_positive() -> None:
+    with pytest.raises(ConfigError, match="patience"):
+        R.StopAfterNoImprovement(0)
+
+
+def test_models_accept_any_builtin_name() -> None:
+    assert R.model_spec("resnet") == "builtin:fmnist-resnet"
+    assert R.model_spec("fmnist-vgg") == "builtin:fmnist-vgg"
+    assert R.model_spec("builtin:fmnist-vit") == "builtin:fmnist-vit"
+    names = R.builtin_names()
+    assert R.Settings(models=tuple(names)).validated().models == tuple(names)
+    assert R.Settings().trials >= 100 and R.Settings().patience == 50 and R.Settings().val_eval >= 300

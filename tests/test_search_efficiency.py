@@ -1,0 +1,99 @@
+"""benchmarks/search_efficiency.py: best-so-far bookkeeping, trials to 99 %, and a tiny real run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"pxopt_bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+SE = _load("search_efficiency")
+
+
+def test_best_so_far_skips_pruned_trials() -> None:
+    out = SE.best_so_far([None, 0.3, None, 0.2, 0.5, float("nan"), 0.4])
+    assert math.isnan(out[0])
+    assert out[1:] == [0.3, 0.3, 0.3, 0.5, 0.5, 0.5]
+
+
+def test_trials_to_reach() -> None:
+    curve = [math.nan, 0.5, 0.7, 0.79, 0.8]
+    assert SE.trials_to_reach(curve, 0.99 * 0.8) == 5  # 0.79 < 0.792: reached only at trial 5
+    assert SE.trials_to_reach(curve, 0.785) == 4
+    assert SE.trials_to_reach(curve, 0.8) == 5
+    assert SE.trials_to_reach(curve, 0.81) is None
+    assert SE.trials_to_reach(curve, 0.6) == 3
+    # not monotone: touches 0.6 at trial 2, falls back, holds from trial 4
+    wobbly = [0.5, 0.65, 0.55, 0.7, 0.62]
+    assert SE.trials_to_reach(wobbly, 0.6) == 4
+    assert SE.trials_to_reach(wobbly, 0.6, stay=False) == 2
+    assert SE.trials_to_reach([0.7, 0.5], 0.6) is None
+
+
+def test_picked_held_out_follows_the_search_best_not_the_held_out_best() -> None:
+    search = [0.5, None, 0.7, 0.6, 0.7, 0.9]
+    held = {0: 0.40, 2: 0.45, 3: 0.99, 4: 0.99, 5: 0.30}  # trial 3 is better held out but never picked
+    calls: list[int] = []
+
+    def evaluate(i: int) -> float:
+        calls.append(i)
+        return held[i]
+
+    assert SE.picked_held_out(search, evaluate) == [0.40, 0.40, 0.45, 0.45, 0.45, 0.30]
+    assert calls == [0, 2, 5]  # evaluated once per change of the best; the tie at trial 4 keeps trial 2
+
+
+def test_summary_trials_to_99_percent_of_best_any_run() -> None:
+    runs = [
+        {"sampler": "tpe", "pruner": "none", "seed": 0, "picked_held_out": [0.5, 0.9, 1.0], "final_held_out": 1.0,
+         "final_search": 1.0, "states": ["COMPLETE"] * 3, "search_seconds": 1.0},
+        {"sampler": "random", "pruner": "none", "seed": 0, "picked_held_out": [0.5, 0.5, 0.6], "final_held_out": 0.6,
+         "final_search": 0.7, "states": ["COMPLETE", "PRUNED", "COMPLETE"], "search_seconds": 1.0},
+    ]
+    sm = SE.summarise(runs)
+    assert sm["best_held_out_any"] == 1.0 and sm["target"] == pytest.approx(0.99)
+    assert sm["groups"]["tpe/none"]["trials_to_reach"] == [3]
+    assert sm["groups"]["random/none"]["trials_to_reach"] == [None]
+    assert sm["groups"]["random/none"]["n_reached"] == 0
+    assert sm["groups"]["random/none"]["pruned_fraction"] == pytest.approx(1 / 3)
+
+
+def test_same_as_random_detects_a_fallback_sampler() -> None:
+    runs = [{"sampler": "random", "pruner": "none", "seed": 0, "search_values": [0.1, None, 0.3]},
+            {"sampler": "cmaes", "pruner": "none", "seed": 0, "search_values": [0.1, None, 0.3]},
+            {"sampler": "tpe", "pruner": "none", "seed": 0, "search_values": [0.1, None, 0.4]}]
+    assert SE.same_as_random(runs) == ["cmaes"]
+
+
+def test_unknown_sampler_is_a_config_error() -> None:
+    from pxopt.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown sampler"):
+        SE.make_sampler("anneal", 0, 2)
+
+
+@pytest.mark.slow
+def test_quick_run_on_builtin_resnet(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(SE.app, ["--quick", "--out-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    res = json.loads((tmp_path / "search_efficiency_resnet_conv_10cls.json").read_text())
+    assert len(res["runs"]) == 4
+    for run in res["runs"]:
+        assert len(run["picked_held_out"]) == 4 and 0.0 < run["final_held_out"] <= 1.0
+    assert "QUICK" in (tmp_path / "search_efficiency_resnet_conv_10cls.md").read_text()
