@@ -48,6 +48,17 @@ COMPOSITES: dict[str, dict] = {
             "fc": {"rule": "alphabeta", "alpha": 2.0, "beta": 1.0},
         }
     },
+    # ZBox with one bound per input channel (ImageNet normalisation: -mean/std, (1-mean)/std)
+    "zbox_channels": {
+        "groups": {
+            "input": {"rule": "zbox", "low": [-0.485 / 0.229, -0.456 / 0.224, -0.406 / 0.225],
+                      "high": [0.515 / 0.229, 0.544 / 0.224, 0.594 / 0.225]},
+            "low": {"rule": "epsilon", "epsilon": 1e-6},
+            "mid": {"rule": "alphabeta", "alpha": 1.0, "beta": 0.0},
+            "high": {"rule": "zplus"},
+            "fc": {"rule": "gamma", "gamma": 0.25},
+        }
+    },
 }
 
 
@@ -123,6 +134,14 @@ class ExactMergeBatchNorm(SequentialMergeBatchNorm):
         self.batch_norm.eps = self._eps
 
 
+def _bound(value):
+    """A ZBox bound for zennit: a number, or per channel a (1, C, 1, 1) tensor (zennit
+    broadcasts it against the input, as its docstring suggests for normalised images)."""
+    if isinstance(value, tuple | list):
+        return torch.tensor(value, dtype=torch.float64).view(1, -1, 1, 1)
+    return value
+
+
 def _zennit_rule(spec: RuleSpec):
     p = dict(spec.params)
     return {
@@ -132,7 +151,7 @@ def _zennit_rule(spec: RuleSpec):
         "zplus": zr.ZPlus,
         "flat": zr.Flat,
         "wsquare": zr.WSquare,
-        "zbox": lambda: zr.ZBox(p.get("low"), p.get("high")),
+        "zbox": lambda: zr.ZBox(_bound(p["low"]), _bound(p["high"])),
         "norm": zr.Norm,
     }[spec.name]()
 
