@@ -3,14 +3,18 @@
 Relevance travels backwards as the "gradient" (zennit's convention): the backward of a
 rule function receives the relevance R at the layer output and returns the relevance of
 the layer input. Definitions are identical to zennit 0.5.1's rules (including which
-parameter modifiers touch the bias), but each rule costs at most two forward and two
-transposed operations instead of zennit's one forward per rule term. The algebra:
-with x+ / x- and w+ / w- the positive / negative parts, z = w x and A = |w| |x|,
+parameter modifiers touch the bias), but computed with fewer operations than zennit's one
+forward per rule term. The algebra: with x+ / x- and w+ / w- the positive / negative
+parts, z = w x and A = |w| |x|,
 
     P := w+ x+ + w- x- = (z + A) / 2        N := w+ x- + w- x+ = (z - A) / 2
 
-and every backward reduces to ``x * W^T u + |x| * |W|^T v`` for suitable u, v
-(see `relevance_backward`).
+and Gamma, ZBox and (where it is accurate) z+ / alpha-beta reduce to
+``x * W^T u + |x| * |W|^T v`` for suitable u, v: at most two forward and two transposed
+operations (see `relevance_backward`). z+ and alpha-beta need P and N to full relative
+precision even when they are tiny next to A, which (z +- A) / 2 cannot give in float32;
+they sum P and N term by term unless both keep a margin that bounds the fused error
+(`_plus_minus_backward`).
 
 Use from other engines (e.g. the ViT engine), with parameters that need no gradient::
 
