@@ -29,6 +29,36 @@ COMPOSITES: dict[str, dict] = {
             "fc": {"rule": "epsilon", "epsilon": 1e-6},
         }
     },
+    # the other input rules, and z+ / alpha-beta on the residual branches and the logits
+    "mixed_flat": {
+        "groups": {
+            "input": {"rule": "flat"},
+            "low": {"rule": "zplus"},
+            "mid": {"rule": "epsilon", "epsilon": 1e-3},
+            "high": {"rule": "alphabeta", "alpha": 3.0, "beta": 2.0},
+            "fc": {"rule": "zplus"},
+        }
+    },
+    "mixed_wsquare": {
+        "groups": {
+            "input": {"rule": "wsquare"},
+            "low": {"rule": "alphabeta", "alpha": 1.0, "beta": 0.0},
+            "mid": {"rule": "zplus"},
+            "high": {"rule": "gamma", "gamma": 1.0},
+            "fc": {"rule": "alphabeta", "alpha": 2.0, "beta": 1.0},
+        }
+    },
+    # ZBox with one bound per input channel (ImageNet normalisation: -mean/std, (1-mean)/std)
+    "zbox_channels": {
+        "groups": {
+            "input": {"rule": "zbox", "low": [-0.485 / 0.229, -0.456 / 0.224, -0.406 / 0.225],
+                      "high": [0.515 / 0.229, 0.544 / 0.224, 0.594 / 0.225]},
+            "low": {"rule": "epsilon", "epsilon": 1e-6},
+            "mid": {"rule": "alphabeta", "alpha": 1.0, "beta": 0.0},
+            "high": {"rule": "zplus"},
+            "fc": {"rule": "gamma", "gamma": 0.25},
+        }
+    },
 }
 
 
@@ -42,6 +72,31 @@ def randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
             m.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.5)
             m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
             m.bias.data.copy_(torch.randn(n, generator=g) * 0.2)
+    return model
+
+
+def lopsided(model: nn.Module, every: int = 4, tiny: float = 1e-3, seed: int = 0) -> nn.Module:
+    """Every `every`-th output channel of each conv / linear layer made one-sided, in place.
+
+    Channel c = i * every gets weights of one sign only (negative for even i, positive for
+    odd i); for i = 2, 3 (mod 4) a random 5 % of its weights keep the other sign, `tiny`
+    times smaller. Such channels have relevance but (almost) no positive, or no negative,
+    contribution: P or N of z+ / alpha-beta is 0 or ~1e-5 of |W||x|. Trained networks
+    have them (residual-branch outputs, logits); random-weight models almost never do, so
+    float32 tests without this would not see the cancellation of issue #13 point 4.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d | nn.Linear):
+                w = m.weight
+                for c in range(0, w.shape[0], every):
+                    i = c // every
+                    row = w[c].abs() * (-1.0 if i % 2 == 0 else 1.0)
+                    if (i // 2) % 2:
+                        flip = torch.rand(row.shape, generator=g, dtype=torch.float64) < 0.05
+                        row[flip] = -row[flip] * tiny
+                    w[c] = row
     return model
 
 
@@ -79,6 +134,14 @@ class ExactMergeBatchNorm(SequentialMergeBatchNorm):
         self.batch_norm.eps = self._eps
 
 
+def _bound(value):
+    """A ZBox bound for zennit: a number, or per channel a (1, C, 1, 1) tensor (zennit
+    broadcasts it against the input, as its docstring suggests for normalised images)."""
+    if isinstance(value, tuple | list):
+        return torch.tensor(value, dtype=torch.float64).view(1, -1, 1, 1)
+    return value
+
+
 def _zennit_rule(spec: RuleSpec):
     p = dict(spec.params)
     return {
@@ -88,7 +151,7 @@ def _zennit_rule(spec: RuleSpec):
         "zplus": zr.ZPlus,
         "flat": zr.Flat,
         "wsquare": zr.WSquare,
-        "zbox": lambda: zr.ZBox(p.get("low"), p.get("high")),
+        "zbox": lambda: zr.ZBox(_bound(p["low"]), _bound(p["high"])),
         "norm": zr.Norm,
     }[spec.name]()
 

@@ -72,3 +72,40 @@ def test_zennit_bn_eps_difference_is_documented() -> None:
     fixed, _ = zennit_relevance(model, x, [1, 3], rules, lm)
     assert _rel(exp.input, fixed) < 1e-10
     assert 1e-7 < _rel(exp.input, raw) < 1e-2
+
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@pytest.mark.parametrize("model_name", ["resnet18", pytest.param("vgg11_bn", marks=pytest.mark.slow)])
+def test_zbox_per_channel_bounds(model_name: str) -> None:
+    """ZBox with one bound per input channel (ImageNet normalisation: low = -mean / std,
+    high = (1 - mean) / std) equals zennit's ZBox with (1, 3, 1, 1) bound tensors, on
+    normalised images with pixels at both bounds; scalar bounds give another result.
+
+    The saturated pixels are scattered: a uniform black or white region makes equal
+    activations whose max-pool winner depends on rounding (pxopt runs the model's own
+    conv and BatchNorm, zennit the merged conv), which moves relevance between tied
+    positions of a channel: a real difference at the input, none in what is pruned.
+    """
+    model = make_model(model_name)
+    lm = discover_layers(model)
+    low = [-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD, strict=True)]
+    high = [(1 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD, strict=True)]
+    pixels = torch.rand(2, 3, 32, 32, dtype=torch.float64)
+    pixels[torch.rand_like(pixels) < 0.1] = 0.0  # inputs exactly at the bounds
+    pixels[torch.rand_like(pixels) < 0.1] = 1.0
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float64).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float64).view(1, 3, 1, 1)
+    x = (pixels - mean) / std
+    rules = {"groups": {"input": {"rule": "zbox", "low": low, "high": high},
+                        "low": {"rule": "gamma", "gamma": 0.25}, "mid": {"rule": "zplus"},
+                        "high": {"rule": "alphabeta", "alpha": 2.0, "beta": 1.0},
+                        "fc": {"rule": "epsilon", "epsilon": 1e-6}}}
+    rel, comps = zennit_relevance(model, x, [1, 3], rules, lm)
+    exp = explain(model, x, [1, 3], rules, layer_map=lm)
+    assert _rel(exp.input, rel) < 1e-10
+    assert max(_rel(exp.components[k], v) for k, v in comps.items()) < 1e-10
+    scalar = {"groups": dict(rules["groups"], input={"rule": "zbox", "low": min(low),
+                                                     "high": max(high)})}
+    assert _rel(explain(model, x, [1, 3], scalar, layer_map=lm).input, rel) > 1e-2

@@ -11,7 +11,9 @@ embedding and the plain residual sum, which is what lxt's efficient mode does:
   own `divide_gradient` (q, k / 4 and v / 2, as in its HF attention wrapper) applied at
   the MultiheadAttention inputs, vs pxopt `softmax="attnlrp"` (uniform rule, eps 0).
 Checked: input relevance and the relevance on the residual stream after every encoder
-block, each within 1e-4 relative (‖a − b‖ / ‖b‖).
+block, each within 1e-4 relative (‖a − b‖ / ‖b‖). The per-head and per-MLP-neuron
+relevance that pruning ranks is compared with lxt as shipped (its own patch map and
+zennit rules, nothing assembled here) in tests/test_lrp_vit_lxt_shipped.py.
 """
 
 from __future__ import annotations
