@@ -331,3 +331,21 @@ def test_ctrl_c_in_pxopt_search_prints_resume_and_the_same_command_continues(tmp
     assert sum(t.state == TrialState.COMPLETE for t in final) == 6
     assert final[4].state == TrialState.COMPLETE and final[4].params == after[3].params
     assert [t.user_attrs.get("area") for t in final[:3]] == [t.user_attrs.get("area") for t in after[:3]]
+
+
+def test_a_trial_has_a_heartbeat_as_soon_as_ask_returns(tmp_path):
+    """A worker killed between `ask()` and its heartbeat thread's first write (seconds on a
+    loaded machine with several SQLite writers) must leave a trial that stale detection can
+    see: Optuna judges only trials with a heartbeat (CI saw such a trial stay RUNNING after a
+    SIGKILL). pxopt records the first heartbeat inside `ask()`, in the sampler's hook."""
+    from pxopt.search.workers import _heartbeat_from_creation
+
+    storage = open_storage(str(tmp_path / "hb.db"), heartbeat_interval=1, grace_period=1)
+    sampler = optuna.samplers.RandomSampler(seed=0)
+    _heartbeat_from_creation(sampler, storage)
+    study = optuna.create_study(storage=storage, sampler=sampler)
+    trial = study.ask()  # no heartbeat thread runs: as if the worker died right here
+    time.sleep(1.5)  # past the grace period
+    assert storage._get_stale_trial_ids(study._study_id) == [trial._trial_id]
+    fail_stale_trials(study, storage)
+    assert study.trials[0].state == TrialState.FAIL

@@ -119,6 +119,24 @@ def fail_stale_trials(study: optuna.Study, storage: optuna.storages.RDBStorage) 
     return list(failed)
 
 
+def _heartbeat_from_creation(sampler: optuna.samplers.BaseSampler, storage: optuna.storages.RDBStorage) -> None:
+    """Record a new trial's first heartbeat inside `ask()`, before the sampler works.
+
+    Optuna starts a trial's heartbeat thread only after `ask()` returns, and `ask()` runs the
+    relative sampling (TPE's multivariate model: long on a loaded machine). A worker killed in
+    between leaves a RUNNING trial with no heartbeat, which `fail_stale_trials` never fails
+    (it only judges trials that have one), so it would stay RUNNING forever. `before_trial`
+    runs right after the trial is created, before any sampling.
+    """
+    before_trial = sampler.before_trial
+
+    def with_heartbeat(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        storage.record_heartbeat(trial._trial_id)
+        before_trial(study, trial)
+
+    sampler.before_trial = with_heartbeat  # type: ignore[method-assign]
+
+
 def _finished_elsewhere(exc: Exception, storage: optuna.storages.RDBStorage, trial_ids: list[int]) -> bool:
     """Whether `exc` only says that another worker ended our trial first (e.g. as stale).
 
@@ -255,6 +273,8 @@ def run_worker(
         max_retry=plan.max_retry,
     )
     setup = factory(ctx)
+    if storage.get_heartbeat_interval() is not None:
+        _heartbeat_from_creation(setup.sampler, storage)
     try:
         study = optuna.load_study(
             study_name=plan.study_name, storage=storage, sampler=setup.sampler, pruner=setup.pruner
