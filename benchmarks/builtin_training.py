@@ -15,6 +15,13 @@ issue was written on) and reports every wall time also at that machine's speed.
 
 The table replaces the top of `benchmarks/results/builtin_models.md`; everything below the
 `<!-- history -->` line (earlier measurements, kept by hand) is preserved.
+
+`--estimate N` trains nothing to the end: it times N optimiser steps of each model (its
+recipe's batch size, memory format and threads) between two reference timings and
+extrapolates one epoch and the whole recipe, at this moment's and at the reference speed.
+This is how the paper-scale recipes (issue #14: 45 minutes per model) were sized.
+
+    python benchmarks/builtin_training.py --estimate 10 --models fmnist-resnet50,fmnist-vgg16,fmnist-vit12
 """
 
 from __future__ import annotations
@@ -70,20 +77,128 @@ def _reference_seconds(steps: int = 20) -> float:
         torch.set_num_threads(threads)
 
 
-def _train(name: str, threads: int | None) -> dict:
+def _step_seconds(name: str, steps: int) -> dict:
+    """Wall and CPU seconds per optimiser step of a built-in's recipe (after 2 warm-up steps)."""
+    from torch import nn
+
+    from pxopt.models.builtin import get_builtin
+    from pxopt.models.builtin.train import _optimizer
+
+    entry = get_builtin(name)
+    r = entry.recipe
+    torch.manual_seed(r.seed)
+    fmt = torch.channels_last if r.channels_last else torch.contiguous_format
+    model = entry.build().to(memory_format=fmt).train()
+    opt = _optimizer(model, r)
+    x = torch.randn(r.batch_size, *entry.input_size).contiguous(memory_format=fmt)
+    y = torch.randint(0, 10, (r.batch_size,))
+    for i in range(steps + 2):
+        if i == 2:
+            wall, cpu = time.perf_counter(), time.process_time()
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    step = (time.perf_counter() - wall) / steps
+    step_cpu = (time.process_time() - cpu) / steps
+    model.eval()
+    with torch.no_grad():
+        start = time.perf_counter()
+        model(torch.randn(500, *entry.input_size).contiguous(memory_format=fmt))
+        eval_epoch = (time.perf_counter() - start) * 20  # the 10,000 test images
+    steps_per_epoch = -(-60000 // r.batch_size)
+    epoch = step * steps_per_epoch + eval_epoch
+    return {"name": name, "step_s": step, "step_cpu_s": step_cpu, "epoch_s": epoch,
+            "epoch_cpu_s": step_cpu * steps_per_epoch, "epochs": r.epochs, "threads": torch.get_num_threads()}  # fmt: skip
+
+
+def estimate(names: list[str], steps: int, out: Path) -> None:
+    rows = []
+    for name in names:
+        before = _reference_seconds()
+        row = _step_seconds(name, steps)
+        after = _reference_seconds()
+        row["reference_s"] = (before + after) / 2
+        row["reference_spread"] = max(before, after) / min(before, after)
+        rows.append(row)
+        scale = REFERENCE_S / row["reference_s"]
+        typer.echo(f"{name}: {row['step_s']:.2f} s/step, epoch {row['epoch_s'] / 60:.1f} min now, "
+                   f"{row['epoch_s'] * scale / 60:.1f} min at reference speed (reference {before:.0f}/{after:.0f} s)",
+                   err=True)  # fmt: skip
+    load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
+    lines = [
+        "# Per-epoch cost of the built-in models, extrapolated from a few steps",
+        "",
+        f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        f"- machine: {platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__}; "
+        f"load average {load}",
+        f"- command: `{shlex.join(['python', 'benchmarks/builtin_training.py', *sys.argv[1:]])}`",
+        f"- {steps} optimiser steps per model (random inputs, the recipe's batch size and memory "
+        "format) plus one 500-image forward pass for the test-set evaluation, extrapolated to an "
+        "epoch of 60,000 images and the 10,000-image evaluation; no data handling, so a full "
+        "run costs a little more",
+        f"- reference: the reference recipe ({REFERENCE_S:.0f} s when issue #4 was written) timed "
+        "before and after each model; at reference speed = now x "
+        f"{REFERENCE_S:.0f} s / mean reference",
+        "",
+        "| model | threads | s/step | CPU s/step | epoch now | reference now (before-after spread) | "
+        "epoch at reference speed | recipe epochs | recipe at reference speed |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        scale = REFERENCE_S / r["reference_s"]
+        lines.append(
+            f"| builtin:{r['name']} | {r['threads']} | {r['step_s']:.2f} | {r['step_cpu_s']:.2f} | "
+            f"{r['epoch_s'] / 60:.1f} min | {r['reference_s']:.0f} s ({r['reference_spread']:.2f}x) | "
+            f"{r['epoch_s'] * scale / 60:.1f} min | {r['epochs']} | {r['epoch_s'] * scale * r['epochs'] / 60:.1f} min |"
+        )
+    out.write_text("\n".join(lines) + "\n")
+    typer.echo(f"wrote {out}", err=True)
+
+
+def _train(name: str, threads: int | None, log: Path) -> dict:
+    """`pxopt train builtin:<name> --force` in its own process, its output (progress bar and
+    one line per epoch) in `log`; the last line is the command's JSON summary."""
     cmd = [sys.executable, "-c", "from pxopt.cli import main; main()", "train", f"builtin:{name}", "--force"]
     if threads is not None:
         cmd += ["--threads", str(threads)]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True, check=True,
-                          env={**os.environ, "COLUMNS": "120"})  # fmt: skip
+    with open(log, "w") as out:
+        subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, check=True,
+                       env={**os.environ, "COLUMNS": "120"})  # fmt: skip
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    summary = json.loads(log.read_text().strip().splitlines()[-1])
     meta = json.loads(Path(summary["weights_file"]).with_name("meta.json").read_text())
     return {**meta, "wall_seconds": round(wall, 1),
             "cpu_seconds": round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 1)}  # fmt: skip
+
+
+def _masked_accuracy(name: str) -> dict:
+    """Test accuracy of a cached ViT built-in with all MLP neurons, or all heads, masked.
+
+    pxopt's own masking (`Masker`): an MLP neuron's fc1 row and bias are zeroed, so the
+    MLP outputs fc2's bias only; a head's value rows are zeroed.
+    """
+    from pxopt.data import open_dataset
+    from pxopt.layers import discover_layers
+    from pxopt.models import load_model
+    from pxopt.models.builtin.train import evaluate
+    from pxopt.prune.masking import Masker
+
+    loaded = load_model(f"builtin:{name}", device="cpu", progress=False)
+    model = loaded.model
+    test = open_dataset("fashion-mnist").splits["val"]
+    x, y = loaded.transform.apply_batch(test.images), test.labels
+    layers = discover_layers(model)
+    result = {"accuracy": evaluate(model, x, y)}
+    for kind in ("mlp", "heads"):
+        with Masker(model, layers, kind) as masker:
+            masker.set_pruned({layer.name: torch.ones(layer.n_components, dtype=torch.bool)
+                               for layer in layers if layer.kind == kind})  # fmt: skip
+            result[f"{kind}_masked"] = evaluate(model, x, y)
+    return result
 
 
 def _recipe_text(recipe: dict) -> str:
@@ -130,24 +245,117 @@ def _render(rows: list[dict], command: str, note: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+PAPER_JSON = OUT.with_name("builtin_paper.json")
+PAPER_START, PAPER_END = "<!-- paper-scale -->", "<!-- /paper-scale -->"
+PAPER_BUDGET_S = 45 * 60.0  # issue #14: per paper-scale model, on this 2-core CPU
+LOGS = OUT.parent / "builtin_logs"
+
+
+def _render_paper(rows: dict[str, dict]) -> str:
+    """The paper-scale section, from every row recorded so far (one model per run)."""
+    lines = [
+        PAPER_START,
+        "## Paper-scale built-in models (issue #14)",
+        "",
+        "The paper's architecture classes on Fashion-MNIST (3x32x32: the 28x28 image padded with "
+        "background, the grey channel replicated). Each row is one "
+        "`python benchmarks/builtin_training.py --models <name>` run (one training at a time); its "
+        "log, with the test accuracy after every epoch, is `builtin_logs/<name>.log`, its numbers "
+        "`builtin_paper.json`.",
+        "",
+        "- wall / train / CPU / threads: as in the table above",
+        "- reference: the reference recipe timed right before and right after the training "
+        f"(mean); at reference speed = wall x {REFERENCE_S:.0f} s / reference",
+        f"- budget: {PAPER_BUDGET_S / 60:.0f} min per model at reference speed",
+        "- last epoch: what the last epoch added to the test accuracy (converged: < 0.3 points)",
+        "- masked: the ViT's test accuracy with all MLP neurons (fc1 rows) or all heads (value rows) "
+        "masked by pxopt's `Masker`",
+        "",
+        "| model | target | test accuracy | accuracy per epoch | last epoch | params | wall | train | CPU | "
+        "threads | reference now | wall at reference speed | within budget | masked: all MLP neurons / all heads | "
+        "recipe | trained |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows.values():
+        acc = r["accuracy_per_epoch"]
+        per_epoch = ", ".join(f"{a:.2%}" for a in acc)
+        ok = "yes" if r["test_accuracy"] >= r["target_accuracy"] else "NO"
+        gain = 100 * (acc[-1] - acc[-2]) if len(acc) > 1 else float("nan")
+        scaled = r["wall_seconds"] * REFERENCE_S / r["reference_seconds"]
+        masked = "-"
+        if "masked" in r:
+            m = r["masked"]
+            masked = (f"{m['mlp_masked']:.2%} ({100 * (m['accuracy'] - m['mlp_masked']):.1f} points lost) / "
+                      f"{m['heads_masked']:.2%}")  # fmt: skip
+        lines.append(
+            f"| builtin:{r['name']} | {r['target_accuracy']:.0%} | {r['test_accuracy']:.2%} ({ok}) | {per_epoch} | "
+            f"{gain:+.2f} points ({'yes' if gain < 0.3 else 'NO'}) | {r['params'] / 1e6:.2f} M | "
+            f"{r['wall_seconds'] / 60:.1f} min | {r['train_seconds'] / 60:.1f} min | {r['cpu_seconds'] / 60:.1f} min | "
+            f"{r['threads']} | {r['reference_seconds']:.0f} s | {scaled / 60:.1f} min | "
+            f"{'yes' if scaled <= PAPER_BUDGET_S else 'NO'} | {masked} | {_recipe_text(r['recipe'])} | "
+            f"{r['trained_at']}, load {r['load']} |"
+        )
+    return "\n".join(lines) + "\n" + PAPER_END + "\n"
+
+
+def _sections(text: str) -> tuple[str, str, str]:
+    """(small-model section, paper-scale section, history) of the results file."""
+    head, history = text.split(HISTORY_MARK, 1) if HISTORY_MARK in text else (text, "")
+    paper = ""
+    if PAPER_START in head:
+        before, rest = head.split(PAPER_START, 1)
+        paper = PAPER_START + rest.split(PAPER_END, 1)[0] + PAPER_END + "\n"
+        head = before + rest.split(PAPER_END, 1)[1].lstrip("\n")
+    return head.rstrip("\n") + "\n", paper, history
+
+
 def main(
-    models: str = typer.Option(",".join(BUILTINS), help="Comma-separated built-in names."),
+    models: str = typer.Option(",".join(n for n, e in BUILTINS.items() if not e.paper),
+                               help="Comma-separated built-in names (default: the small ones)."),
     threads: int | None = typer.Option(None, help="CPU threads (default: torch's, i.e. all cores)."),
     note: str = typer.Option("", help="A paragraph printed under the table."),
     out: Path = typer.Option(OUT, help="Markdown file to write."),
+    estimate_steps: int = typer.Option(0, "--estimate", help="Only time this many steps per model "
+                                       "and extrapolate (writes builtin_cost.md unless --out)."),
 ) -> None:
+    names = models.split(",")
+    if estimate_steps:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        estimate(names, estimate_steps, out if out != OUT else OUT.with_name("builtin_cost.md"))
+        return
+    paper = [n for n in names if BUILTINS[n].paper]
+    if paper and len(paper) != len(names):
+        raise typer.BadParameter("train the small and the paper-scale built-ins in separate runs")
+    LOGS.mkdir(exist_ok=True)
     rows = []
-    for name in models.split(","):
-        typer.echo(f"training builtin:{name} ...", err=True)
-        reference = _reference_seconds()
-        rows.append({**_train(name, threads), "reference_seconds": round(reference, 1)})
-        r = rows[-1]
-        typer.echo(f"  {r['test_accuracy']:.2%} in {r['wall_seconds']:.0f} s wall ({r['train_seconds']:.0f} s train; "
-                   f"reference recipe now {reference:.0f} s)", err=True)  # fmt: skip
+    for name in names:
+        typer.echo(f"training builtin:{name} (log: {LOGS / (name + '.log')}) ...", err=True)
+        before = _reference_seconds()
+        row = _train(name, threads, LOGS / f"{name}.log")
+        after = _reference_seconds()
+        row["reference_seconds"] = round((before + after) / 2, 1)
+        row["reference_before_after"] = [round(before, 1), round(after, 1)]
+        row["load"] = " / ".join(f"{x:.1f}" for x in os.getloadavg())
+        if BUILTINS[name].paper and BUILTINS[name].build().__class__.__name__ == "VisionTransformer":
+            row["masked"] = _masked_accuracy(name)
+        rows.append(row)
+        typer.echo(f"  {row['test_accuracy']:.2%} in {row['wall_seconds']:.0f} s wall ({row['train_seconds']:.0f} s "
+                   f"train; reference recipe now {before:.0f} / {after:.0f} s)", err=True)  # fmt: skip
     previous = out.read_text() if out.exists() else ""
-    history = previous.split(HISTORY_MARK, 1)[1] if HISTORY_MARK in previous else ""
-    command = shlex.join(["python", "benchmarks/builtin_training.py", *sys.argv[1:]])
-    out.write_text(_render(rows, command, note) + "\n" + HISTORY_MARK + history)
+    small, paper_section, history = _sections(previous)
+    if paper:
+        recorded = json.loads(PAPER_JSON.read_text()) if PAPER_JSON.exists() else {}
+        for row in rows:
+            recorded[row["name"]] = {k: v for k, v in row.items() if k != "weights_file"}
+        order = [n for n in BUILTINS if n in recorded]
+        recorded = {n: recorded[n] for n in order}
+        PAPER_JSON.write_text(json.dumps(recorded, indent=2) + "\n")
+        paper_section = _render_paper(recorded)
+    else:
+        command = shlex.join(["python", "benchmarks/builtin_training.py", *sys.argv[1:]])
+        small = _render(rows, command, note)
+    out.write_text(small + "\n" + paper_section + ("\n" if paper_section else "") + HISTORY_MARK + history)
     typer.echo(f"wrote {out}", err=True)
 
 

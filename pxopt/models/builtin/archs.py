@@ -1,10 +1,15 @@
 """Architectures of the built-in Fashion-MNIST reference models.
 
-They are the library classes of the ImageNet models (torchvision `ResNet` with
+The small ones are the library classes of the ImageNet models (torchvision `ResNet` with
 `BasicBlock`, torchvision `VGG`, timm `VisionTransformer`), only smaller, so every code
 path that runs on ImageNet models (module names, layer discovery, canonisers, attention
 rewriting) is exercised on them. The defaults are the built-ins' architectures; the registry
 also passes them explicitly, because only its arguments enter the cache key.
+
+The paper-scale ones are the architectures of the paper's experiments: torchvision's
+`resnet50` and `vgg16_bn` with every block unchanged, and a timm `VisionTransformer` with
+12 blocks, all on 3x32x32 inputs (see `transform.py`). VGG-16 gets a slimmer classifier,
+still three linear layers at `classifier.0/3/6`.
 """
 
 from __future__ import annotations
@@ -116,6 +121,87 @@ def fmnist_vit(
         img_size=28,
         patch_size=patch_size,
         in_chans=in_channels,
+        num_classes=num_classes,
+        embed_dim=embed_dim,
+        depth=depth,
+        num_heads=num_heads,
+        mlp_ratio=mlp_ratio,
+        global_pool="token",
+    )
+
+
+# -- paper-scale architectures ---------------------------------------------------------------
+
+
+def paper_resnet50(num_classes: int = 10) -> ResNet:
+    """torchvision `resnet50(num_classes=...)` as it is (Bottleneck blocks 3-4-6-3, 7x7 stem).
+
+    On 32x32 inputs layer1..layer4 run at 8, 4, 2 and 1 pixels.
+    """
+    from torchvision.models import resnet50
+
+    return resnet50(num_classes=num_classes)
+
+
+def paper_vgg16_bn(num_classes: int = 10, hidden: int = 512, dropout: float = 0.5) -> VGG:
+    """torchvision's `VGG` with `vgg16_bn`'s features (13 convs, `features.0`-`features.40`).
+
+    At 32x32 the features end at 512x1x1, so the 7x7 average pool and the 25088-4096-4096
+    classifier become a 1x1 pool and 512-hidden-hidden-classes: three linears at
+    `classifier.0/3/6` with ReLU and dropout between them, as in torchvision. The model is
+    assembled as `VGG.__init__` does it, without first building (and initialising) the
+    119 M-parameter ImageNet classifier only to replace it; the initialisation is
+    torchvision's.
+    """
+    from torchvision.models.vgg import cfgs, make_layers
+
+    model = VGG.__new__(VGG)
+    nn.Module.__init__(model)
+    model.features = make_layers(cfgs["D"], batch_norm=True)
+    model.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+    model.classifier = nn.Sequential(
+        nn.Linear(512, hidden),
+        nn.ReLU(True),
+        nn.Dropout(p=dropout),
+        nn.Linear(hidden, hidden),
+        nn.ReLU(True),
+        nn.Dropout(p=dropout),
+        nn.Linear(hidden, num_classes),
+    )
+    for m in model.modules():  # torchvision's VGG initialisation
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.constant_(m.bias, 0)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.constant_(m.weight, 1)
+            nn.init.constant_(m.bias, 0)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0, 0.01)
+            nn.init.constant_(m.bias, 0)
+    return model
+
+
+def paper_vit(
+    patch_size: int = 8,
+    embed_dim: int = 192,
+    depth: int = 12,
+    num_heads: int = 3,
+    mlp_ratio: float = 4.0,
+    img_size: int = 32,
+    num_classes: int = 10,
+) -> nn.Module:
+    """timm VisionTransformer with 12 blocks (ViT-B's depth, ViT-Ti's width) on 3x32x32.
+
+    Patch 8 gives 4x4 patches plus the class token (the small built-in's patch 7 on 28x28
+    gives as many).
+    """
+    from timm.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(
+        img_size=img_size,
+        patch_size=patch_size,
+        in_chans=3,
         num_classes=num_classes,
         embed_dim=embed_dim,
         depth=depth,
