@@ -2,8 +2,8 @@
 
 Fast tests build them (never train them on real data): they are torchvision's `resnet50`
 and `vgg16_bn` and a 12-block timm `VisionTransformer`, with the module names the reference
-code's layer groups refer to, on 3x32x32 inputs. The slow test searches on the real
-ResNet-50 (it trains on first use, up to 45 minutes on a 2-core CPU).
+code's layer groups refer to, on 3x32x32 inputs. Nothing here trains them: a first-use
+training takes 45 minutes or more on a 2-core CPU, past CI's budget.
 """
 
 from __future__ import annotations
@@ -211,25 +211,3 @@ def test_search_from_empty_cache_on_toy_data(tiny_paper):
     assert "best:" in result.output
     assert list((tiny_paper / "cache" / "builtin").glob("fmnist-resnet50-*/model.safetensors"))
     assert (tiny_paper / "studies" / "builtin-fmnist-resnet50.db").is_file()
-
-
-@pytest.mark.slow
-def test_search_on_the_real_resnet50():
-    """The real model (trained on first use: up to 45 min on 2 CPU cores), a short search."""
-    import os
-    import subprocess
-    import sys
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        done = subprocess.run(
-            [sys.executable, "-c", "from pxopt.cli import main; main()", "search", "--model",
-             "builtin:fmnist-resnet50", "--trials", "3", "--rates", "0:1:0.1", "--no-report"],
-            cwd=tmp, capture_output=True, text=True,
-            env={**os.environ, "COLUMNS": "120",  # this checkout's pxopt, whatever is installed
-                 "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))},
-        )  # fmt: skip
-        assert done.returncode == 0, done.stdout + done.stderr
-        assert "best:" in done.stdout
-    loaded = load_model("builtin:fmnist-resnet50", device="cpu", progress=False)
-    assert loaded.meta["test_accuracy"] >= BUILTINS["fmnist-resnet50"].target
