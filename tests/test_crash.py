@@ -345,7 +345,7 @@ def test_a_trial_has_a_heartbeat_as_soon_as_ask_returns(tmp_path):
     _heartbeat_from_creation(sampler, storage)
     study = optuna.create_study(storage=storage, sampler=sampler)
     trial = study.ask()  # no heartbeat thread runs: as if the worker died right here
-    time.sleep(1.5)  # past the grace period
+    time.sleep(2.5)  # past the grace period (SQLite's now() has whole seconds)
     assert storage._get_stale_trial_ids(study._study_id) == [trial._trial_id]
     fail_stale_trials(study, storage)
     assert study.trials[0].state == TrialState.FAIL

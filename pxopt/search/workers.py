@@ -273,14 +273,14 @@ def run_worker(
         max_retry=plan.max_retry,
     )
     setup = factory(ctx)
-    if storage.get_heartbeat_interval() is not None:
-        _heartbeat_from_creation(setup.sampler, storage)
     try:
         study = optuna.load_study(
             study_name=plan.study_name, storage=storage, sampler=setup.sampler, pruner=setup.pruner
         )
     except KeyError as exc:
         raise StorageError(f"study {plan.study_name!r} does not exist in the storage") from exc
+    if storage.get_heartbeat_interval() is not None:
+        _heartbeat_from_creation(study.sampler, storage)
     current: list[int] = []
     interrupt = _Interrupt()
     # guard outermost: an interrupt raised by `wrap` (one that arrived during ask()) must
