@@ -120,9 +120,15 @@ class LinearOp:
             return t.unflatten(-1, (2, -1))
         return t.unflatten(1, (self.groups, 2, -1))
 
-    def merge_signs(self, t: Tensor) -> Tensor:
-        """The inverse of `split_signs`."""
-        return t.flatten(-2) if self.kind == "linear" else t.flatten(1, 3)
+    def stacked_shape(self, shape: Sequence[int]) -> list[int]:
+        """The shape of an output of a `stack_signs` weight, given the layer's output shape."""
+        out = list(shape)
+        out[-1 if self.kind == "linear" else 1] *= 2
+        return out
+
+    def sign_part(self, t: Tensor, i: int) -> Tensor:
+        """Sign block i (0 or 1) of a stacked output, shaped like `sign_axis` of an output."""
+        return self.split_signs(t).narrow(-2 if self.kind == "linear" else 2, i, 1)
 
     def sign_axis(self, t: Tensor) -> Tensor:
         """A (batch, n, ...) output with a size-1 sign axis, to broadcast against
@@ -210,9 +216,13 @@ class LayerRule:
         """A sign part of the merged weight W_m = out_scale * W, computed once per installed
         layer (z+ and alpha-beta only): "+" W_m+, "-" W_m-, "+-" W_m+ and W_m- stacked per
         group of output channels (twice the output channels, in the order group, sign,
-        channel, so one convolution with the layer's groups gives P and N), "-+" the other
-        order."""
+        channel, so one transposed convolution with the layer's groups sums W+^T a + W-^T c),
+        "-+" the other order. Without groups, "+" and "-" are views of a cached "+-"."""
         if part not in self._split:
+            n = self.weight.shape[0]
+            if part in ("+", "-") and "+-" in self._split and self.op.groups == 1:
+                self._split[part] = self._split["+-"][:n] if part == "+" else self._split["+-"][n:]
+                return self._split[part]
             w = self.weight
             if self.out_scale is not None:
                 w = w * self.out_scale.view(-1, *([1] * (w.ndim - 1)))
@@ -333,24 +343,37 @@ def _split_plus_minus(layer: LayerRule, x: Tensor, r: Tensor, signed: bool) -> T
         d = op.forward(xp, wp)
         if xn is not None:
             d.add_(op.forward(xn, layer.sign_weight("-")))
-        if b is not None:
-            d.add_(op.bias(b.clamp(min=0), d.ndim))
-        g = _div_stab(r, d, STABILIZER)
+        # P + b+ >= 0, so zennit's stab(P + b+) is P + b+ + eps
+        d.add_(STABILIZER if b is None else op.bias(b.clamp(min=0) + STABILIZER, d.ndim))
+        g = torch.div(r, d, out=d)
         out = op.transpose(wp, g, x).mul_(xp)
         return out if xn is None else out.addcmul_(xn, op.transpose(layer.sign_weight("-"), g, x))
 
-    # P and N in one convolution with [W+; W-] (and [W-; W+] on x-), the transposes likewise:
-    # [W+; W-]^T [a; c] = W+^T a + W-^T c.
-    w1 = layer.sign_weight("+-")
-    d = op.forward(xp, w1)
-    if xn is not None:
-        d.add_(op.forward(xn, layer.sign_weight("-+")))
-    if b is not None:
-        d.add_(op.bias(op.stack_signs(b.clamp(min=0), b.clamp(max=0)), d.ndim))
-    k = r.new_tensor([alpha, -beta]).view(2, *([1] * (1 if op.kind == "linear" else d.ndim - 1)))
-    g = torch.mul(op.sign_axis(r), k)  # (alpha R, -beta R) on the sign axis
-    g = op.merge_signs(g.div_(op.split_signs(stabilize(d, STABILIZER))))
-    out = op.transpose(w1, g, x).mul_(xp)
+    # P and N by their own convolutions (one with [W+; W-] is slower on CPU for narrow layers);
+    # the gradients go into one stacked tensor for a single transpose with [W+; W-]:
+    # [W+; W-]^T [a; c] = W+^T a + W-^T c (and [W-; W+] for x-).
+    w_stack = layer.sign_weight("+-")
+    wp, wn = layer.sign_weight("+"), layer.sign_weight("-")
+    g: Tensor | None = None
+    for i, (w1, w2, k) in enumerate(((wp, wn, alpha), (wn, wp, -beta))):
+        d = op.forward(xp, w1)
+        if xn is not None:
+            d.add_(op.forward(xn, w2))
+        # stab(P + b+) = P + b+ + eps and stab(N + b-) = N + b- - eps by their signs (zennit
+        # adds +eps at N + b- = 0, where every term that this quotient multiplies is 0)
+        eps = STABILIZER if i == 0 else -STABILIZER
+        if b is None:
+            d.add_(eps)
+        else:
+            d.add_(op.bias((b.clamp(min=0) if i == 0 else b.clamp(max=0)) + eps, d.ndim))
+        if g is None:
+            g = d.new_empty(op.stacked_shape(d.shape))
+        part = op.sign_part(g, i)
+        torch.div(op.sign_axis(r), op.sign_axis(d), out=part)
+        if k != 1.0:
+            part.mul_(k)
+    assert g is not None
+    out = op.transpose(w_stack, g, x).mul_(xp)
     return out if xn is None else out.addcmul_(xn, op.transpose(layer.sign_weight("-+"), g, x))
 
 
