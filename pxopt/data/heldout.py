@@ -11,9 +11,9 @@ import torch
 
 from pxopt.data.tensorset import TensorSet
 from pxopt.errors import DataError
+from pxopt.vocab import DEFAULT_N_HELDOUT
 
-#: Held-out images per task when a study does not say (fewer where the dataset has fewer).
-DEFAULT_N_HELDOUT = 300
+__all__ = ["DEFAULT_N_HELDOUT", "heldout_per_class", "split_indices_per_class", "split_per_class"]
 
 
 def heldout_per_class(n_heldout: int, n_classes: int, available: int) -> int:
