@@ -234,7 +234,7 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
     if "rows" not in summary:
         return [f"held-out: {summary['note']}"]
     lines = [f"held-out: {summary['n_images']} images the search never saw "
-             f"({summary['per_class']} per class); area = mean accuracy over the rates",
+             f"({summary['per_class']} per class); area = mean accuracy over the rate span",
              f"  {'':28s} {'search split':>12s} {'held-out':>9s}"]
     for row in summary["rows"].values():
         lines.append(f"  {row['label']:28s} {row['search_area']:12.4f} {row['heldout_area']:9.4f}")
