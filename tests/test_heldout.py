@@ -184,3 +184,36 @@ def test_study_from_before_the_split_still_exports_and_reports(fake: Path) -> No
     assert data["heldout"]["note"].startswith("no held-out split") and data["curve"]["rates"]
     _run(["report", "--study", "h", "--out", "r.html", "--heatmaps", "0"])
     assert "no held-out split" in (fake / "r.html").read_text()
+
+
+# -- a real model and Fashion-MNIST (random weights: the numbers, not their quality) ----------
+def test_real_search_heldout_matches_a_fresh_evaluation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pxopt.data import restricted_correct
+    from pxopt.models.builtin.archs import FmnistResNet
+    from pxopt.search.heldout import study_pipeline
+
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    ckpt = tmp_path / "net.pth"
+    torch.save(FmnistResNet().state_dict(), ckpt)
+    out = _run(["search", "--storage", str(tmp_path / "s.db"), "--study", "h", "--model",
+                f"file:{ckpt}@builtin:fmnist-resnet", "--classes", "3", "--n-ref", "2", "--n-val", "4",
+                "--n-heldout", "30", "--rates", "0,0.5", "--trials", "2", "--no-report", "--out-dir", "out"])
+    assert "held-out: 30 images the search never saw (10 per class)" in out
+    study = optuna.load_study(study_name="h", storage=f"sqlite:///{tmp_path / 's.db'}")
+    stored = heldout_summary(study, study.best_trial)["rows"]
+    # a fresh load of the study's model and task draws the same held-out images ...
+    pipe = study_pipeline(study)
+    assert pipe.task.describe()["heldout_hash"] == study.user_attrs[ATTR_SPLIT]["hash"]
+    with torch.inference_mode():  # ... and the unpruned point is the model's accuracy on them
+        x, y = pipe.task.heldout.images, pipe.task.heldout.labels
+        acc = int(restricted_correct(pipe.model(x), y, pipe.task.classes)) / len(y)
+    assert stored["optimised"]["heldout_curve"]["accuracies"][0] == pytest.approx(acc)
+    # recomputed from scratch (results dropped), the same curves
+    with sqlite3.connect(tmp_path / "s.db") as con:
+        con.execute("DELETE FROM study_user_attributes WHERE key = ?", (ATTR_RESULTS,))
+    _run(["export", "--storage", str(tmp_path / "s.db"), "--study", "h", "--out", "b.json"])
+    fresh = json.loads((tmp_path / "b.json").read_text())["heldout"]
+    assert fresh["note"] is None
+    for name, row in stored.items():
+        assert fresh["rows"][name]["heldout_curve"] == row["heldout_curve"]
