@@ -21,7 +21,13 @@ from pxopt.data import make_task
 from pxopt.data.heldout import split_per_class
 from pxopt.data.sources import Dataset, Split
 from pxopt.evaluate import curve_area
-from pxopt.search.heldout import ATTR_RESULTS, ATTR_SPLIT, heldout_summary
+from pxopt.search.heldout import (
+    ATTR_RESULTS,
+    ATTR_SPLIT,
+    heldout_summary,
+    no_split_note,
+    split_record,
+)
 
 
 # -- the split --------------------------------------------------------------------------------
@@ -70,9 +76,10 @@ def test_heldout_size_on_tiny_tasks_and_off() -> None:
     assert make_task(ds, n_ref=2, n_val=12, seed=0, n_heldout=300).heldout is None  # nothing left
     off = make_task(ds, n_ref=2, n_val=5, seed=0, n_heldout=0)
     assert off.heldout is None
-    every = make_task(ds, n_ref=2, n_val=None, seed=0, n_heldout=9)  # n_val all: all but the held-out
-    assert len(every.heldout) == 9 and len(every.validation) == 27
-    assert not _ids(every.heldout.images) & _ids(every.validation.images)
+    every = make_task(ds, n_ref=2, n_val=None, seed=0, n_heldout=9)  # n_val all: the objective keeps all
+    assert every.heldout is None and len(every.validation) == 36
+    assert every.describe()["n_heldout_images"] == 0
+    assert "n_val = all" in no_split_note(split_record(every))
 
 
 def test_library_split_is_the_benchmarks_split() -> None:

@@ -259,8 +259,9 @@ def make_task(
     is drawn from the images not used as reference. transform: PIL image -> tensor (the
     model's preprocessing; an `apply_batch(uint8 tensor)` attribute is used when present).
     n_heldout: held-out images per task (split evenly over the classes; fewer where the
-    validation split has fewer images left; 0: none), drawn as the tail of each class's
-    validation draw, so the validation images are those of the same task without them.
+    validation split has fewer images left; 0: none; none either with n_val None), drawn as
+    the tail of each class's validation draw, so the validation images are those of the
+    same task without them.
     """
     if n_ref < 1:
         raise DataError(f"n_ref must be >= 1, got {n_ref}")
@@ -286,9 +287,9 @@ def make_task(
         )
     loader = _Loader(transform, on_bad_image)
     rng = np.random.default_rng(seed)
-    n_held = heldout_per_class(
-        n_heldout, len(chosen), _left_for_heldout(val_split, chosen, n_val, n_ref if val_split is ref_split else 0)
-    )
+    # n_val None (all): every validation image is the objective's; none is left to hold out
+    left = 0 if n_val is None else _left_for_heldout(val_split, chosen, n_val, n_ref if val_split is ref_split else 0)
+    n_held = heldout_per_class(n_heldout, len(chosen), left)
     _check_size(ref_split, val_split, chosen, n_ref, n_val, n_held)
     ref_idx, reference = _draw(ref_split, chosen, ds.class_names, n_ref, rng, loader, "reference")
     exclude = set(ref_idx) if val_split is ref_split else None
@@ -335,12 +336,11 @@ def make_task(
     )
 
 
-def _left_for_heldout(split: Split, classes: list[int], n_val: int | None, n_ref: int) -> int:
+def _left_for_heldout(split: Split, classes: list[int], n_val: int, n_ref: int) -> int:
     """Images per class the held-out set may take: the fewest any class has beyond its
-    reference (same split) and validation images (n_val None, all: all but one)."""
+    reference (same split) and validation images."""
     counts = torch.bincount(split.labels, minlength=max(classes) + 1)
-    fewest = min(int(counts[c]) for c in classes) - n_ref
-    return max(0, fewest - (1 if n_val is None else n_val))
+    return max(0, min(int(counts[c]) for c in classes) - n_ref - n_val)
 
 
 def _check_size(ref: Split, val: Split, classes: list[int], n_ref: int, n_val: int | None,

@@ -33,7 +33,7 @@ def split_record(task: Any) -> dict[str, Any]:
     """What identifies a task's held-out images (`n_images` 0: it has none)."""
     info = getattr(task, "info", {}) or {}
     if getattr(task, "heldout", None) is None:
-        return {"n_heldout": int(info.get("n_heldout", 0)), "n_images": 0}
+        return {"n_heldout": int(info.get("n_heldout", 0)), "n_images": 0, "n_val": getattr(task, "n_val", 0)}
     return {
         "n_heldout": int(info["n_heldout"]),
         "per_class": int(info["heldout_per_class"]),
@@ -65,6 +65,8 @@ def no_split_note(record: dict[str, Any] | None) -> str:
         return f"{NO_SPLIT} (the study was made before pxopt kept one)"
     if int(record.get("n_heldout", 0)) == 0:
         return f"{NO_SPLIT} (n_heldout = 0)"
+    if record.get("n_val", 0) is None:
+        return f"{NO_SPLIT} (n_val = all: the search uses every validation image; set n_val to keep some out)"
     return f"{NO_SPLIT} (the dataset had no validation images left for one)"
 
 
