@@ -100,7 +100,7 @@ def register(app: typer.Typer) -> None:
 
         names = check_criteria(criteria.split(","), what="--criteria")
         spec = load_spec(spec_path, model=model, data=data, classes=classes, n_ref=n_ref, n_val=n_val,
-                         components=components, rates=parse_rates(rates), device=device)
+                         components=components, rates=parse_rates(rates), device=device, n_heldout=0)
         require_data(spec, data_given=data is not None, spec_path=spec_path)
         pipeline = Pipeline.from_spec(spec, allow_download=allow_download)
         from pxopt.report.figures import curve_styles

@@ -9,6 +9,7 @@ budget, seed their samplers apart and survive crashes and Ctrl-C.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -199,7 +200,8 @@ class SpecFactory:
             if pipeline is None:
                 from pxopt.pipeline import Pipeline
 
-                pipeline = Pipeline.from_spec(spec, device=ctx.device)
+                # (no held-out images: the main process evaluates them; the validation set is the same)
+                pipeline = Pipeline.from_spec(dataclasses.replace(spec, n_heldout=0), device=ctx.device)
             evaluate, timings = pipeline.evaluate, pipeline.timings
         offset = ctx.n_trials_before + 1000 * ctx.index
         seeds = {"study": spec.seed, "sampler": spec.seed + offset, "task": spec.task_seed, "worker": ctx.index}
