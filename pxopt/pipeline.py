@@ -50,6 +50,7 @@ class Pipeline:
     _cache: OrderedDict[str, ComponentScores] = field(default_factory=OrderedDict, repr=False)
     _val_batches: list | None = field(default=None, repr=False)
     _ref_batches: list | None = field(default=None, repr=False)
+    _heldout_batches: list | None = field(default=None, repr=False)
 
     def _cap(self) -> Any:
         from pxopt.prune import Cap
@@ -67,6 +68,12 @@ class Pipeline:
         if self._val_batches is None:
             self._val_batches = list(self.task.validation_batches(self.batch_size, self.device))
         return self._val_batches
+
+    def heldout_batches(self) -> list:
+        """The task's held-out batches (`Task.heldout`), on the device, loaded on first use."""
+        if self._heldout_batches is None:
+            self._heldout_batches = list(self.task.heldout_batches(self.batch_size, self.device))
+        return self._heldout_batches
 
     # -- construction -------------------------------------------------------------------
     @classmethod
@@ -98,6 +105,7 @@ class Pipeline:
             transform=loaded.transform,
             num_model_classes=loaded.num_classes,
             allow_download=allow_download,
+            n_heldout=spec.n_heldout,
         )
         return cls(
             model=loaded.model,
@@ -169,9 +177,11 @@ class Pipeline:
         on_rate: OnRate | None = None,
         *,
         rates: list[float] | None = None,
+        heldout: bool = False,
     ) -> Any:
         """Accuracy-vs-rate curve of the task when pruning by `scores` aggregated as `ranking`
-        (`pxopt.scores.RANKINGS`; None: the scores' default, the reference's aggregation)."""
+        (`pxopt.scores.RANKINGS`; None: the scores' default, the reference's aggregation),
+        on the validation set or, with `heldout`, on the held-out set no search sees."""
         from pxopt.evaluate import accuracy_curve
 
         start = time.perf_counter()
@@ -188,7 +198,7 @@ class Pipeline:
                 on_rate=on_rate,
                 cap=self._cap(),
                 batch_size=self.batch_size,
-                batches=self.validation_batches(),
+                batches=self.heldout_batches() if heldout else self.validation_batches(),
             )
         finally:
             self.last_timings["curve_s"] = time.perf_counter() - start
