@@ -16,13 +16,16 @@ afterwards):
 
 Other engines extend the tables with `register_treatment` / `register_residual`.
 `check_bn_pair` decides whether a BatchNorm may be merged into the layer registered
-right before it.
+right before it. A family that normalises a layer's *input* (pre-activation BatchNorm,
+e.g. DenseNet's BN-ReLU-Conv) names those BatchNorms with `register_input_norms`: they are
+never merged and get the epsilon rule of an element-wise affine layer instead
+(`pxopt.lrp.rules.lrp_affine`).
 """
 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch.fx
 from torch import Tensor, nn
@@ -161,6 +164,28 @@ try:
     register_residual(_TimmBottleneck, _timm_bottleneck)
 except ImportError:  # pragma: no cover
     pass
+
+
+# ---------------------------------------------------------------------------------------
+# BatchNorms that normalise a layer's input (pre-activation): not merged, own epsilon rule
+# ---------------------------------------------------------------------------------------
+InputNorms = Callable[[nn.Module], Iterable[str] | None]
+_INPUT_NORMS: list[InputNorms] = []
+
+
+def register_input_norms(fn: InputNorms) -> InputNorms:
+    """Add a function naming the BatchNorms of a model that normalise a layer's input (None
+    or empty when the model is not its family's)."""
+    _INPUT_NORMS.insert(0, fn)
+    return fn
+
+
+def input_norms(model: nn.Module) -> set[str]:
+    """Names of the model's pre-activation BatchNorms, as declared by its family."""
+    out: set[str] = set()
+    for fn in _INPUT_NORMS:
+        out.update(fn(model) or ())
+    return out
 
 
 # ---------------------------------------------------------------------------------------
