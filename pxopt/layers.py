@@ -51,9 +51,6 @@ class Layer:
     group: str  # "input" | "low" | "mid" | "high" | "fc"
     n_components: int
     depth: int  # position among the hidden layers (blocks for ViTs); -1 input, >= n for fc
-    # False: relevance is recorded but the components are not pruned (a family says why,
-    # e.g. DenseNet's growth channels feed every later layer behind a BatchNorm)
-    prunable: bool = True
 
 
 class LayerMap(list[Layer]):
@@ -70,7 +67,7 @@ class LayerMap(list[Layer]):
         wanted = set(kinds) if kinds is not None else None
         return [
             layer for layer in self
-            if layer.kind != "head" and layer.prunable and (wanted is None or layer.kind in wanted)
+            if layer.kind != "head" and (wanted is None or layer.kind in wanted)
         ]
 
     def by_name(self) -> dict[str, Layer]:
@@ -186,15 +183,14 @@ def discover_cnn(model: nn.Module, boundaries: tuple[float, float] = QUARTERS,
             if groups is not None:
                 layers.grouping, layers.stage_rule = "stage", rule
                 break
-    fixed = unprunable_layers(model)
     m0 = modules[first]
     layers.append(Layer(first, m0, "conv" if isinstance(m0, nn.Conv2d) else "linear", "input",
-                        _components(m0), -1, first not in fixed))
+                        _components(m0), -1))
     for depth, name in enumerate(hidden):
         m = modules[name]
         kind = "conv" if isinstance(m, nn.Conv2d) else "linear"
         group = groups[name] if groups is not None else depth_group(depth, len(hidden), boundaries)
-        layers.append(Layer(name, m, kind, group, _components(m), depth, name not in fixed))
+        layers.append(Layer(name, m, kind, group, _components(m), depth))
     for i, name in enumerate(fc):
         m = modules[name]
         kind = "head" if i == len(fc) - 1 else "linear"
@@ -305,24 +301,6 @@ _STAGE_RULES: list[tuple[str, StageRule]] = [
 def register_stage_rule(name: str, fn: StageRule) -> None:
     """Add a family's stage rule; it is asked before the built-in ones (None: not its model)."""
     _STAGE_RULES.insert(0, (name, fn))
-
-
-Unprunable = Callable[[nn.Module], Iterable[str] | None]
-_UNPRUNABLE: list[Unprunable] = []
-
-
-def register_unprunable(fn: Unprunable) -> Unprunable:
-    """Add a function naming the layers of a model whose components must not be pruned
-    (their relevance is still recorded); None or empty when the model is not its family's."""
-    _UNPRUNABLE.insert(0, fn)
-    return fn
-
-
-def unprunable_layers(model: nn.Module) -> set[str]:
-    out: set[str] = set()
-    for fn in _UNPRUNABLE:
-        out.update(fn(model) or ())
-    return out
 
 
 def _components(module: nn.Module) -> int:

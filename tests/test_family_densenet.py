@@ -184,8 +184,9 @@ def test_densenet121_explains_with_block_stages() -> None:
     assert {groups[n].group for n in lm.names() if ".denseblock4." in n} == {"high"}
     assert groups["classifier"].group == "fc"
     prunable = [la.name for la in lm.prunable()]
-    assert len(prunable) == 58 and all(n.endswith(".conv1") for n in prunable)
-    assert all(groups[n].n_components == 128 for n in prunable)
+    assert prunable == lm.names()[:-1] and len(prunable) == 1 + 2 * 58 + 3
+    assert {groups[n].n_components for n in prunable if n.endswith(".conv1")} == {128}
+    assert {groups[n].n_components for n in prunable if n.endswith(".conv2")} == {32}
     x = torch.randn(1, 3, 32, 32)
     check_explainable(model, x)
     exp = explain(model, x, [0], None)
@@ -234,15 +235,31 @@ def _pruned(lm, rate: float, seed: int = 0) -> dict[str, torch.Tensor]:
     return global_order(scores, lm, ("conv",)).pruned_at(rate)
 
 
+def test_feature_readers_follow_the_concatenations() -> None:
+    """Which pre-activation BatchNorms read a producer's channels, and at which offset."""
+    model = tiny_densenet(blocks=(2, 3))
+    readers = {k: [(n, o) for n, _, o in v] for k, v in FAMILY.feature_readers(model).items()}
+    b1, b2 = "features.denseblock1", "features.denseblock2"
+    assert readers["features.conv0"] == [(f"{b1}.denselayer1.norm1", 0), (f"{b1}.denselayer2.norm1", 0),
+                                         ("features.transition1.norm", 0)]
+    assert readers[f"{b1}.denselayer1.conv2"] == [(f"{b1}.denselayer2.norm1", 8),
+                                                  ("features.transition1.norm", 8)]
+    assert readers[f"{b2}.denselayer2.conv2"] == [(f"{b2}.denselayer3.norm1", 12), ("features.norm5", 12)]
+    assert readers[f"{b2}.denselayer3.conv2"] == [("features.norm5", 16)]
+    assert not any(n.endswith("conv1") for n in readers)  # bottlenecks are local
+
+
 def test_masking_slicing_and_physical_removal_agree() -> None:
+    """Every conv's channels are components; masking a global channel (conv0, growth conv2,
+    transition conv) also silences it in every BatchNorm that reads it, so the masked model
+    equals the physically pruned one (Torch-Pruning follows the concatenations)."""
     model = tiny_densenet(blocks=(2, 3)).float()
     lm = discover_layers(model)
     names = [la.name for la in lm.prunable(("conv",))]
-    assert names == [n for n in lm.names() if n.endswith(".conv1")]
-    with pytest.raises(Exception, match="non-prunable"):
-        Masker(model, lm, ("conv",)).set_pruned({"features.denseblock1.denselayer1.conv2": torch.ones(4)})
+    assert names == [n for n in lm.names() if n != "classifier"]
     pruned = _pruned(lm, 0.5)
-    assert sum(int(m.sum()) for m in pruned.values()) > 0
+    assert all(int(pruned[n].sum()) > 0 for n in ("features.conv0", "features.transition1.conv",
+                                                    "features.denseblock1.denselayer1.conv2"))
     x = torch.randn(4, 3, 32, 32)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
@@ -252,6 +269,7 @@ def test_masking_slicing_and_physical_removal_agree() -> None:
             masked = model(x)
             slicer = Slicer(model, lm, ("conv",))
             assert set(slicer.sliceable) == set(names)
+            assert {p.name for p in slicer.pairs} == {n for n in names if n.endswith(".conv1")}
             assert all(p.consumer_name.endswith(".conv2") for p in slicer.pairs)  # conv1 -> norm2 -> conv2
             with slicer:
                 slicer.apply(pruned)
@@ -260,15 +278,66 @@ def test_masking_slicing_and_physical_removal_agree() -> None:
     assert not torch.allclose(masked, full)
     torch.testing.assert_close(sliced, masked, rtol=1e-5, atol=1e-6)
     res = physical_prune(model, lm, pruned, x[:1], kinds=("conv",), measure_latency=False)
-    assert res.params_after < res.params_before
+    assert res.params_after < res.params_before and res.macs_after < res.macs_before
     for name, mask in pruned.items():
         assert len(res.removed[name]) == int(mask.sum()) and not res.masked.get(name)
-        kept = res.model.get_submodule(name)
-        assert kept.out_channels == mask.numel() - int(mask.sum())
-        assert res.model.get_submodule(name.replace("conv1", "norm2")).num_features == kept.out_channels
-        assert res.model.get_submodule(name.replace("conv1", "conv2")).in_channels == kept.out_channels
+        assert res.model.get_submodule(name).out_channels == mask.numel() - int(mask.sum())
+    kept1 = res.model.features.denseblock1.denselayer1.conv1.out_channels
+    assert res.model.features.denseblock1.denselayer1.norm2.num_features == kept1
+    assert res.model.features.denseblock1.denselayer1.conv2.in_channels == kept1
+    growth = [res.model.get_submodule(f"features.denseblock2.denselayer{i}.conv2").out_channels for i in (1, 2, 3)]
+    assert res.model.features.norm5.num_features == res.model.features.transition1.conv.out_channels + sum(growth)
     with torch.no_grad():
         torch.testing.assert_close(res.model(x), masked, rtol=1e-5, atol=1e-5)
+
+
+def test_masking_only_silences_a_global_channel_with_its_readers() -> None:
+    """Without the readers' BatchNorm channels, a zeroed growth channel still reaches the next
+    layers as relu(shift): the masked model would not be the pruned one (the test can fail)."""
+    from pxopt.prune import masking
+
+    model = tiny_densenet().float()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.bias.abs_()  # positive shifts: relu(shift) > 0 where a channel is zero
+    lm = discover_layers(model)
+    name = "features.denseblock1.denselayer1.conv2"
+    mask = torch.zeros(4, dtype=torch.bool)
+    mask[1] = True
+    x = torch.randn(2, 3, 32, 32)
+    res = physical_prune(model, lm, {name: mask}, x[:1], kinds=("conv",), measure_latency=False)
+    layer = lm.by_name()[name]
+    own = masking._own_targets(model, layer)
+    assert len(masking.component_targets(model, layer)) == len(own) + 4  # norm1 of layer 2, transition norm
+    with torch.no_grad():
+        saved = [t.tensor[1].clone() for t in own]
+        for t in own:
+            t.tensor[1] = 0
+        only_own = model(x)
+        for t, v in zip(own, saved, strict=True):
+            t.tensor[1] = v
+        assert not torch.allclose(only_own, res.model(x), atol=1e-4)
+
+
+def test_accuracy_curve_modes_agree() -> None:
+    """The curve's fast paths (slicing, prefix cache) give the masked model's accuracies."""
+    from pxopt.data import Task, TensorSet
+    from pxopt.evaluate import accuracy_curve
+
+    model = tiny_densenet(blocks=(1, 2, 1)).float()
+    model.requires_grad_(False)
+    lm = discover_layers(model)
+    g = torch.Generator().manual_seed(3)
+    val = TensorSet(torch.randn(24, 3, 32, 32, generator=g), torch.arange(24) % 5)
+    task = Task(dataset="random", classes=list(range(5)), class_names=list("abcde"), reference=val,
+                validation=val, seed=0, n_ref=2, n_val=4)
+    scores = {la.name: torch.rand(la.n_components, generator=g) for la in lm.prunable(("conv",))}
+    rates = [0.0, 0.2, 0.4, 0.6]
+    masked = accuracy_curve(model, task, lm, scores, kinds=("conv",), rates=rates, mode="mask",
+                            prefix_cache_bytes=0, detect_severed=False)
+    fast = accuracy_curve(model, task, lm, scores, kinds=("conv",), rates=rates, mode="auto")
+    assert masked.accuracies == fast.accuracies
 
 
 def test_default_stabilisers_conserve_to_their_size() -> None:
@@ -292,7 +361,7 @@ def test_lrp_still_conserves_on_the_masked_model(tiny_stabilisers: None) -> None
     want = exp.output[[0, 1], [0, 2]]
     assert torch.allclose(exp.input.sum((1, 2, 3)), want, rtol=1e-6, atol=1e-9)
     for name, mask in pruned.items():
-        assert torch.all(exp.components[name][:, mask] == 0)
+        assert torch.all(exp.components[name][:, mask] == 0), name
 
 
 # ---- search -----------------------------------------------------------------------------

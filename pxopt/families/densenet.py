@@ -36,16 +36,21 @@ LRP treatment (and why)
   (optionally checkpointed) forward are replaced for the explanation by equal forwards
   whose ReLU has the Pass rule and whose average pool has the Norm rule (as for ResNets).
 
-Components (conv channels)
-- prunable: the bottleneck `conv1` of every dense layer (bn_size * growth_rate channels).
-  A channel feeds only its own layer's norm2 -> relu2 -> conv2, so zeroing conv1's row and
-  norm2's channel is exactly removing it (masking, slicing and Torch-Pruning all agree).
-- recorded but not pruned (`Layer.prunable = False`): `conv0`, every growth conv `conv2`
-  and each transition's `conv`. Their channels are concatenated into the input of every
-  later layer of the block (and the next transition), where a pre-activation BatchNorm
-  turns a zeroed channel into the constant relu(c): zeroing the producer is not removing
-  the channel, and removing it is global (every later norm1 / conv1 loses an input).
-- classifier: the head (never pruned).
+Components: the output channels of every conv (conv0, each dense layer's bottleneck conv1
+and growth conv2, each transition's conv); the classifier is the head (never pruned).
+- conv1 (bn_size * growth_rate channels) feeds only its own layer's norm2 -> relu2 -> conv2:
+  zeroing conv1's row and norm2's channel is removing the channel (masking); slicing drops
+  it from conv1 / norm2 and from conv2's input.
+- conv0, conv2 and transition convs are global: their channels are concatenated into the
+  input of every later dense layer of the block and of the block's transition (or norm5),
+  each behind a pre-activation BatchNorm that would turn a zeroed channel into the constant
+  relu(shift). Masking therefore also zeroes the channel's weight and bias in every such
+  BatchNorm (`feature_readers` gives each with the channel's offset in its concatenation;
+  registered with `pxopt.prune.masking.register_mask_targets`), so the later layers see
+  exactly what they see once the channel is removed; Torch-Pruning removes the channel from
+  all of them (it follows the concatenations), and the pruned copy equals the masked model.
+  Slicing computes such a layer's kept channels and scatters them into zeros (exact, saves
+  the layer's own cost only).
 
 Stage groups (rule "densenet"): dense blocks are the stages, each transition with the block
 before it (it runs at that block's resolution), the stem (conv0) with the first block:
@@ -61,9 +66,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pxopt.layers import register_stage_rule, register_unprunable
+from pxopt.errors import UnsupportedLayerError
+from pxopt.layers import register_stage_rule
 from pxopt.lrp import canonizers as cz
 from pxopt.lrp.rules import lrp_norm, lrp_pass
+from pxopt.prune.masking import _Target, register_mask_targets
 
 try:
     from torchvision.models.densenet import DenseNet, _DenseBlock, _DenseLayer, _Transition
@@ -125,16 +132,61 @@ class DenseNetFamily:
             out[name] = "low" if stage == 1 else "high" if stage == n else "mid"
         return out
 
-    def unprunable(self, model: nn.Module) -> list[str]:
-        """conv0, the growth convs (conv2) and the transition convs (see the docstring)."""
+    @staticmethod
+    def feature_readers(model: nn.Module) -> dict[str, list[tuple[str, nn.Module, int]]]:
+        """Producer conv -> the pre-activation BatchNorms that read its channels, each with
+        the offset of those channels in the concatenation it normalises.
+
+        conv0 (through norm0, relu0, pool0) and each transition conv (through its pool) start
+        a block's feature list, each dense layer's conv2 appends to it; every dense layer's
+        norm1 reads the list so far, the transition's norm (or norm5) reads all of it.
+        """
+        out: dict[str, list[tuple[str, nn.Module, int]]] = {}
+        current: list[tuple[str, int]] = []
+
+        def read(bn_name: str, bn: nn.Module) -> None:
+            offset = 0
+            for producer, width in current:
+                out.setdefault(producer, []).append((bn_name, bn, offset))
+                offset += width
+            if getattr(bn, "num_features", offset) != offset:
+                raise UnsupportedLayerError(
+                    f"layer {bn_name!r} normalises {bn.num_features} channels but its dense "
+                    f"block's concatenation has {offset}: not torchvision's DenseNet structure")
+
+        for cname, child in model.features.named_children():
+            full = f"features.{cname}"
+            if cname == "conv0" and isinstance(child, nn.Conv2d):
+                current = [(full, int(child.out_channels))]
+            elif isinstance(child, _DenseBlock):
+                for lname, layer in child.items():
+                    read(f"{full}.{lname}.norm1", layer.norm1)
+                    current.append((f"{full}.{lname}.conv2", int(layer.conv2.out_channels)))
+            elif isinstance(child, _Transition):
+                read(f"{full}.norm", child.norm)
+                current = [(f"{full}.conv", int(child.conv.out_channels))]
+            elif cname == "norm5":
+                read(full, child)
+        return out
+
+    def mask_targets(self, model: nn.Module, layer: Any) -> list[_Target] | None:
+        """For a channel of conv0, a growth conv2 or a transition conv: its channel in every
+        pre-activation BatchNorm that reads it (weight and bias; the running mean for a
+        non-affine one), so that BatchNorm outputs 0 there, not relu(shift): the later
+        layers then see exactly what they would see with the channel removed."""
         if not self.matches(model):
-            return []
-        out = ["features.conv0"]
-        for name, module in model.named_modules():
-            if isinstance(module, _DenseLayer):
-                out.append(f"{name}.conv2")
-            elif isinstance(module, _Transition):
-                out.append(f"{name}.conv")
+            return None
+        readers = self.feature_readers(model).get(layer.name)
+        if not readers:
+            return None
+        out: list[_Target] = []
+        for _, bn, offset in readers:
+            shift = _offset(offset)
+            if bn.weight is None and bn.bias is None:
+                out.append(_Target(bn.running_mean, 0, shift))
+            for t in (bn.weight, bn.bias):
+                if t is not None:
+                    out.append(_Target(t, 0, shift))
         return out
 
     # ---- LRP -------------------------------------------------------------------------
@@ -157,6 +209,13 @@ class DenseNetFamily:
         return out
 
 
+def _offset(offset: int) -> Any:
+    def shift(idx: Tensor) -> Tensor:
+        return idx + offset
+
+    return shift
+
+
 FAMILY = DenseNetFamily()
 
 
@@ -171,7 +230,7 @@ def _register() -> None:
     for cls, fwd in FAMILY.block_forwards().items():
         cz.register_residual(cls, fwd)
     cz.register_input_norms(FAMILY.input_norms)
-    register_unprunable(FAMILY.unprunable)
+    register_mask_targets(FAMILY.mask_targets)
     register_stage_rule("densenet", _stage_rule)
 
 

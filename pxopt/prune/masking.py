@@ -5,6 +5,8 @@ A pruned component's parameters are zeroed so that its output is exactly zero:
   weight and bias when one follows (so BN's shift cannot leak a constant);
 - attention head: the head's rows of the value projection and their bias, so the head's
   output (A @ V) is exactly zero whatever the attention weights are.
+A family adds targets with `register_mask_targets` where zeroing the layer is not enough
+(DenseNet: the pre-activation BatchNorms of the later layers that read a channel).
 Only the zeroed rows are copied; undo writes them back with `index_copy_`, which leaves
 every parameter bit-identical.
 """
@@ -87,8 +89,27 @@ def head_value_targets(module: nn.Module, name: str = "") -> tuple[list[_Target]
     )
 
 
+ExtraTargets = Callable[[nn.Module, Any], "list[_Target] | None"]
+_EXTRA_TARGETS: list[ExtraTargets] = []
+
+
+def register_mask_targets(fn: ExtraTargets) -> ExtraTargets:
+    """Add a function giving further slices to zero for a layer's components (a family's
+    consumers that would otherwise turn a zero channel into a constant); None: nothing."""
+    _EXTRA_TARGETS.insert(0, fn)
+    return fn
+
+
 def component_targets(model: nn.Module, layer: Any) -> list[_Target]:
-    """Tensors to zero so that `layer`'s components output exactly zero."""
+    """Tensors to zero so that `layer`'s components output exactly zero (and, where a family
+    says so, so that nothing downstream sees them)."""
+    tg = _own_targets(model, layer)
+    for fn in _EXTRA_TARGETS:
+        tg += fn(model, layer) or []
+    return tg
+
+
+def _own_targets(model: nn.Module, layer: Any) -> list[_Target]:
     mod = layer.module
     if layer.kind == "heads":
         return head_value_targets(mod, layer.name)[0]
