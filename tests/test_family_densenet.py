@@ -387,3 +387,19 @@ def test_a_search_trial_completes(tmp_path: Path) -> None:
     study = run_search(spec, pipe.evaluate, timings=pipe.timings).study
     done = [t for t in study.trials if t.state.name == "COMPLETE"]
     assert done and all(0.0 <= t.value for t in done)
+
+
+def test_family_registry_and_models_listing() -> None:
+    """The family is found by `family_of` (exact DenseNet forward only) and listed."""
+    from pxopt.families import family_of
+    from pxopt.models import describe_supported
+    from pxopt.prune.masking import component_targets
+
+    model = tiny_densenet()
+    assert family_of(model) is FAMILY and FAMILY.kind == "cnn"
+    assert not FAMILY.matches(_OwnForward(growth_rate=4, block_config=(2, 2), num_init_features=8))
+    layer = discover_layers(model).by_name()["features.transition1.conv"]
+    mine = [(t.tensor.data_ptr(), t.index_map(torch.tensor([2])).item()) for t in FAMILY.mask_targets(model, layer)]
+    generic = [(t.tensor.data_ptr(), t.index_map(torch.tensor([2])).item()) for t in component_targets(model, layer)]
+    assert mine == generic and len(mine) == 1 + 2 * 3  # conv rows; 2 dense layers' norm1 and norm5
+    assert "DenseNet" in describe_supported()

@@ -67,10 +67,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pxopt.errors import UnsupportedLayerError
+from pxopt.families import register_family
+from pxopt.families.base import Family, StageSplit
 from pxopt.layers import register_stage_rule
 from pxopt.lrp import canonizers as cz
 from pxopt.lrp.rules import lrp_norm, lrp_pass
-from pxopt.prune.masking import _Target, register_mask_targets
+from pxopt.prune.masking import _own_targets, _Target, register_mask_targets
 
 try:
     from torchvision.models.densenet import DenseNet, _DenseBlock, _DenseLayer, _Transition
@@ -92,12 +94,18 @@ def _densenet_forward(self: nn.Module, x: Tensor) -> Tensor:
     return self.classifier(torch.flatten(out, 1))
 
 
-class DenseNetFamily:
-    """What pxopt knows about torchvision DenseNet (see the module docstring)."""
+class DenseNetFamily(Family):
+    """What pxopt knows about torchvision DenseNet (see the module docstring).
+
+    Beyond the `Family` protocol: `input_norms` (the pre-activation BatchNorms the engine
+    must not merge) and `feature_readers` / `reader_targets` (the BatchNorms that read a
+    global channel, zeroed with it when it is masked).
+    """
 
     name = "torchvision-densenet"
     kind = "cnn"
-    summary = ("torchvision DenseNet (densenet121/161/169/201): bottleneck conv channels; "
+    priority = 10
+    summary = ("torchvision DenseNet (densenet121/161/169/201): every conv's channels; "
                "pre-activation BatchNorm under its own epsilon rule, concatenations conserved")
 
     def matches(self, model: nn.Module) -> bool:
@@ -111,7 +119,7 @@ class DenseNetFamily:
         return [n for n, m in model.features.named_children() if isinstance(m, _DenseBlock)]
 
     def stage_groups(self, model: nn.Module, names: list[str],
-                     example_input: Tensor | None = None) -> dict[str, str] | None:
+                     example_input: Tensor | None = None) -> StageSplit | None:
         """Dense blocks as stages (transition with its block, stem with block 1)."""
         if not self.matches(model):
             return None
@@ -130,7 +138,7 @@ class DenseNetFamily:
                 elif child.startswith("transition") and child[10:].isdigit():
                     stage = int(child[10:])
             out[name] = "low" if stage == 1 else "high" if stage == n else "mid"
-        return out
+        return "densenet", out
 
     @staticmethod
     def feature_readers(model: nn.Module) -> dict[str, list[tuple[str, nn.Module, int]]]:
@@ -169,7 +177,11 @@ class DenseNetFamily:
                 read(full, child)
         return out
 
-    def mask_targets(self, model: nn.Module, layer: Any) -> list[_Target] | None:
+    def mask_targets(self, model: nn.Module, layer: Any) -> list[_Target]:
+        """The conv's own targets (weight row, following BatchNorm) and `reader_targets`."""
+        return _own_targets(model, layer) + (self.reader_targets(model, layer) or [])
+
+    def reader_targets(self, model: nn.Module, layer: Any) -> list[_Target] | None:
         """For a channel of conv0, a growth conv2 or a transition conv: its channel in every
         pre-activation BatchNorm that reads it (weight and bias; the running mean for a
         non-affine one), so that BatchNorm outputs 0 there, not relu(shift): the later
@@ -221,7 +233,8 @@ FAMILY = DenseNetFamily()
 
 def _stage_rule(model: nn.Module, modules: dict[str, nn.Module], names: list[str],
                 example_input: Tensor | None) -> dict[str, str] | None:
-    return FAMILY.stage_groups(model, names, example_input)
+    split = FAMILY.stage_groups(model, names, example_input)
+    return None if split is None else split[1]
 
 
 def _register() -> None:
@@ -230,7 +243,8 @@ def _register() -> None:
     for cls, fwd in FAMILY.block_forwards().items():
         cz.register_residual(cls, fwd)
     cz.register_input_norms(FAMILY.input_norms)
-    register_mask_targets(FAMILY.mask_targets)
+    register_mask_targets(FAMILY.reader_targets)
+    register_family(FAMILY)
     register_stage_rule("densenet", _stage_rule)
 
 
