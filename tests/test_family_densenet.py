@@ -403,3 +403,19 @@ def test_family_registry_and_models_listing() -> None:
     generic = [(t.tensor.data_ptr(), t.index_map(torch.tensor([2])).item()) for t in component_targets(model, layer)]
     assert mine == generic and len(mine) == 1 + 2 * 3  # conv rows; 2 dense layers' norm1 and norm5
     assert "DenseNet" in describe_supported()
+
+
+def test_every_criterion_scores_every_conv() -> None:
+    """The baselines (weights, activations, gradients, IG, LRP variants) read DenseNet's convs."""
+    from pxopt.criteria import CRITERIA
+    from pxopt.criteria.compute import compute_scores
+
+    model = tiny_densenet().float()
+    model.requires_grad_(False)
+    lm = discover_layers(model)
+    batches = [(torch.randn(2, 3, 32, 32), torch.tensor([0, 3]))]
+    for name in CRITERIA:
+        sc = compute_scores(name, model, batches, lm, kinds=("conv",), steps=2)
+        assert set(sc.abs) == {la.name for la in lm.prunable(("conv",))}, name
+        assert all(torch.isfinite(v).all() and v.numel() == lm.by_name()[k].n_components
+                   for k, v in sc.abs.items()), name
