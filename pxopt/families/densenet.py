@@ -10,25 +10,27 @@ every earlier feature map of the block; `norm2` directly follows `conv1`.
 
 LRP treatment (and why)
 - BatchNorm right after a conv (`norm0` after `conv0`, `norm2` after `conv1`): merged into
-  the conv for the backward, as everywhere in pxopt (zennit's `MergeBatchNorm`; Montavon et
-  al. 2019, "Layer-wise relevance propagation: an overview", sec. 10.2.1, fold BN into the
-  adjacent linear layer).
+  the conv for the backward, as everywhere in pxopt (zennit's `MergeBatchNorm`).
 - BatchNorm on a layer's input (`norm1` of each dense layer, each transition's `norm`,
   `norm5`): it cannot be folded into the conv that follows it, because a ReLU sits in
-  between, nor into the convs before it, because each of their output channels is
-  normalised differently by every later layer that reads it (and, for the stem, a max pool
-  sits in between). It is therefore its own layer: an element-wise affine map
-  y = s x + c (s = gamma / sqrt(var + eps), c = beta - mean s, eval mode) with the epsilon
-  rule R_x = s x R_y / stab(s x + c) (`pxopt.lrp.rules.lrp_affine`, stabiliser 1e-6). This
-  is the "BN as a linear layer with the epsilon rule" of Hui & Binder 2019 ("BatchNorm
-  Decomposition for Deep Neural Network Interpretation", IWANN), and exactly what zennit's
-  `Epsilon` hook computes on a BatchNorm module. The shift c absorbs its share of relevance
-  as any bias does under the epsilon rule, so the treatment agrees with the merged case
-  (where the shift is the merged conv's bias) up to the stabiliser; the alternative of
-  zennit's default for an unmerged BatchNorm, Pass (R_x = R_y), ignores the shift and would
-  treat the same operation differently depending on where it sits. On a bias-free variant
-  (zero running mean and BN bias) both are the identity on relevance and the network
-  conserves relevance exactly.
+  between (the fusion of Guillemot et al. 2020, "Breaking Batch Normalization for better
+  explainability ... through LRP", arXiv:2002.11018, and zennit's `MergeBatchNorm` need the
+  BatchNorm directly after the linear layer), nor into the convs before it, because each of
+  their output channels is normalised differently by every later layer that reads it (and,
+  for the stem, a max pool sits in between). It is therefore its own layer: an element-wise
+  affine map y = s x + c (s = gamma / sqrt(var + eps), c = beta - mean s, eval mode) with
+  the epsilon rule R_x = s x R_y / stab(s x + c) (`pxopt.lrp.rules.lrp_affine`, stabiliser
+  1e-6), exactly what zennit's `Epsilon` hook computes on a BatchNorm module (the parity
+  tests use that). Hui & Binder 2019 ("BatchNorm Decomposition for Deep Neural Network
+  Interpretation", IWANN, LNCS 11507) compare the choices for BatchNorm layers: the identity
+  rule (zennit's default `Pass` for an unmerged BatchNorm) performs poorly on DenseNet, where
+  the BatchNorm normalises concatenated features; the epsilon rule works but can misbehave
+  where the shift cancels the input (their MobileNet case); they also propose a rule of
+  their own, not implemented here. The epsilon rule treats the shift as any bias is treated
+  under the epsilon rule (it absorbs its share), so it agrees with the merged case (where the
+  shift is the merged conv's bias) up to the stabiliser, whereas Pass would treat the same
+  operation differently depending on where it sits. On a bias-free variant (zero running
+  mean and BN bias) the network conserves relevance exactly (tests, float64).
 - Concatenation: `torch.cat`'s gradient gives each input its slice of the output's
   relevance, so every earlier feature map receives exactly the relevance of its channels,
   summed over all later layers that read it (the engine allows `CatBackward0` generically).
