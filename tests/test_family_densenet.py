@@ -172,6 +172,18 @@ def test_parity_with_zennit(composite: str) -> None:
         assert _rel(exp.components[name], want) < 1e-8, (composite, name)
 
 
+def test_parity_with_zennit_on_densenet121() -> None:
+    """The real architecture (random weights and BatchNorm statistics), mixed rules."""
+    torch.manual_seed(0)
+    model = randomise_bn(torchvision.models.densenet121(weights=None, num_classes=10)).double().eval()
+    lm = discover_layers(model)
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    rel, comps = _zennit_densenet(model, x, [3], COMPOSITES["mixed"], lm)
+    exp = explain(model, x, [3], COMPOSITES["mixed"], layer_map=lm)
+    assert _rel(exp.input, rel) < 1e-8
+    assert max(_rel(exp.components[k], v) for k, v in comps.items()) < 1e-8
+
+
 def test_densenet121_explains_with_block_stages() -> None:
     """The real architecture (random weights): explainable, dense blocks as stages."""
     model = torchvision.models.densenet121(weights=None).eval()
