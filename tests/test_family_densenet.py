@@ -283,10 +283,23 @@ def test_masking_slicing_and_physical_removal_agree() -> None:
             assert set(slicer.sliceable) == set(names)
             assert {p.name for p in slicer.pairs} == {n for n in names if n.endswith(".conv1")}
             assert all(p.consumer_name.endswith(".conv2") for p in slicer.pairs)  # conv1 -> norm2 -> conv2
+            assert [sorted(p.names) for p in slicer.plans] == [sorted(set(names) - {p.name for p in slicer.pairs})]
             with slicer:
                 slicer.apply(pruned)
                 sliced = model(x)
+                # the global channels left the producers, every reader and its reading layer
+                kept = {n: int((~pruned[n]).sum()) for n in names}
+                f = model.features
+                assert f.denseblock1.denselayer1.conv2.weight.shape[:2] == (
+                    kept["features.denseblock1.denselayer1.conv2"], kept["features.denseblock1.denselayer1.conv1"])
+                assert f.norm0.weight.numel() == kept["features.conv0"]
+                width5 = kept["features.transition1.conv"] + sum(
+                    kept[f"features.denseblock2.denselayer{i}.conv2"] for i in (1, 2, 3))
+                assert f.norm5.running_var.numel() == width5 and model.classifier.weight.shape[1] == width5
+                assert f.transition1.conv.weight.shape[1] == kept["features.conv0"] + sum(
+                    kept[f"features.denseblock1.denselayer{i}.conv2"] for i in (1, 2))
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(v is not None and v.shape == before[k].shape for k, v in model.state_dict().items())
     assert not torch.allclose(masked, full)
     torch.testing.assert_close(sliced, masked, rtol=1e-5, atol=1e-6)
     res = physical_prune(model, lm, pruned, x[:1], kinds=("conv",), measure_latency=False)
@@ -301,6 +314,24 @@ def test_masking_slicing_and_physical_removal_agree() -> None:
     assert res.model.features.norm5.num_features == res.model.features.transition1.conv.out_channels + sum(growth)
     with torch.no_grad():
         torch.testing.assert_close(res.model(x), masked, rtol=1e-5, atol=1e-5)
+
+
+def test_slicing_a_fully_pruned_growth_conv_keeps_one_zero_channel() -> None:
+    model = tiny_densenet().float()
+    lm = discover_layers(model)
+    pruned = {la.name: torch.zeros(la.n_components, dtype=torch.bool) for la in lm.prunable(("conv",))}
+    pruned["features.denseblock1.denselayer2.conv2"][:] = True
+    pruned["features.conv0"][::2] = True
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), Masker(model, lm, ("conv",)) as masker:
+        masker.set_pruned(pruned)
+        masked = model(x)
+        with Slicer(model, lm, ("conv",)) as slicer:
+            slicer.apply(pruned)
+            assert model.features.denseblock1.denselayer2.conv2.out_channels == 4  # attribute, not weight
+            assert model.features.denseblock1.denselayer2.conv2.weight.shape[0] == 1
+            sliced = model(x)
+    torch.testing.assert_close(sliced, masked, rtol=1e-5, atol=1e-6)
 
 
 def test_masking_only_silences_a_global_channel_with_its_readers() -> None:

@@ -51,8 +51,9 @@ and growth conv2, each transition's conv); the classifier is the head (never pru
   registered with `pxopt.prune.masking.register_mask_targets`), so the later layers see
   exactly what they see once the channel is removed; Torch-Pruning removes the channel from
   all of them (it follows the concatenations), and the pruned copy equals the masked model.
-  Slicing computes such a layer's kept channels and scatters them into zeros (exact, saves
-  the layer's own cost only).
+  Slicing (`slice_plan`) drops the pruned global channels from their producers and, in
+  every reader, from the BatchNorm and the reading layer's input (conv1, the transition
+  conv, the classifier), as Torch-Pruning does; bottleneck channels use the generic pairs.
 
 Stage groups (rule "densenet"): dense blocks are the stages, each transition with the block
 before it (it runs at that block's resolution), the stem (conv0) with the first block:
@@ -62,6 +63,8 @@ the grouping of ResNet's layer1 / layer2-3 / layer4); two blocks: low, high.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -75,6 +78,7 @@ from pxopt.layers import register_stage_rule
 from pxopt.lrp import canonizers as cz
 from pxopt.lrp.rules import lrp_norm, lrp_pass
 from pxopt.prune.masking import _own_targets, _Target, register_mask_targets
+from pxopt.prune.slicing import Edit, SlicePlan, register_slice_plan
 
 try:
     from torchvision.models.densenet import DenseNet, _DenseBlock, _DenseLayer, _Transition
@@ -143,41 +147,64 @@ class DenseNetFamily(Family):
         return "densenet", out
 
     @staticmethod
-    def feature_readers(model: nn.Module) -> dict[str, list[tuple[str, nn.Module, int]]]:
-        """Producer conv -> the pre-activation BatchNorms that read its channels, each with
-        the offset of those channels in the concatenation it normalises.
+    def readers(model: nn.Module) -> list[Reader]:
+        """Every pre-activation BatchNorm with the producers of the channels it normalises
+        (in concatenation order) and the layer that reads its output (after the ReLU).
 
         conv0 (through norm0, relu0, pool0) and each transition conv (through its pool) start
         a block's feature list, each dense layer's conv2 appends to it; every dense layer's
-        norm1 reads the list so far, the transition's norm (or norm5) reads all of it.
+        norm1 (read by its conv1) sees the list so far, the transition's norm (read by its
+        conv) or norm5 (read by the classifier, after the global pool) sees all of it.
         """
-        out: dict[str, list[tuple[str, nn.Module, int]]] = {}
-        current: list[tuple[str, int]] = []
+        out: list[Reader] = []
+        current: list[tuple[str, nn.Module]] = []
 
-        def read(bn_name: str, bn: nn.Module) -> None:
-            offset = 0
-            for producer, width in current:
-                out.setdefault(producer, []).append((bn_name, bn, offset))
-                offset += width
-            if getattr(bn, "num_features", offset) != offset:
+        def read(bn_name: str, bn: nn.Module, consumer: nn.Module) -> None:
+            width = sum(int(m.out_channels) for _, m in current)
+            if getattr(bn, "num_features", width) != width:
                 raise UnsupportedLayerError(
                     f"layer {bn_name!r} normalises {bn.num_features} channels but its dense "
-                    f"block's concatenation has {offset}: not torchvision's DenseNet structure")
+                    f"block's concatenation has {width}: not torchvision's DenseNet structure")
+            out.append(Reader(bn_name, bn, consumer, list(current)))
 
         for cname, child in model.features.named_children():
             full = f"features.{cname}"
             if cname == "conv0" and isinstance(child, nn.Conv2d):
-                current = [(full, int(child.out_channels))]
+                current = [(full, child)]
             elif isinstance(child, _DenseBlock):
                 for lname, layer in child.items():
-                    read(f"{full}.{lname}.norm1", layer.norm1)
-                    current.append((f"{full}.{lname}.conv2", int(layer.conv2.out_channels)))
+                    read(f"{full}.{lname}.norm1", layer.norm1, layer.conv1)
+                    current.append((f"{full}.{lname}.conv2", layer.conv2))
             elif isinstance(child, _Transition):
-                read(f"{full}.norm", child.norm)
-                current = [(f"{full}.conv", int(child.conv.out_channels))]
+                read(f"{full}.norm", child.norm, child.conv)
+                current = [(f"{full}.conv", child.conv)]
             elif cname == "norm5":
-                read(full, child)
+                read(full, child, model.classifier)
         return out
+
+    def feature_readers(self, model: nn.Module) -> dict[str, list[tuple[str, nn.Module, int]]]:
+        """Producer conv -> the pre-activation BatchNorms that read its channels, each with
+        the offset of those channels in the concatenation it normalises."""
+        out: dict[str, list[tuple[str, nn.Module, int]]] = {}
+        for r in self.readers(model):
+            offset = 0
+            for producer, module in r.producers:
+                out.setdefault(producer, []).append((r.name, r.bn, offset))
+                offset += int(module.out_channels)
+        return out
+
+    def slice_plan(self, model: nn.Module, names: set[str]) -> SlicePlan | None:
+        """Slicing of the global channels (`pxopt.prune.slicing.register_slice_plan`): each
+        pruned channel leaves its producer (and norm0 for conv0) and, in every reader, the
+        BatchNorm and the reading layer's input columns; exact on the masked model (those
+        channels contribute 0) and cheaper than scattering them back."""
+        if not self.matches(model):
+            return None
+        readers = self.readers(model)
+        producers = {p for r in readers for p, _ in r.producers}
+        if not producers or not producers <= names:
+            return None  # e.g. only the bottlenecks prunable: the generic pairs do it
+        return SlicePlan(sorted(producers), lambda pruned: _slice_edits(model, readers, pruned))
 
     def mask_targets(self, model: nn.Module, layer: Any) -> list[_Target]:
         """The conv's own targets (weight row, following BatchNorm) and `reader_targets`."""
@@ -223,6 +250,55 @@ class DenseNetFamily(Family):
         return out
 
 
+@dataclass
+class Reader:
+    """A pre-activation BatchNorm, the producers of its input channels (in order) and the
+    layer reading its output (conv1, a transition conv, or the classifier)."""
+
+    name: str
+    bn: nn.Module
+    consumer: nn.Module
+    producers: list[tuple[str, nn.Module]]
+
+
+def _kept(mask: Tensor | None, n: int) -> Tensor:
+    """Kept channel indices; one (masked, zero) channel when all are pruned."""
+    if mask is None:
+        return torch.arange(n)
+    keep = (~mask.to("cpu", torch.bool)).nonzero().flatten()
+    return keep if keep.numel() else torch.zeros(1, dtype=torch.long)
+
+
+def _slice_edits(model: nn.Module, readers: list[Reader], pruned: Mapping[str, Tensor]) -> list[Edit]:
+    edits: list[Edit] = []
+    keeps: dict[str, Tensor] = {}
+    for r in readers:
+        for name, module in r.producers:
+            keeps.setdefault(name, _kept(pruned.get(name), int(module.out_channels)))
+    if not any(k.numel() < int(model.get_submodule(n).out_channels) for n, k in keeps.items()):
+        return []
+    device = next(model.parameters()).device
+    for name, keep in keeps.items():
+        module = model.get_submodule(name)
+        edits += [(module, "_parameters", attr, 0, keep.to(device)) for attr in ("weight", "bias")]
+        if name == "features.conv0":  # its BatchNorm; relu0 and pool0 are channel-wise
+            edits += _bn_edits(model.features.norm0, keep.to(device))
+    for r in readers:
+        offset, parts = 0, []
+        for name, module in r.producers:
+            parts.append(keeps[name] + offset)
+            offset += int(module.out_channels)
+        idx = torch.cat(parts).to(device)
+        edits += _bn_edits(r.bn, idx)
+        edits.append((r.consumer, "_parameters", "weight", 1, idx))
+    return edits
+
+
+def _bn_edits(bn: nn.Module, idx: Tensor) -> list[Edit]:
+    return [(bn, "_parameters", a, 0, idx) for a in ("weight", "bias")] + \
+        [(bn, "_buffers", a, 0, idx) for a in ("running_mean", "running_var")]
+
+
 def _offset(offset: int) -> Any:
     def shift(idx: Tensor) -> Tensor:
         return idx + offset
@@ -246,6 +322,7 @@ def _register() -> None:
         cz.register_residual(cls, fwd)
     cz.register_input_norms(FAMILY.input_norms)
     register_mask_targets(FAMILY.reader_targets)
+    register_slice_plan(FAMILY.slice_plan)
     register_family(FAMILY)
     register_stage_rule("densenet", _stage_rule)
 

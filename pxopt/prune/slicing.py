@@ -9,13 +9,15 @@ A masked channel is exactly zero after its layer (and BatchNorm), so it need not
   into a zero tensor of the full width (exact: the dropped channels are zeros anyway);
 - heads: timm `Attention` (plain: no gate, no scale-norm) runs with only its kept heads
   (q/k/v rows and output-projection columns sliced, `num_heads` / `attn_dim` set).
+- plans: a family that knows how channels travel through its own structure (DenseNet's
+  concatenations) slices them itself (`register_slice_plan`): its layers leave the cases above.
 Results agree with the masked model up to float summation order. The original Parameter
 objects and attributes are put back on `undo`, so nothing is copied back and masks stay valid.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +28,28 @@ from pxopt.prune._layers import prunable_layers
 from pxopt.prune.graph import find_following
 
 _MISSING = object()
+
+#: (module, "_parameters" | "_buffers", attribute, dim, kept indices): one slicing step
+Edit = tuple[nn.Module, str, str, int, torch.Tensor]
+
+
+@dataclass
+class SlicePlan:
+    """A family's slicing of some prunable layers: `edits(pruned)` gives every step for the
+    current masks (masks already applied; the sliced model must equal the masked one)."""
+
+    names: list[str]
+    edits: Callable[[Mapping[str, torch.Tensor]], list[Edit]]
+
+
+PlanFn = Callable[[nn.Module, set[str]], "SlicePlan | None"]
+_PLANS: list[PlanFn] = []
+
+
+def register_slice_plan(fn: PlanFn) -> PlanFn:
+    """Add fn(model, prunable layer names) -> SlicePlan | None (None: not its model)."""
+    _PLANS.insert(0, fn)
+    return fn
 
 
 def _keep(mask: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -76,7 +100,12 @@ class Slicer:
         self.pairs: list[_Pair] = []
         self.outs: list[_Out] = []
         self.heads: list[tuple[str, nn.Module]] = []
-        for layer in prunable_layers(layer_map, kinds):
+        layers = prunable_layers(layer_map, kinds)
+        self.plans = [p for fn in _PLANS if (p := fn(model, {la.name for la in layers})) is not None]
+        planned = {n for p in self.plans for n in p.names}
+        for layer in layers:
+            if layer.name in planned:
+                continue
             if layer.kind == "heads" and _plain_timm_attention(layer.module):
                 self.heads.append((layer.name, layer.module))
             if layer.kind not in ("conv", "linear", "mlp"):
@@ -98,7 +127,8 @@ class Slicer:
     @property
     def sliceable(self) -> list[str]:
         """Names of the layers whose pruned channels are sliced out during evaluation."""
-        return [p.name for p in self.pairs] + [o.name for o in self.outs] + [h[0] for h in self.heads]
+        return [p.name for p in self.pairs] + [o.name for o in self.outs] + [h[0] for h in self.heads] + \
+            [n for p in self.plans for n in p.names]
 
     def apply(self, pruned: Mapping[str, torch.Tensor]) -> None:
         """Slice out the pruned channels of every sliceable layer (masks must already be applied)."""
@@ -139,6 +169,9 @@ class Slicer:
             last = o.bn if o.bn is not None else o.producer
             dim = 1 if isinstance(o.producer, nn.Conv2d) else -1
             self._hooks.append(last.register_forward_hook(_scatter(keep, int(mask.numel()), dim)))
+        for plan in self.plans:
+            for mod, store, attr, dim, keep in plan.edits(pruned):
+                add(mod, store, attr, dim, keep)
         for name, attn in self.heads:
             mask = pruned.get(name)
             if mask is None or not bool(mask.any()):
