@@ -104,8 +104,11 @@ class DenseNetFamily(Family):
     """What pxopt knows about torchvision DenseNet (see the module docstring).
 
     Beyond the `Family` protocol: `input_norms` (the pre-activation BatchNorms the engine
-    must not merge) and `feature_readers` / `reader_targets` (the BatchNorms that read a
-    global channel, zeroed with it when it is masked).
+    must not merge), `readers` / `feature_readers` / `reader_targets` (the BatchNorms that
+    read a global channel, zeroed with it when it is masked) and `slice_plan` (slicing those
+    channels out of producers and readers). Today they are wired through the generic hooks
+    `register_input_norms`, `register_mask_targets`, `register_slice_plan`,
+    `register_stage_rule`, `register_residual` (see `_register`).
     """
 
     name = "torchvision-densenet"
