@@ -338,6 +338,7 @@ def test_masking_only_silences_a_global_channel_with_its_readers() -> None:
     """Without the readers' BatchNorm channels, a zeroed growth channel still reaches the next
     layers as relu(shift): the masked model would not be the pruned one (the test can fail)."""
     from pxopt.prune import masking
+    from pxopt.prune.targets import channel_targets
 
     model = tiny_densenet().float()
     with torch.no_grad():
@@ -351,7 +352,7 @@ def test_masking_only_silences_a_global_channel_with_its_readers() -> None:
     x = torch.randn(2, 3, 32, 32)
     res = physical_prune(model, lm, {name: mask}, x[:1], kinds=("conv",), measure_latency=False)
     layer = lm.by_name()[name]
-    own = masking._own_targets(model, layer)
+    own = channel_targets(model, layer)
     assert len(masking.component_targets(model, layer)) == len(own) + 4  # norm1 of layer 2, transition norm
     with torch.no_grad():
         saved = [t.tensor[1].clone() for t in own]

@@ -48,7 +48,7 @@ and growth conv2, each transition's conv); the classifier is the head (never pru
   each behind a pre-activation BatchNorm that would turn a zeroed channel into the constant
   relu(shift). Masking therefore also zeroes the channel's weight and bias in every such
   BatchNorm (`feature_readers` gives each with the channel's offset in its concatenation;
-  registered with `pxopt.prune.masking.register_mask_targets`), so the later layers see
+  the family's `mask_targets`), so the later layers see
   exactly what they see once the channel is removed; Torch-Pruning removes the channel from
   all of them (it follows the concatenations), and the pruned copy equals the masked model.
   Slicing (`slice_plan`) drops the pruned global channels from their producers and, in
@@ -73,12 +73,8 @@ from torch import Tensor, nn
 
 from pxopt.errors import UnsupportedLayerError
 from pxopt.families import register_family
-from pxopt.families.base import Family, StageSplit
-from pxopt.layers import register_stage_rule
-from pxopt.lrp import canonizers as cz
+from pxopt.families.base import BlockForward, Family, SliceEdit, SlicePlan, StageSplit, Target
 from pxopt.lrp.rules import lrp_norm, lrp_pass
-from pxopt.prune.masking import _own_targets, _Target, register_mask_targets
-from pxopt.prune.slicing import Edit, SlicePlan, register_slice_plan
 
 try:
     from torchvision.models.densenet import DenseNet, _DenseBlock, _DenseLayer, _Transition
@@ -103,12 +99,10 @@ def _densenet_forward(self: nn.Module, x: Tensor) -> Tensor:
 class DenseNetFamily(Family):
     """What pxopt knows about torchvision DenseNet (see the module docstring).
 
-    Beyond the `Family` protocol: `input_norms` (the pre-activation BatchNorms the engine
-    must not merge), `readers` / `feature_readers` / `reader_targets` (the BatchNorms that
-    read a global channel, zeroed with it when it is masked) and `slice_plan` (slicing those
-    channels out of producers and readers). Today they are wired through the generic hooks
-    `register_input_norms`, `register_mask_targets`, `register_slice_plan`,
-    `register_stage_rule`, `register_residual` (see `_register`).
+    Protocol methods used: `stage_groups` (dense blocks), `block_forwards`, `input_norms`
+    (the pre-activation BatchNorms the engine must not merge), `mask_targets` (a global
+    channel is also zeroed in every BatchNorm that reads it: `readers`, `feature_readers`,
+    `reader_targets`) and `slice_plan` (those channels sliced out of producers and readers).
     """
 
     name = "torchvision-densenet"
@@ -132,10 +126,9 @@ class DenseNetFamily(Family):
         """Dense blocks as stages (transition with its block, stem with block 1)."""
         if not self.matches(model):
             return None
-        blocks = self.blocks(model)
-        n = len(blocks)
+        n = len(self.blocks(model))
         if n < 2:
-            return None
+            return super().stage_groups(model, names, example_input)
         out: dict[str, str] = {}
         stage = 1
         for name in names:
@@ -197,7 +190,7 @@ class DenseNetFamily(Family):
         return out
 
     def slice_plan(self, model: nn.Module, names: set[str]) -> SlicePlan | None:
-        """Slicing of the global channels (`pxopt.prune.slicing.register_slice_plan`): each
+        """Slicing of the global channels (`Family.slice_plan`): each
         pruned channel leaves its producer (and norm0 for conv0) and, in every reader, the
         BatchNorm and the reading layer's input columns; exact on the masked model (those
         channels contribute 0) and cheaper than scattering them back."""
@@ -209,11 +202,13 @@ class DenseNetFamily(Family):
             return None  # e.g. only the bottlenecks prunable: the generic pairs do it
         return SlicePlan(sorted(producers), lambda pruned: _slice_edits(model, readers, pruned))
 
-    def mask_targets(self, model: nn.Module, layer: Any) -> list[_Target]:
+    def mask_targets(self, model: nn.Module, layer: Any) -> list[Target]:
         """The conv's own targets (weight row, following BatchNorm) and `reader_targets`."""
-        return _own_targets(model, layer) + (self.reader_targets(model, layer) or [])
+        from pxopt.prune.targets import channel_targets
 
-    def reader_targets(self, model: nn.Module, layer: Any) -> list[_Target] | None:
+        return channel_targets(model, layer) + (self.reader_targets(model, layer) or [])
+
+    def reader_targets(self, model: nn.Module, layer: Any) -> list[Target] | None:
         """For a channel of conv0, a growth conv2 or a transition conv: its channel in every
         pre-activation BatchNorm that reads it (weight and bias; the running mean for a
         non-affine one), so that BatchNorm outputs 0 there, not relu(shift): the later
@@ -223,18 +218,18 @@ class DenseNetFamily(Family):
         readers = self.feature_readers(model).get(layer.name)
         if not readers:
             return None
-        out: list[_Target] = []
+        out: list[Target] = []
         for _, bn, offset in readers:
             shift = _offset(offset)
             if bn.weight is None and bn.bias is None:
-                out.append(_Target(bn.running_mean, 0, shift))
+                out.append(Target(bn.running_mean, 0, shift))
             for t in (bn.weight, bn.bias):
                 if t is not None:
-                    out.append(_Target(t, 0, shift))
+                    out.append(Target(t, 0, shift))
         return out
 
     # ---- LRP -------------------------------------------------------------------------
-    def block_forwards(self) -> dict[type, Any]:
+    def block_forwards(self) -> Mapping[type, BlockForward]:
         return {DenseNet: _densenet_forward, _DenseLayer: _dense_layer_forward}
 
     def input_norms(self, model: nn.Module) -> list[str]:
@@ -272,8 +267,8 @@ def _kept(mask: Tensor | None, n: int) -> Tensor:
     return keep if keep.numel() else torch.zeros(1, dtype=torch.long)
 
 
-def _slice_edits(model: nn.Module, readers: list[Reader], pruned: Mapping[str, Tensor]) -> list[Edit]:
-    edits: list[Edit] = []
+def _slice_edits(model: nn.Module, readers: list[Reader], pruned: Mapping[str, Tensor]) -> list[SliceEdit]:
+    edits: list[SliceEdit] = []
     keeps: dict[str, Tensor] = {}
     for r in readers:
         for name, module in r.producers:
@@ -283,7 +278,7 @@ def _slice_edits(model: nn.Module, readers: list[Reader], pruned: Mapping[str, T
     device = next(model.parameters()).device
     for name, keep in keeps.items():
         module = model.get_submodule(name)
-        edits += [(module, "_parameters", attr, 0, keep.to(device)) for attr in ("weight", "bias")]
+        edits += [SliceEdit(module, "_parameters", attr, 0, keep.to(device)) for attr in ("weight", "bias")]
         if name == "features.conv0":  # its BatchNorm; relu0 and pool0 are channel-wise
             edits += _bn_edits(model.features.norm0, keep.to(device))
     for r in readers:
@@ -293,13 +288,13 @@ def _slice_edits(model: nn.Module, readers: list[Reader], pruned: Mapping[str, T
             offset += int(module.out_channels)
         idx = torch.cat(parts).to(device)
         edits += _bn_edits(r.bn, idx)
-        edits.append((r.consumer, "_parameters", "weight", 1, idx))
+        edits.append(SliceEdit(r.consumer, "_parameters", "weight", 1, idx))
     return edits
 
 
-def _bn_edits(bn: nn.Module, idx: Tensor) -> list[Edit]:
-    return [(bn, "_parameters", a, 0, idx) for a in ("weight", "bias")] + \
-        [(bn, "_buffers", a, 0, idx) for a in ("running_mean", "running_var")]
+def _bn_edits(bn: nn.Module, idx: Tensor) -> list[SliceEdit]:
+    return [SliceEdit(bn, "_parameters", a, 0, idx) for a in ("weight", "bias")] + \
+        [SliceEdit(bn, "_buffers", a, 0, idx) for a in ("running_mean", "running_var")]
 
 
 def _offset(offset: int) -> Any:
@@ -312,22 +307,5 @@ def _offset(offset: int) -> Any:
 FAMILY = DenseNetFamily()
 
 
-def _stage_rule(model: nn.Module, modules: dict[str, nn.Module], names: list[str],
-                example_input: Tensor | None) -> dict[str, str] | None:
-    split = FAMILY.stage_groups(model, names, example_input)
-    return None if split is None else split[1]
-
-
-def _register() -> None:
-    if DenseNet is None:  # pragma: no cover
-        return
-    for cls, fwd in FAMILY.block_forwards().items():
-        cz.register_residual(cls, fwd)
-    cz.register_input_norms(FAMILY.input_norms)
-    register_mask_targets(FAMILY.reader_targets)
-    register_slice_plan(FAMILY.slice_plan)
+if DenseNet is not None:  # pragma: no branch - torchvision is a dependency
     register_family(FAMILY)
-    register_stage_rule("densenet", _stage_rule)
-
-
-_register()

@@ -18,9 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-import pxopt.families.densenet  # noqa: F401  (registers DenseNet's forwards and input norms)
 from pxopt.errors import UnsupportedLayerError
-from pxopt.layers import LayerMap
+from pxopt.layermap import LayerMap
 from pxopt.lrp import canonizers as cz
 from pxopt.lrp.config import RuleConfig
 from pxopt.lrp.rules import (
@@ -231,8 +230,8 @@ class LRPEngine:
         # checks at run time that the BatchNorm receives exactly the layer's output
         # (`_merged_bn_forward`, `check_pairs`).
         # BatchNorms that a family declares as normalising a layer's input are never merged
-        # (`cz.register_input_norms`): they get their own epsilon rule (`_affine_forward`).
-        pre_norms = cz.input_norms(model)
+        # (`Family.input_norms`): they get their own epsilon rule (`_affine_forward`).
+        pre_norms = cz.input_norms(model, getattr(self.layer_map, "family", None))
         pairs: dict[str, tuple[str, nn.Module]] = {}
         paired_bn: dict[int, str] = {}
         for (name, mod), (bn_name, nxt) in zip(leaves, leaves[1:], strict=False):
