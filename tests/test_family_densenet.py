@@ -157,7 +157,7 @@ def _zennit_densenet(model: nn.Module, x: torch.Tensor, targets: list[int], rule
     return rel, comps
 
 
-@pytest.mark.parametrize("composite", ["epsilon", "gamma", "mixed", "alphabeta"])
+@pytest.mark.parametrize("composite", sorted(COMPOSITES))
 def test_parity_with_zennit(composite: str) -> None:
     """Random BatchNorm statistics and shifts, float64: input and every layer's relevance."""
     model = tiny_densenet(seed=1)
