@@ -463,3 +463,14 @@ def test_every_criterion_scores_every_conv() -> None:
         assert set(sc.abs) == {la.name for la in lm.prunable(("conv",))}, name
         assert all(torch.isfinite(v).all() and v.numel() == lm.by_name()[k].n_components
                    for k, v in sc.abs.items()), name
+
+
+def test_timm_densenet_is_refused() -> None:
+    """timm's DenseNet (BatchNormAct2d: BatchNorm and activation in one module) is not this
+    family's: refused naming where, never explained with a plain gradient."""
+    from timm.models.densenet import DenseNet as TimmDenseNet
+
+    model = TimmDenseNet(growth_rate=4, block_config=(2, 2), num_classes=5, bn_size=2).eval()
+    assert not FAMILY.matches(model)
+    with pytest.raises(UnsupportedLayerError, match=r"batchnorm.*features\.denseblock"):
+        explain(model, torch.randn(1, 3, 32, 32), [0], None)
