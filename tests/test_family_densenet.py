@@ -474,3 +474,17 @@ def test_timm_densenet_is_refused() -> None:
     assert not FAMILY.matches(model)
     with pytest.raises(UnsupportedLayerError, match=r"batchnorm.*features\.denseblock"):
         explain(model, torch.randn(1, 3, 32, 32), [0], None)
+
+
+def test_memory_efficient_densenet_explains_like_the_plain_one() -> None:
+    """memory_efficient=True (gradient checkpointing in the dense layers) gets the same
+    relevances: the family's dense-layer forward does not checkpoint."""
+    plain = tiny_densenet()
+    torch.manual_seed(0)
+    ckpt = torchvision.models.DenseNet(growth_rate=4, block_config=(2, 2), num_init_features=8, bn_size=2,
+                                       num_classes=5, memory_efficient=True).double().eval()
+    ckpt.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    a = explain(plain, x, [1, 2], COMPOSITES["mixed"])
+    b = explain(ckpt, x, [1, 2], COMPOSITES["mixed"])
+    assert torch.equal(a.input, b.input) and torch.equal(a.output, b.output)
