@@ -93,6 +93,16 @@ def first_attention(model: nn.Module) -> tuple[str, nn.Module] | None:
     return None
 
 
+@dataclass
+class SlicePlan:
+    """A family's own slicing of some prunable layers (channels that travel through its
+    structure, e.g. DenseNet's concatenations): `edits(pruned)` gives every slicing step for
+    the current masks (masks already applied: the sliced model must equal the masked one)."""
+
+    names: list[str]
+    edits: Callable[[Mapping[str, Tensor]], list[SliceEdit]]
+
+
 class Family:
     """One model family. Subclass, set the class attributes, override what differs.
 
@@ -185,6 +195,14 @@ class Family:
         explanation. Default: none."""
         return {}
 
+    def input_norms(self, model: nn.Module) -> Sequence[str]:
+        """Names of BatchNorms that normalise a layer's *input* (pre-activation BN-ReLU-Conv,
+        DenseNet): the CNN engine never merges them into the layer registered before them and
+        gives them the epsilon rule of their affine map (`pxopt.lrp.rules.lrp_affine`).
+        Default: none (a BatchNorm registered after a conv that is not its BatchNorm is
+        refused)."""
+        return ()
+
     def leaf_treatments(self) -> Sequence[tuple[tuple[type, ...], str]]:
         """Leaf module classes -> treatment (`pxopt.lrp.canonizers`: LINEAR, PASS, NORM,
         GRADIENT) that the generic table lacks, e.g. a family's own activation class.
@@ -239,6 +257,12 @@ class Family:
     def slice_heads(self, layer: Layer, kept: Tensor) -> HeadSlice | None:
         """How `layer`'s attention runs with only the heads `kept` (sorted indices); None
         when it cannot (the heads stay masked, the evaluation is not faster). Default: None."""
+        return None
+
+    def slice_plan(self, model: nn.Module, names: set[str]) -> SlicePlan | None:
+        """Slicing of prunable layers (`names`) that the generic Slicer cannot do (channels
+        that travel through concatenations); those layers leave the generic pairs / scatter.
+        Default: None."""
         return None
 
     def removable(self, layer: Layer) -> bool:

@@ -16,7 +16,10 @@ afterwards):
   `pxopt.families.block_forward_table`), as do extra leaf treatments
   (`Family.leaf_treatments`, asked before the generic table here).
 `check_bn_pair` decides whether a BatchNorm may be merged into the layer registered
-right before it.
+right before it. A family that normalises a layer's *input* (pre-activation BatchNorm,
+e.g. DenseNet's BN-ReLU-Conv) names those BatchNorms (`Family.input_norms`): they are
+never merged and get the epsilon rule of an element-wise affine layer instead
+(`pxopt.lrp.rules.lrp_affine`).
 """
 
 from __future__ import annotations
@@ -92,6 +95,22 @@ def residual_forward_of(module: nn.Module) -> Callable[[nn.Module, Tensor], Tens
     from pxopt.families import block_forward_table
 
     return block_forward_table().get(type(module))
+
+
+# ---------------------------------------------------------------------------------------
+# BatchNorms that normalise a layer's input (pre-activation): not merged, own epsilon rule
+# ---------------------------------------------------------------------------------------
+def input_norms(model: nn.Module, family: object | None = None) -> set[str]:
+    """Names of the model's pre-activation BatchNorms, as its family declares them
+    (`Family.input_norms`); empty when no family knows the model."""
+    if family is None:
+        from pxopt.families import family_of
+
+        try:
+            family = family_of(model)
+        except UnsupportedLayerError:
+            return set()
+    return set(family.input_norms(model))  # type: ignore[attr-defined]
 
 
 # ---------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from pxopt.lrp.rules import (
     LayerRule,
     LinearOp,
     conv2d_op,
+    lrp_affine,
     lrp_layer,
     lrp_norm,
     lrp_pass,
@@ -50,6 +51,9 @@ GRADIENT_NODES: set[str] = {
     "UnsqueezeBackward0",
     "ExpandBackward0",  # only as the producer of a view; sums of it are covered elsewhere
     "AliasBackward0",
+    # concatenation: the gradient of each input is its slice of the output's, so each part
+    # gets exactly the relevance of its channels (conserved; DenseNet's dense blocks)
+    "CatBackward0",
 }
 
 
@@ -225,9 +229,14 @@ class LRPEngine:
         # checked against channel counts and the traced graph (`check_bn_pair`); the forward
         # checks at run time that the BatchNorm receives exactly the layer's output
         # (`_merged_bn_forward`, `check_pairs`).
+        # BatchNorms that a family declares as normalising a layer's input are never merged
+        # (`Family.input_norms`): they get their own epsilon rule (`_affine_forward`).
+        pre_norms = cz.input_norms(model, getattr(self.layer_map, "family", None))
         pairs: dict[str, tuple[str, nn.Module]] = {}
         paired_bn: dict[int, str] = {}
         for (name, mod), (bn_name, nxt) in zip(leaves, leaves[1:], strict=False):
+            if bn_name in pre_norms:
+                continue
             if cz.treatment_of(mod) == cz.LINEAR and cz.treatment_of(nxt) == cz.BATCHNORM:
                 if not nxt.track_running_stats or nxt.running_var is None:
                     raise UnsupportedLayerError(
@@ -256,6 +265,12 @@ class LRPEngine:
                         f"layer {name!r} ({type(module).__name__}) is not in the layer map")
                 bn = pairs.get(name, (None, None))[1]
                 self._install_linear(name, module, bn, groups[name])
+            elif treatment == cz.BATCHNORM and name in pre_norms:
+                if not module.track_running_stats or module.running_var is None:
+                    raise UnsupportedLayerError(
+                        f"layer {name!r} ({type(module).__name__}) has no running statistics: "
+                        "in eval mode it is not an element-wise affine map with an LRP rule")
+                self._patch(module, _affine_forward(module))
             elif treatment == cz.BATCHNORM:
                 if id(module) in paired_bn:
                     self._patch(module, _merged_bn_forward(name, paired_bn[id(module)]), bind=True)
@@ -320,6 +335,19 @@ def _pass_forward(module: nn.Module) -> Any:
 
     def forward(x: Tensor) -> Tensor:
         return lrp_pass(x, fn)
+
+    return forward
+
+
+def _affine_forward(module: nn.Module) -> Any:
+    """A BatchNorm on a layer's input: the epsilon rule of its affine map (`lrp_affine`)."""
+    cls_forward = type(module).forward
+
+    def fn(x: Tensor) -> Tensor:
+        return cls_forward(module, x)
+
+    def forward(x: Tensor) -> Tensor:
+        return lrp_affine(x, fn)
 
     return forward
 

@@ -628,3 +628,15 @@ def lrp_sum(a: Tensor, b: Tensor, eps: float = STABILIZER) -> Tensor:
 def lrp_norm(x: Tensor, fn: Callable[[Tensor], Tensor], eps: float = STABILIZER) -> Tensor:
     """fn(x) for a parameter-free linear fn (pooling) with the Norm rule."""
     return NormFn.apply(x, fn, eps)
+
+
+def lrp_affine(x: Tensor, fn: Callable[[Tensor], Tensor], eps: float = STABILIZER) -> Tensor:
+    """fn(x) for an element-wise affine fn (s * x + c: a BatchNorm in eval mode that no
+    conv / linear layer precedes) with the epsilon rule R_in = s x R / stab(s x + c).
+
+    The shift c absorbs its share, as a layer's bias does under the epsilon rule; this is
+    zennit's Epsilon(eps) hook on such a module, and equals merging the BatchNorm into a
+    preceding linear layer under the epsilon rule up to the stabiliser. Same kernel as the
+    Norm rule (the Jacobian s is diagonal, the shift does not enter it).
+    """
+    return NormFn.apply(x, fn, eps)

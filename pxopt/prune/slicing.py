@@ -10,6 +10,8 @@ A masked channel is exactly zero after its layer (and BatchNorm), so it need not
 - heads: where the model's family can slice its attention (`Family.slice_heads`; timm
   `Attention` without gate or scale-norm: q/k/v rows and output-projection columns sliced,
   `num_heads` / `attn_dim` set), it runs with only its kept heads.
+- plans: a family that knows how channels travel through its own structure (DenseNet's
+  concatenations) slices them itself (`Family.slice_plan`); its layers leave the cases above.
 Results agree with the masked model up to float summation order. The original Parameter
 objects and attributes are put back on `undo`, so nothing is copied back and masks stay valid.
 """
@@ -71,7 +73,14 @@ class Slicer:
         self.pairs: list[_Pair] = []
         self.outs: list[_Out] = []
         self.heads: list[tuple[str, Any, Any]] = []  # (name, layer, family)
-        for layer in prunable_layers(layer_map, kinds):
+        layers = prunable_layers(layer_map, kinds)
+        family = next((la.family for la in layers if getattr(la, "family", None) is not None), None)
+        plan = family.slice_plan(model, {la.name for la in layers}) if family is not None else None
+        self.plans = [plan] if plan is not None else []
+        planned = {n for p in self.plans for n in p.names}
+        for layer in layers:
+            if layer.name in planned:
+                continue
             if layer.kind == "heads":
                 family = heads_family(layer)  # the layer's own, or the one knowing its module
                 if family.slice_heads(layer, torch.arange(int(layer.n_components))) is not None:
@@ -95,7 +104,8 @@ class Slicer:
     @property
     def sliceable(self) -> list[str]:
         """Names of the layers whose pruned channels are sliced out during evaluation."""
-        return [p.name for p in self.pairs] + [o.name for o in self.outs] + [h[0] for h in self.heads]
+        return [p.name for p in self.pairs] + [o.name for o in self.outs] + [h[0] for h in self.heads] + \
+            [n for p in self.plans for n in p.names]
 
     def apply(self, pruned: Mapping[str, torch.Tensor]) -> None:
         """Slice out the pruned channels of every sliceable layer (masks must already be applied)."""
@@ -136,6 +146,9 @@ class Slicer:
             last = o.bn if o.bn is not None else o.producer
             dim = 1 if isinstance(o.producer, nn.Conv2d) else -1
             self._hooks.append(last.register_forward_hook(_scatter(keep, int(mask.numel()), dim)))
+        for slice_plan in self.plans:
+            for e in slice_plan.edits(pruned):
+                add(e.module, e.store, e.attr, e.dim, e.index)
         for name, layer, family in self.heads:
             mask = pruned.get(name)
             if mask is None or not bool(mask.any()):
