@@ -51,6 +51,10 @@ class Layer:
     group: str  # "input" | "low" | "mid" | "high" | "fc"
     n_components: int
     depth: int  # position among the hidden layers (blocks for ViTs); -1 input, >= n for fc
+    # False: the layer carries an LRP rule and relevance but its components are never pruned
+    # (e.g. ConvNeXt's depthwise convs, whose channels feed a LayerNorm: zeroing one is not
+    # removing it, so masking and physical removal would differ; see pxopt.families.convnext)
+    prunable: bool = True
 
 
 class LayerMap(list[Layer]):
@@ -67,7 +71,7 @@ class LayerMap(list[Layer]):
         wanted = set(kinds) if kinds is not None else None
         return [
             layer for layer in self
-            if layer.kind != "head" and (wanted is None or layer.kind in wanted)
+            if layer.kind != "head" and layer.prunable and (wanted is None or layer.kind in wanted)
         ]
 
     def by_name(self) -> dict[str, Layer]:
@@ -298,6 +302,16 @@ _STAGE_RULES: list[tuple[str, StageRule]] = [
 ]
 
 
+def regroup_by_count(layers: LayerMap, boundaries: tuple[float, float]) -> LayerMap:
+    """The "count" grouping of a map a family discoverer grouped by its stages: hidden layers
+    (not input / fc) split low / mid / high by their `depth` among the hidden layers."""
+    hidden = [la for la in layers if la.group not in ("input", "fc")]
+    for la in hidden:
+        la.group = depth_group(la.depth, len(hidden), boundaries)
+    layers.grouping, layers.stage_rule = "count", ""
+    return layers
+
+
 def _components(module: nn.Module) -> int:
     if isinstance(module, nn.Conv2d):
         return int(module.out_channels)
@@ -315,6 +329,7 @@ def discover_layers(model: nn.Module, boundaries: Sequence[float] | None = None,
     quarter); only with grouping="count". example_input: order the layers by a forward pass
     instead of registration order, and find the stages of unknown CNNs by resolution.
     """
+    import pxopt.families.convnext  # noqa: F401  (registers its discoverer and LRP forwards)
     import pxopt.lrp.vit  # noqa: F401  (registers the ViT discoverer; lazy: it imports us)
 
     check_choice(grouping, GROUPINGS, "grouping")
@@ -324,6 +339,8 @@ def discover_layers(model: nn.Module, boundaries: Sequence[float] | None = None,
     for fn in _DISCOVERERS:
         found = fn(model, bounds)
         if found is not None:
+            if found.stage_rule and found.stage_rule != "blocks":  # a family's own stage rule
+                return found if grouping == "stage" else regroup_by_count(found, bounds)
             # ViT blocks are the stages: both groupings split them by `bounds`, quarters by default
             found.grouping, found.stage_rule = grouping, "blocks" if grouping == "stage" else ""
             return found

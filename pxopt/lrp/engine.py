@@ -28,6 +28,7 @@ from pxopt.lrp.rules import (
     LinearOp,
     conv2d_op,
     lrp_layer,
+    lrp_layer_norm,
     lrp_norm,
     lrp_pass,
 )
@@ -50,6 +51,7 @@ GRADIENT_NODES: set[str] = {
     "UnsqueezeBackward0",
     "ExpandBackward0",  # only as the producer of a view; sums of it are covered elsewhere
     "AliasBackward0",
+    "PermuteBackward0",  # channels-last <-> NCHW around LayerNorm / Linear (ConvNeXt)
 }
 
 
@@ -215,6 +217,8 @@ class LRPEngine:
         self.recorder.clear()
 
     def _install(self) -> None:
+        import pxopt.families.convnext  # noqa: F401  (registers its blocks' forwards; lazy)
+
         model = self.model
         self._training = [(m, m.training) for m in model.modules()]
         model.eval()
@@ -249,7 +253,8 @@ class LRPEngine:
             if treatment is None:
                 raise UnsupportedLayerError(
                     f"layer {name!r} ({type(module).__name__}) has no LRP rule; supported: "
-                    "Conv2d, Linear, BatchNorm, element-wise activations, pools, Flatten, Dropout")
+                    "Conv2d, Linear, BatchNorm, LayerNorm, element-wise activations, pools, "
+                    "Flatten, Dropout")
             if treatment == cz.LINEAR:
                 if name not in groups:
                     raise UnsupportedLayerError(
@@ -265,6 +270,8 @@ class LRPEngine:
                 self._patch(module, _pass_forward(module))
             elif treatment == cz.NORM:
                 self._patch(module, _norm_forward(module))
+            elif treatment == cz.LAYERNORM:
+                self._patch(module, _layer_norm_forward(module, cz.layer_norm_dim(module, name)))
             # GRADIENT: leave the module alone
 
     def _install_linear(self, name: str, module: nn.Module, bn: nn.Module | None,
@@ -332,5 +339,17 @@ def _norm_forward(module: nn.Module) -> Any:
 
     def forward(x: Tensor) -> Tensor:
         return lrp_norm(x, fn)
+
+    return forward
+
+
+def _layer_norm_forward(module: nn.Module, dim: int) -> Any:
+    cls_forward = type(module).forward
+
+    def fn(x: Tensor) -> Tensor:
+        return cls_forward(module, x)
+
+    def forward(x: Tensor) -> Tensor:
+        return lrp_layer_norm(x, fn, module.weight, dim, module.eps)
 
     return forward

@@ -585,9 +585,42 @@ class NormFn(torch.autograd.Function):
         return x * gx, None, None
 
 
+class LayerNormFn(torch.autograd.Function):
+    """LayerNorm forwards (the module's own forward, so outputs stay bit-identical); AttnLRP's
+    LayerNorm rule backwards (Achtibat et al. 2024, "AttnLRP", Sec. 3.3 / Prop. 3.3; lxt's
+    `layer_norm` rule, which detaches the standard deviation).
+
+    With the normaliser 1/std held constant, y = w (x - mean x) / std + b is a linear map of
+    x; its relevance follows the z-rule of that map, R_i = x_i sum_j J_ji R_j / stab(y_j):
+    with h = w R / (std stab(y)), R_i = x_i (h_i - mean h) (J's centring is symmetric).
+    sum_i R_i = sum_j (y_j - b_j) R_j / stab(y_j): conserved exactly for b = 0, eps -> 0.
+    `dim` is the normalised dimension (-1 channels last, 1 for NCHW's LayerNorm2d).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, fn: Callable[[Tensor], Tensor], weight: Tensor | None,  # type: ignore[override]
+                dim: int, norm_eps: float, eps: float) -> Tensor:
+        y = fn(x)
+        ctx.save_for_backward(x, y, weight)
+        ctx.dim, ctx.norm_eps, ctx.eps = dim, norm_eps, eps
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, r: Tensor) -> tuple[Tensor, None, None, None, None, None]:  # type: ignore[override]
+        x, y, weight = ctx.saved_tensors
+        dim = ctx.dim
+        var, mean = torch.var_mean(x, dim=dim, keepdim=True, correction=0)
+        h = _div_stab(r, y, ctx.eps).mul_(var.add_(ctx.norm_eps).rsqrt_())
+        if weight is not None:
+            h.mul_(weight.view(-1, *([1] * (x.ndim - 1 - (dim % x.ndim)))))
+        h.sub_(h.mean(dim=dim, keepdim=True))
+        return h.mul_(x), None, None, None, None, None
+
+
 # Names of the autograd nodes these functions create (the engine's graph check allows them).
 RULE_NODE_NAMES: set[str] = {
-    f"{fn.__name__}Backward" for fn in (LayerRuleFn, PassFn, NormSumFn, NormFn)
+    f"{fn.__name__}Backward"
+    for fn in (LayerRuleFn, PassFn, NormSumFn, NormFn, LayerNormFn)
 }
 
 
@@ -628,3 +661,11 @@ def lrp_sum(a: Tensor, b: Tensor, eps: float = STABILIZER) -> Tensor:
 def lrp_norm(x: Tensor, fn: Callable[[Tensor], Tensor], eps: float = STABILIZER) -> Tensor:
     """fn(x) for a parameter-free linear fn (pooling) with the Norm rule."""
     return NormFn.apply(x, fn, eps)
+
+
+def lrp_layer_norm(x: Tensor, fn: Callable[[Tensor], Tensor], weight: Tensor | None, dim: int,
+                   norm_eps: float, eps: float = STABILIZER) -> Tensor:
+    """fn(x) for a LayerNorm over `dim` (weight: its affine scale or None) with AttnLRP's
+    LayerNorm rule (`LayerNormFn`: the standard deviation held constant)."""
+    w = None if weight is None else weight.detach()
+    return LayerNormFn.apply(x, fn, w, dim, float(norm_eps), eps)
