@@ -30,30 +30,48 @@ LayerNorm over channels: a zeroed channel still shifts the LayerNorm's mean and 
 so masking it differs from removing it. Those layers stay in the layer map (they carry rules
 and relevance) with `prunable=False`.
 
-Stage groups (the ResNet rule, `pxopt.layers.stage_groups`): stem + stage 1 low, stages
-2-3 mid, stage 4 high; a downsampling layer belongs to the stage it opens (as ResNet's
-downsample convs do); the classifier is fc.
+Stage groups (the ResNet rule, `stage_groups(4)`): stem + stage 1 low, stages 2-3 mid,
+stage 4 high; a downsampling layer belongs to the stage it opens (as ResNet's downsample
+convs do); the classifier is fc. The count grouping splits the hidden layers by position.
+
+Implements the family protocol (`pxopt.families.base.Family`). Until the engine and the
+layer discovery ask the registry, `_legacy_install` also wires the block forwards and the
+layer map into today's tables (`pxopt.lrp.canonizers.register_residual`,
+`pxopt.layers.register_discoverer`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
-from pxopt.layers import Layer, LayerMap, register_discoverer, stage_groups
+from pxopt.families import register_family
+from pxopt.families.base import Family
 from pxopt.lrp import canonizers as cz
 from pxopt.lrp.rules import lrp_pass, lrp_sum
+from pxopt.vocab import DEFAULT_GROUPING
 
 STAGE_RULE = "convnext"
 
 
-def _tv_classes() -> tuple[type, type, type] | None:
+def _layer_types() -> Any:
+    """Layer, LayerMap, depth_group, stage_groups from the layer-map module (renamed by the
+    family migration: `pxopt.layermap`, before it `pxopt.layers`)."""
     try:
-        from torchvision.models.convnext import CNBlock, ConvNeXt, LayerNorm2d
+        from pxopt import layermap as lm_mod  # type: ignore[attr-defined]
+    except ImportError:
+        from pxopt import layers as lm_mod
+    return lm_mod
+
+
+def _tv_classes() -> tuple[type, type] | None:
+    try:
+        from torchvision.models.convnext import CNBlock, ConvNeXt
     except ImportError:  # pragma: no cover
         return None
-    return ConvNeXt, CNBlock, LayerNorm2d
+    return ConvNeXt, CNBlock
 
 
 def _timm_classes() -> tuple[type, type] | None:
@@ -90,85 +108,113 @@ def _timm_block(self: nn.Module, x: Tensor) -> Tensor:
     return lrp_sum(self.drop_path(x), self.shortcut(shortcut))
 
 
-class ConvNeXtFamily:
-    """The family adapter: what it matches, its layer map, its LRP canonisation."""
+def stage_of(name: str) -> int | None:
+    """Stage index (0-3) of a layer; None for the head. torchvision: features.0 stem,
+    features.(2k+1) stage k, features.(2k) its downsampling; timm: stem, stages.k."""
+    top, _, rest = name.partition(".")
+    if top == "features":
+        k = int(rest.split(".", 1)[0])
+        return k // 2 if k > 0 else 0
+    if top == "stem":
+        return 0
+    if top == "stages":
+        return int(rest.split(".", 1)[0])
+    return None
 
-    name = "convnext"
-    label = "ConvNeXt (torchvision convnext_*, timm convnext_*): inverted-bottleneck MLP neurons"
+
+def is_hidden_neuron(name: str) -> bool:
+    """pwconv1, whose outputs are the MLP neurons: torchvision `block.3`, timm `mlp.fc1`."""
+    return name.endswith(".block.3") or name.endswith(".mlp.fc1")
+
+
+class ConvNeXtFamily(Family):
+    """torchvision and timm ConvNeXt (see the module docstring)."""
+
+    name: ClassVar[str] = "convnext"
+    kind: ClassVar[str] = "cnn"
+    priority: ClassVar[int] = 10
+    summary: ClassVar[str] = ("ConvNeXt (torchvision convnext_*, timm convnext_*): inverted-"
+                              "bottleneck MLP neurons; LayerNorm by AttnLRP's rule")
 
     def matches(self, model: nn.Module) -> bool:
         classes = [c for c in (_tv_classes(), _timm_classes()) if c is not None]
-        return any(isinstance(model, c[0]) for c in classes)
+        return any(isinstance(model, c[0]) and type(model).forward is c[0].forward for c in classes)
 
-    _installed = False
+    # ------------------------------------------------------------------ structure
+    def _convs(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)]
 
-    def install(self) -> None:
-        """Register the blocks' forwards and torchvision's LayerNorm2d with the CNN engine (once)."""
-        if ConvNeXtFamily._installed:
-            return
-        ConvNeXtFamily._installed = True
-        tv = _tv_classes()
-        if tv is not None:
-            cz.register_residual(tv[1], _tv_block)
-            cz.register_layer_norm(tv[2], 1)
-        timm = _timm_classes()
-        if timm is not None:
-            cz.register_residual(timm[1], _timm_block)
+    def classifier_names(self, model: nn.Module) -> list[str]:
+        return [n for n, _ in self._convs(model) if stage_of(n) is None]
 
-    def stage_of(self, model: nn.Module, name: str) -> int | None:
-        """Stage index (0-3) of a layer; None for the head. torchvision: features.0 stem,
-        features.(2k+1) stage k, features.(2k) its downsampling; timm: stem, stages.k."""
-        top, _, rest = name.partition(".")
-        if top == "features":
-            k = int(rest.split(".", 1)[0])
-            return k // 2 if k > 0 else 0
-        if top == "stem":
-            return 0
-        if top == "stages":
-            return int(rest.split(".", 1)[0])
-        return None
-
-    @staticmethod
-    def _is_hidden_neuron(model: nn.Module, name: str) -> bool:
-        """pwconv1: torchvision `block.3`, timm `mlp.fc1`."""
-        return name.endswith(".block.3") or name.endswith(".mlp.fc1")
-
-    def layer_map(self, model: nn.Module, boundaries: tuple[float, float]) -> LayerMap | None:
-        if not self.matches(model):
+    def stage_groups(self, model: nn.Module, names: list[str],
+                     example_input: Tensor | None) -> tuple[str, dict[str, str]] | None:
+        stages = {n: stage_of(n) or 0 for n in names}
+        split = _layer_types().stage_groups(1 + max(stages.values(), default=0))
+        if not split:
             return None
-        self.install()
-        names = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)]
-        body = [(n, m) for n, m in names if self.stage_of(model, n) is not None]
-        head = [(n, m) for n, m in names if self.stage_of(model, n) is None]
-        n_stages = 1 + max(self.stage_of(model, n) or 0 for n, _ in body)
-        split = stage_groups(n_stages) or ["mid"] * n_stages
-        layers = LayerMap()
-        layers.grouping, layers.stage_rule = "stage", STAGE_RULE
-        first, hidden = body[0], body[1:]
-        m0 = first[1]
-        layers.append(Layer(first[0], m0, "conv", "input", int(m0.out_channels), -1, prunable=False))
+        return STAGE_RULE, {n: split[k] for n, k in stages.items()}
+
+    def layer_map(self, model: nn.Module, boundaries: tuple[float, float], *,
+                  grouping: str = DEFAULT_GROUPING, example_input: Tensor | None = None) -> Any:
+        """Every conv / linear layer (they all carry rules); only pwconv1 is prunable."""
+        lmod = _layer_types()
+        layers_ = self._convs(model)
+        head = set(self.classifier_names(model))
+        body = [(n, m) for n, m in layers_ if n not in head]
+        (first, m0), hidden = body[0], body[1:]
+        split = self.stage_groups(model, [n for n, _ in body], example_input) \
+            if grouping == "stage" else None
+        layers = lmod.LayerMap()
+        layers.grouping, layers.stage_rule = ("stage", split[0]) if split else ("count", "")
+        layers.append(lmod.Layer(first, m0, "conv", "input", int(m0.out_channels), -1, prunable=False))
         for depth, (n, m) in enumerate(hidden):
-            neuron = self._is_hidden_neuron(model, n)
+            neuron = is_hidden_neuron(n)
             if isinstance(m, nn.Conv2d):
                 kind, size = "conv", int(m.out_channels)
             else:
                 kind, size = ("mlp" if neuron else "linear"), int(m.out_features)
-            group = split[self.stage_of(model, n) or 0]
-            layers.append(Layer(n, m, kind, group, size, depth, prunable=neuron))
-        for i, (n, m) in enumerate(head):
-            kind = "head" if i == len(head) - 1 else "linear"
-            layers.append(Layer(n, m, kind, "fc", int(m.out_features), len(hidden) + i,
-                                prunable=False))
+            group = split[1][n] if split else lmod.depth_group(depth, len(hidden), boundaries)
+            layers.append(lmod.Layer(n, m, kind, group, size, depth, prunable=neuron))
+        tail = [(n, m) for n, m in layers_ if n in head]
+        for i, (n, m) in enumerate(tail):
+            kind = "head" if i == len(tail) - 1 else "linear"
+            layers.append(lmod.Layer(n, m, kind, "fc", int(m.out_features), len(hidden) + i,
+                                     prunable=False))
         return layers
 
+    # ------------------------------------------------------------------ LRP
+    def block_forwards(self) -> Mapping[type, Callable[..., Tensor]]:
+        out: dict[type, Callable[..., Tensor]] = {}
+        tv, timm = _tv_classes(), _timm_classes()
+        if tv is not None:
+            out[tv[1]] = _tv_block
+        if timm is not None:
+            out[timm[1]] = _timm_block
+        return out
 
-FAMILY = ConvNeXtFamily()
-FAMILY.install()
+    # ------------------------------------------------------------------ components
+    def removable(self, layer: Any) -> bool:
+        """Only the MLP neurons: every other channel is normalised by a LayerNorm."""
+        return bool(getattr(layer, "prunable", True)) and layer.kind != "heads"
 
 
-def discover_convnext(model: nn.Module, boundaries: tuple[float, float]) -> LayerMap | None:
-    """`pxopt.layers` discoverer: the ConvNeXt layer map, None for other models."""
-    return FAMILY.layer_map(model, boundaries)
+FAMILY = register_family(ConvNeXtFamily())
 
 
-register_discoverer(discover_convnext)
+def _legacy_install() -> None:
+    """Today's engine tables (see the module docstring); idempotent."""
+    if getattr(_legacy_install, "done", False):
+        return
+    _legacy_install.done = True  # type: ignore[attr-defined]
+    for cls, fwd in FAMILY.block_forwards().items():
+        cz.register_residual(cls, fwd)
+    register = getattr(_layer_types(), "register_discoverer", None)
+    if register is not None:
+        def discover(model: nn.Module, boundaries: tuple[float, float]) -> Any:
+            return FAMILY.layer_map(model, boundaries) if FAMILY.matches(model) else None
+
+        register(discover)
+
+
+_legacy_install()

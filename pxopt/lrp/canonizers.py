@@ -78,11 +78,13 @@ try:  # timm's own leaf modules
 except ImportError:  # pragma: no cover - timm is a dependency, but keep the engine importable
     pass
 
-try:  # torchvision.ops: a permute module and stochastic depth (the identity in eval mode)
+try:  # torchvision: a permute module, stochastic depth (the identity in eval mode), LayerNorm2d
+    from torchvision.models.convnext import LayerNorm2d as _TvLayerNorm2d
     from torchvision.ops import StochasticDepth
     from torchvision.ops.misc import Permute
 
-    _TREATMENTS.append(((Permute, StochasticDepth), GRADIENT))
+    _TREATMENTS += [((Permute, StochasticDepth), GRADIENT), ((_TvLayerNorm2d,), LAYERNORM)]
+    _LAYER_NORM_DIMS[_TvLayerNorm2d] = 1
 except ImportError:  # pragma: no cover
     pass
 
