@@ -585,6 +585,15 @@ class NormFn(torch.autograd.Function):
         return x * gx, None, None
 
 
+def _layer_norm_rstd(x: Tensor, dim: int, eps: float) -> Tensor:
+    """1 / sqrt(var + eps) over `dim`, keepdim, from the fused LayerNorm kernel (several times
+    faster than `var_mean` on CPU); a channel dim other than the last is moved there first."""
+    last = dim % x.ndim == x.ndim - 1
+    xl = x if last else x.movedim(dim, -1)
+    rstd = torch.native_layer_norm(xl, xl.shape[-1:], None, None, eps)[2]
+    return rstd if last else rstd.movedim(-1, dim)
+
+
 class LayerNormFn(torch.autograd.Function):
     """LayerNorm forwards (the module's own forward, so outputs stay bit-identical); AttnLRP's
     LayerNorm rule backwards (Achtibat et al. 2024, "AttnLRP", Sec. 3.3 / Prop. 3.3; lxt's
@@ -609,8 +618,7 @@ class LayerNormFn(torch.autograd.Function):
     def backward(ctx: Any, r: Tensor) -> tuple[Tensor, None, None, None, None, None]:  # type: ignore[override]
         x, y, weight = ctx.saved_tensors
         dim = ctx.dim
-        var, mean = torch.var_mean(x, dim=dim, keepdim=True, correction=0)
-        h = _div_stab(r, y, ctx.eps).mul_(var.add_(ctx.norm_eps).rsqrt_())
+        h = _div_stab(r, y, ctx.eps).mul_(_layer_norm_rstd(x, dim, ctx.norm_eps))
         if weight is not None:
             h.mul_(weight.view(-1, *([1] * (x.ndim - 1 - (dim % x.ndim)))))
         h.sub_(h.mean(dim=dim, keepdim=True))
