@@ -38,7 +38,8 @@ def timm_tiny(**kw) -> nn.Module:
                         **{"ls_init_value": 0.5, **kw}).eval()
 
 
-MAKERS = {"torchvision": tv_tiny, "timm": timm_tiny}
+MAKERS = {"torchvision": tv_tiny, "timm": timm_tiny,
+          "timm-conv_mlp": lambda: timm_tiny(conv_mlp=True)}  # LayerNorm2d + 1x1-conv MLP
 
 
 def _randomise(model: nn.Module, bias: bool) -> nn.Module:
@@ -212,7 +213,8 @@ def test_masking_slicing_and_physical_removal_agree(which: str) -> None:
     model = MAKERS[which]()
     model.requires_grad_(False)
     lm = discover_layers(model)
-    kinds = ("mlp",)
+    kinds = ("conv",) if which == "timm-conv_mlp" else ("mlp",)
+    assert [la.name for la in lm.prunable()] == [la.name for la in lm.prunable(kinds)]
     x = torch.randn(3, 3, 32, 32)
     g = torch.Generator().manual_seed(0)
     scores = {la.name: torch.rand(la.n_components, generator=g) for la in lm.prunable(kinds)}
@@ -265,3 +267,19 @@ def test_search_trial_completes(tmp_path) -> None:
     trials = result.study.get_trials(deepcopy=False)
     assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE]
     assert 0.0 <= trials[0].value <= 1.0
+
+
+def test_family_registered() -> None:
+    """The family protocol: `family_of` finds ConvNeXt for both libraries, not for a ResNet."""
+    import torchvision
+
+    from pxopt.families import families, family_of
+
+    assert "convnext" in [f.name for f in families()]
+    for make in MAKERS.values():
+        fam = family_of(make())
+        assert fam.name == "convnext" and fam.kind == "cnn"
+        assert set(fam.block_forwards()) == {CNBlock, family._timm_classes()[1]}
+    assert not family.FAMILY.matches(torchvision.models.resnet18())
+    lm = family.FAMILY.layer_map(tv_tiny(), (0.25, 0.75), grouping="count", example_input=None)
+    assert lm.grouping == "count" and lm.by_name()["features.7.0.block.3"].group == "high"
