@@ -9,14 +9,17 @@ LayerNorm2d and 1x1 convs instead of the permutes and Linears.
 
 LRP (each choice and its source):
 - LayerNorm and LayerNorm2d: AttnLRP's LayerNorm treatment (Achtibat et al., "AttnLRP:
-  Attention-Aware Layer-Wise Relevance Propagation for Transformers", ICML 2024, Sec. 3.3;
-  lxt's `layer_norm` rule): the standard deviation is a constant, so relevance flows through
+  Attention-Aware Layer-Wise Relevance Propagation for Transformers", ICML 2024; lxt's
+  `lxt.efficient.patches.layer_norm_forward`, parity tested): the standard deviation is a
+  constant (identity rule on the normalisation), so relevance flows through
   the centring and the affine map as through a linear layer (z-rule, conserving for a zero
-  bias). Generic: `pxopt.lrp.rules.LayerNormFn`, registered per class in
-  `pxopt.lrp.canonizers` (torchvision's LayerNorm2d is registered here).
-- GELU: the identity rule for element-wise activations (AttnLRP Sec. 3.3; zennit's Pass).
+  bias). Generic: `pxopt.lrp.rules.LayerNormFn`, registered per class (nn.LayerNorm, timm
+  LayerNorm / LayerNorm2d, torchvision's ConvNeXt LayerNorm2d) in `pxopt.lrp.canonizers`.
+- GELU: the identity rule for element-wise activations (AttnLRP; zennit's Pass).
 - layer scale: a per-channel constant multiply y = gamma * z is a diagonal linear map whose
-  z-rule is R_z = z gamma R / y = R: relevance passes unchanged (`lrp_pass`).
+  z-rule is R_z = z gamma R / y = R: relevance passes unchanged (`lrp_pass`). For LRP-0 /
+  epsilon this equals merging gamma into pwconv2; sign-sensitive rules (z+, alpha-beta,
+  gamma) on pwconv2 see its own weights, gamma applied after them.
 - permutes: plain gradient (a reshuffle moves relevance with its value).
 - residual sum: the Norm rule (`lrp_sum`), as for ResNets (zennit's canonisers).
 - 7x7 depthwise, stem, downsampling convs and the Linears: the group's layer rule.
@@ -24,7 +27,7 @@ LRP (each choice and its source):
 Components: the inverted-bottleneck hidden neurons (pwconv1's 4C outputs, kind "mlp"; for
 timm conv_mlp=True its 1x1 conv's channels, kind "conv"). Zeroing one makes GELU output 0,
 so pwconv2 gets nothing from it: masking equals removing the neuron (pwconv1 row, pwconv2
-column), and they hold ~2/3 of each block's parameters. Every other channel (stem,
+column), and these two layers hold almost all of a block's weights (8 C^2 of 8 C^2 + 49 C). Every other channel (stem,
 depthwise, pwconv2, downsampling) lives on the residual stream and is normalised by a
 LayerNorm over channels: a zeroed channel still shifts the LayerNorm's mean and variance,
 so masking it differs from removing it. Those layers stay in the layer map (they carry rules

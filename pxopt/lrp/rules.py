@@ -25,7 +25,8 @@ Use from other engines (e.g. the ViT engine), with parameters that need no gradi
     # y == F.linear(x, weight, bias); the backward of y applies the rule.
     # `recorder` (optional) is called in the backward with R at the output (same shape as y).
 
-`lrp_pass(x, fn)` applies an element-wise function whose relevance passes unchanged
+`lrp_layer_norm(x, fn, weight, dim, norm_eps)` a LayerNorm under AttnLRP's rule (std held
+constant), `lrp_pass(x, fn)` applies an element-wise function whose relevance passes unchanged
 (Pass rule), `lrp_norm(fn, *xs)` a parameter-free linear map (sums, average pools) under
 the Norm rule (R_i = x_i * d fn / d x_i * R / stab(fn(x))).
 """
@@ -596,8 +597,9 @@ def _layer_norm_rstd(x: Tensor, dim: int, eps: float) -> Tensor:
 
 class LayerNormFn(torch.autograd.Function):
     """LayerNorm forwards (the module's own forward, so outputs stay bit-identical); AttnLRP's
-    LayerNorm rule backwards (Achtibat et al. 2024, "AttnLRP", Sec. 3.3 / Prop. 3.3; lxt's
-    `layer_norm` rule, which detaches the standard deviation).
+    LayerNorm treatment backwards (Achtibat et al., "AttnLRP", ICML 2024: the identity rule on
+    the normalisation; implemented in lxt as `lxt.efficient.patches.layer_norm_forward`, which
+    detaches the standard deviation; tests/test_family_convnext.py checks parity with it).
 
     With the normaliser 1/std held constant, y = w (x - mean x) / std + b is a linear map of
     x; its relevance follows the z-rule of that map, R_i = x_i sum_j J_ji R_j / stab(y_j):
