@@ -283,3 +283,32 @@ def test_family_registered() -> None:
     assert not family.FAMILY.matches(torchvision.models.resnet18())
     lm = family.FAMILY.layer_map(tv_tiny(), (0.25, 0.75), grouping="count", example_input=None)
     assert lm.grouping == "count" and lm.by_name()["features.7.0.block.3"].group == "high"
+
+
+@pytest.mark.slow
+def test_cli_explain_timm_convnext_checkpoint(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`pxopt explain` end to end on a checkpoint of timm's convnext_atto (random weights,
+    its own 224x224 preprocessing), mixed rules beside all-epsilon: one PNG."""
+    import json
+
+    import numpy as np
+    import timm
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from pxopt.cli import app
+
+    torch.manual_seed(0)
+    torch.save(timm.create_model("convnext_atto", pretrained=False).state_dict(), tmp_path / "atto.pth")
+    (tmp_path / "imgs").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (60, 50, 3), dtype=np.uint8)).save(tmp_path / "imgs" / f"x{i}.jpg")
+    (tmp_path / "rules.json").write_text(json.dumps({"format": "pxopt.rules/1", "groups": {
+        "low": {"rule": "gamma", "gamma": 0.25}, "mid": {"rule": "alphabeta", "alpha": 2.0, "beta": 1.0}}}))
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, [
+        "explain", "--config", "rules.json", "--model", f"file:{tmp_path}/atto.pth@timm:convnext_atto",
+        "--images", "imgs", "--out", "h.png", "--device", "cpu"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "heatmaps of 2 images" in result.output and (tmp_path / "h.png").stat().st_size > 0
