@@ -37,10 +37,8 @@ Stage groups (the ResNet rule, `stage_groups(4)`): stem + stage 1 low, stages 2-
 stage 4 high; a downsampling layer belongs to the stage it opens (as ResNet's downsample
 convs do); the classifier is fc. The count grouping splits the hidden layers by position.
 
-Implements the family protocol (`pxopt.families.base.Family`). Until the engine and the
-layer discovery ask the registry, `_legacy_install` also wires the block forwards and the
-layer map into today's tables (`pxopt.lrp.canonizers.register_residual`,
-`pxopt.layers.register_discoverer`).
+Implements the family protocol (`pxopt.families.base.Family`): `layer_map`, `stage_groups`,
+`classifier_names`, `block_forwards` (the blocks' LRP forwards), `removable`.
 """
 
 from __future__ import annotations
@@ -52,21 +50,10 @@ from torch import Tensor, nn
 
 from pxopt.families import register_family
 from pxopt.families.base import Family
-from pxopt.lrp import canonizers as cz
 from pxopt.lrp.rules import lrp_pass, lrp_sum
 from pxopt.vocab import DEFAULT_GROUPING
 
 STAGE_RULE = "convnext"
-
-
-def _layer_types() -> Any:
-    """Layer, LayerMap, depth_group, stage_groups from the layer-map module (renamed by the
-    family migration: `pxopt.layermap`, before it `pxopt.layers`)."""
-    try:
-        from pxopt import layermap as lm_mod  # type: ignore[attr-defined]
-    except ImportError:
-        from pxopt import layers as lm_mod
-    return lm_mod
 
 
 def _tv_classes() -> tuple[type, type] | None:
@@ -153,7 +140,9 @@ class ConvNeXtFamily(Family):
     def stage_groups(self, model: nn.Module, names: list[str],
                      example_input: Tensor | None) -> tuple[str, dict[str, str]] | None:
         stages = {n: stage_of(n) or 0 for n in names}
-        split = _layer_types().stage_groups(1 + max(stages.values(), default=0))
+        from pxopt.layermap import stage_groups
+
+        split = stage_groups(1 + max(stages.values(), default=0))
         if not split:
             return None
         return STAGE_RULE, {n: split[k] for n, k in stages.items()}
@@ -161,7 +150,8 @@ class ConvNeXtFamily(Family):
     def layer_map(self, model: nn.Module, boundaries: tuple[float, float], *,
                   grouping: str = DEFAULT_GROUPING, example_input: Tensor | None = None) -> Any:
         """Every conv / linear layer (they all carry rules); only pwconv1 is prunable."""
-        lmod = _layer_types()
+        from pxopt import layermap as lmod
+
         layers_ = self._convs(model)
         head = set(self.classifier_names(model))
         body = [(n, m) for n, m in layers_ if n not in head]
@@ -204,20 +194,3 @@ class ConvNeXtFamily(Family):
 
 FAMILY = register_family(ConvNeXtFamily())
 
-
-def _legacy_install() -> None:
-    """Today's engine tables (see the module docstring); idempotent."""
-    if getattr(_legacy_install, "done", False):
-        return
-    _legacy_install.done = True  # type: ignore[attr-defined]
-    for cls, fwd in FAMILY.block_forwards().items():
-        cz.register_residual(cls, fwd)
-    register = getattr(_layer_types(), "register_discoverer", None)
-    if register is not None:
-        def discover(model: nn.Module, boundaries: tuple[float, float]) -> Any:
-            return FAMILY.layer_map(model, boundaries) if FAMILY.matches(model) else None
-
-        register(discover)
-
-
-_legacy_install()

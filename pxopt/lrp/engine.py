@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from pxopt.errors import UnsupportedLayerError
-from pxopt.layers import LayerMap
+from pxopt.layermap import LayerMap
 from pxopt.lrp import canonizers as cz
 from pxopt.lrp.config import RuleConfig
 from pxopt.lrp.rules import (
@@ -217,8 +217,6 @@ class LRPEngine:
         self.recorder.clear()
 
     def _install(self) -> None:
-        import pxopt.families.convnext  # noqa: F401  (registers its blocks' forwards; lazy)
-
         model = self.model
         self._training = [(m, m.training) for m in model.modules()]
         model.eval()
