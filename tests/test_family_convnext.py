@@ -240,6 +240,24 @@ def test_masking_slicing_and_physical_removal_agree(which: str) -> None:
         assert torch.equal(model(x), full)  # the original is untouched
 
 
+@pytest.mark.parametrize("which", ["torchvision", "timm"])
+def test_every_criterion_scores_the_mlp_neurons(which: str) -> None:
+    """Every baseline criterion (and LRP) gives one finite score per MLP neuron of every
+    prunable layer, and none for the non-prunable ones."""
+    from pxopt.criteria import CRITERIA, compute_scores
+
+    model = MAKERS[which]()
+    model.requires_grad_(False)
+    lm = discover_layers(model)
+    want = {la.name: la.n_components for la in lm.prunable(("mlp",))}
+    batches = [(torch.randn(2, 3, 32, 32), torch.tensor([0, 3]))]
+    for name in CRITERIA:
+        scores = compute_scores(name, model, batches, lm, kinds=("mlp",))
+        got = scores.select("abs")
+        assert {k: v.numel() for k, v in got.items()} == want, name
+        assert all(bool(torch.isfinite(v).all()) for v in got.values()), name
+
+
 # ---- a search trial ---------------------------------------------------------------------------
 def test_search_trial_completes(tmp_path) -> None:
     import optuna
