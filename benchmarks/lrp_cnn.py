@@ -12,6 +12,8 @@ from /proc/self/statm (an approximation: the allocator may reuse freed memory).
     python benchmarks/lrp_cnn.py --quick         # 1 repeat, batch 8 only
     python benchmarks/lrp_cnn.py --models resnet50 --batches 8 --repeats 3
     python benchmarks/lrp_cnn.py --device cuda --warmup 2 --repeats 5 --out /tmp/lrp_cnn_gpu.md
+    python benchmarks/lrp_cnn.py --models convnext_tiny --batches 8 --composites epsilon \
+        --out benchmarks/results/lrp_cnn_convnext.md   # no zennit row: zennit has no LayerNorm rule
 
 On CUDA every method runs under the same cuDNN settings (`--cudnn-benchmark` sets
 `torch.backends.cudnn.benchmark` once, before any model runs), and the results file
@@ -162,6 +164,11 @@ def make_model(name: str, device: torch.device) -> nn.Module:
     return model.eval().to(device)
 
 
+def zennit_covers(model: nn.Module) -> bool:
+    """zennit has canonisers for ResNet and VGG only (none for ConvNeXt's LayerNorm)."""
+    return isinstance(model, torchvision.models.ResNet | torchvision.models.VGG)
+
+
 def zennit_attributor(model: nn.Module, rules: dict, layer_map):  # noqa: ANN201
     import zennit.rules as zr
     from zennit.composites import (
@@ -236,7 +243,7 @@ def run(args: argparse.Namespace,
                 px = measure(pxopt_lrp, device, args.repeats, args.warmup, fwd_bwd)
                 row = {**base, "method": f"pxopt {comp}", **px}
                 msg = f"  {comp}: pxopt {px['time']:.3f}s ({px['vs_fb']:.2f}x fwd+bwd)"
-                if not args.no_zennit:
+                if not args.no_zennit and zennit_covers(model):
                     composite = zennit_attributor(model, rules, lm)
 
                     def zennit_lrp(composite: object = composite, model: nn.Module = model,

@@ -42,6 +42,10 @@ class Layer:
     depth: int  # position among the hidden layers (blocks for ViTs); -1 input, >= n for fc
     #: the model's `pxopt.families.Family` (set by `discover_layers`; None for hand-made maps)
     family: Any = field(default=None, repr=False, compare=False)
+    #: False: the layer carries an LRP rule and relevance but its components are never pruned
+    #: (e.g. ConvNeXt's depthwise convs, whose channels feed a LayerNorm: zeroing one is not
+    #: removing it, so masking and physical removal would differ; see pxopt.families.convnext)
+    prunable: bool = True
 
 
 class LayerMap(list[Layer]):
@@ -55,11 +59,12 @@ class LayerMap(list[Layer]):
     family: Any = None  # the model's family (set by `discover_layers`)
 
     def prunable(self, kinds: Iterable[str] | None = None) -> list[Layer]:
-        """Layers whose components may be pruned: never the classifier head."""
+        """Layers whose components may be pruned: never the classifier head, never a layer
+        marked `prunable=False`."""
         wanted = set(kinds) if kinds is not None else None
         return [
             layer for layer in self
-            if layer.kind != "head" and (wanted is None or layer.kind in wanted)
+            if layer.kind != "head" and layer.prunable and (wanted is None or layer.kind in wanted)
         ]
 
     def by_name(self) -> dict[str, Layer]:

@@ -252,7 +252,7 @@ class Pipeline:
     # -- facts used by reports ----------------------------------------------------------
     def count_macs(self) -> tuple[float, dict[str, float]]:
         """MACs of one image's forward pass: total, and per component of each prunable layer."""
-        prunable = {layer.module: layer for layer in self.layer_map if layer.kind in self.kinds}
+        prunable = {layer.module: layer for layer in self.layer_map.prunable(self.kinds)}
         total = [0.0]
         per_component: dict[str, float] = {}
 
@@ -292,7 +292,7 @@ class Pipeline:
             "pxopt.total_macs": total,
             "pxopt.layer_macs": per_component,
             "pxopt.layer_sizes": {
-                layer.name: int(layer.n_components) for layer in self.layer_map if layer.kind in self.kinds
+                layer.name: int(layer.n_components) for layer in self.layer_map.prunable(self.kinds)
             },
             # which layers each rule group holds, and how they were grouped
             "pxopt.grouping": self.layer_map.describe_grouping(),

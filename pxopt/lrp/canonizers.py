@@ -9,7 +9,11 @@ afterwards):
   forward runs the original conv then the original BatchNorm so logits stay bit-identical,
   and the BatchNorm itself becomes the identity for that time.
 - element-wise activations: Pass; average pools: Norm; max pools, Flatten, Dropout (eval),
-  Identity: the plain gradient (winner takes all for max pools).
+  Identity, permutes: the plain gradient (winner takes all for max pools).
+- LayerNorm (channels last, and the NCHW LayerNorm2d of ConvNeXt-style models): AttnLRP's
+  LayerNorm rule (`pxopt.lrp.rules.LayerNormFn`: the standard deviation held constant, so
+  relevance flows through the centring and the affine map as through a linear layer);
+  `layer_norm_dim` says which dimension a registered class normalises.
 - blocks (torchvision BasicBlock/Bottleneck, timm BasicBlock/Bottleneck, ...): their
   forward is replaced by an equivalent one whose addition is an explicit sum with the
   Norm rule; the replacements come from the families (`Family.block_forwards`,
@@ -38,6 +42,7 @@ BATCHNORM = "batchnorm"
 PASS = "pass"
 NORM = "norm"
 GRADIENT = "gradient"
+LAYERNORM = "layernorm"
 
 _TREATMENTS: list[tuple[tuple[type, ...], str]] = [
     ((nn.Conv2d, nn.Linear), LINEAR),
@@ -56,19 +61,61 @@ _TREATMENTS: list[tuple[tuple[type, ...], str]] = [
     ),
 ]
 
+# LayerNorm classes -> the dimension they normalise (-1: channels last; 1: NCHW channels).
+_LAYER_NORM_DIMS: dict[type, int] = {nn.LayerNorm: -1}
+_TREATMENTS.append(((nn.LayerNorm,), LAYERNORM))
+
 try:  # timm's own leaf modules
     from timm.layers import DropBlock2d, DropPath
+    from timm.layers import LayerNorm as _TimmLayerNorm
+    from timm.layers import LayerNorm2d as _TimmLayerNorm2d
+    from timm.layers.activations import GELU as _TimmGELU
     from timm.layers.adaptive_avgmax_pool import FastAdaptiveAvgPool, FastAdaptiveMaxPool
 
     _TREATMENTS += [((FastAdaptiveAvgPool,), NORM),
-                    ((FastAdaptiveMaxPool, DropPath, DropBlock2d), GRADIENT)]
+                    ((FastAdaptiveMaxPool, DropPath, DropBlock2d), GRADIENT),
+                    ((_TimmGELU,), PASS),
+                    ((_TimmLayerNorm, _TimmLayerNorm2d), LAYERNORM)]
+    _LAYER_NORM_DIMS.update({_TimmLayerNorm: -1, _TimmLayerNorm2d: 1})
 except ImportError:  # pragma: no cover - timm is a dependency, but keep the engine importable
+    pass
+
+try:  # torchvision: a permute module, stochastic depth (the identity in eval mode), LayerNorm2d
+    from torchvision.models.convnext import LayerNorm2d as _TvLayerNorm2d
+    from torchvision.ops import StochasticDepth
+    from torchvision.ops.misc import Permute
+
+    _TREATMENTS += [((Permute, StochasticDepth), GRADIENT), ((_TvLayerNorm2d,), LAYERNORM)]
+    _LAYER_NORM_DIMS[_TvLayerNorm2d] = 1
+except ImportError:  # pragma: no cover
     pass
 
 
 def register_treatment(types: tuple[type, ...], treatment: str) -> None:
     """Give leaf modules of `types` a treatment (LINEAR, PASS, NORM, GRADIENT); wins over earlier."""
     _TREATMENTS.insert(0, (types, treatment))
+
+
+def register_layer_norm(cls: type, dim: int) -> None:
+    """A LayerNorm class normalising dimension `dim` (-1 channels last, 1 NCHW) over one
+    dimension with an optional per-channel affine map (`weight`, `bias`, `eps` attributes)."""
+    _LAYER_NORM_DIMS[cls] = dim
+    register_treatment((cls,), LAYERNORM)
+
+
+def layer_norm_dim(module: nn.Module, name: str = "") -> int:
+    """The dimension a LAYERNORM module normalises; refuses shapes the rule does not cover."""
+    shape = tuple(getattr(module, "normalized_shape", ()))
+    if len(shape) != 1:
+        raise UnsupportedLayerError(
+            f"layer {name!r} ({type(module).__name__}) normalises over {shape}: only LayerNorm "
+            "over the channel dimension has an LRP rule")
+    dim = _LAYER_NORM_DIMS.get(type(module))
+    if dim is None:
+        raise UnsupportedLayerError(
+            f"layer {name!r} ({type(module).__name__}): a LayerNorm class without a registered "
+            "normalised dimension (`pxopt.lrp.canonizers.register_layer_norm`)")
+    return dim
 
 
 def treatment_of(module: nn.Module) -> str | None:

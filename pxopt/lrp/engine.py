@@ -29,6 +29,7 @@ from pxopt.lrp.rules import (
     conv2d_op,
     lrp_affine,
     lrp_layer,
+    lrp_layer_norm,
     lrp_norm,
     lrp_pass,
 )
@@ -54,6 +55,7 @@ GRADIENT_NODES: set[str] = {
     # concatenation: the gradient of each input is its slice of the output's, so each part
     # gets exactly the relevance of its channels (conserved; DenseNet's dense blocks)
     "CatBackward0",
+    "PermuteBackward0",  # channels-last <-> NCHW around LayerNorm / Linear (ConvNeXt)
 }
 
 
@@ -258,7 +260,8 @@ class LRPEngine:
             if treatment is None:
                 raise UnsupportedLayerError(
                     f"layer {name!r} ({type(module).__name__}) has no LRP rule; supported: "
-                    "Conv2d, Linear, BatchNorm, element-wise activations, pools, Flatten, Dropout")
+                    "Conv2d, Linear, BatchNorm, LayerNorm, element-wise activations, pools, "
+                    "Flatten, Dropout")
             if treatment == cz.LINEAR:
                 if name not in groups:
                     raise UnsupportedLayerError(
@@ -280,6 +283,8 @@ class LRPEngine:
                 self._patch(module, _pass_forward(module))
             elif treatment == cz.NORM:
                 self._patch(module, _norm_forward(module))
+            elif treatment == cz.LAYERNORM:
+                self._patch(module, _layer_norm_forward(module, cz.layer_norm_dim(module, name)))
             # GRADIENT: leave the module alone
 
     def _install_linear(self, name: str, module: nn.Module, bn: nn.Module | None,
@@ -360,5 +365,17 @@ def _norm_forward(module: nn.Module) -> Any:
 
     def forward(x: Tensor) -> Tensor:
         return lrp_norm(x, fn)
+
+    return forward
+
+
+def _layer_norm_forward(module: nn.Module, dim: int) -> Any:
+    cls_forward = type(module).forward
+
+    def fn(x: Tensor) -> Tensor:
+        return cls_forward(module, x)
+
+    def forward(x: Tensor) -> Tensor:
+        return lrp_layer_norm(x, fn, module.weight, dim, module.eps)
 
     return forward

@@ -25,7 +25,8 @@ Use from other engines (e.g. the ViT engine), with parameters that need no gradi
     # y == F.linear(x, weight, bias); the backward of y applies the rule.
     # `recorder` (optional) is called in the backward with R at the output (same shape as y).
 
-`lrp_pass(x, fn)` applies an element-wise function whose relevance passes unchanged
+`lrp_layer_norm(x, fn, weight, dim, norm_eps)` a LayerNorm under AttnLRP's rule (std held
+constant), `lrp_pass(x, fn)` applies an element-wise function whose relevance passes unchanged
 (Pass rule), `lrp_norm(fn, *xs)` a parameter-free linear map (sums, average pools) under
 the Norm rule (R_i = x_i * d fn / d x_i * R / stab(fn(x))).
 """
@@ -585,9 +586,51 @@ class NormFn(torch.autograd.Function):
         return x * gx, None, None
 
 
+def _layer_norm_rstd(x: Tensor, dim: int, eps: float) -> Tensor:
+    """1 / sqrt(var + eps) over `dim`, keepdim, from the fused LayerNorm kernel (several times
+    faster than `var_mean` on CPU); a channel dim other than the last is moved there first."""
+    last = dim % x.ndim == x.ndim - 1
+    xl = x if last else x.movedim(dim, -1)
+    rstd = torch.native_layer_norm(xl, xl.shape[-1:], None, None, eps)[2]
+    return rstd if last else rstd.movedim(-1, dim)
+
+
+class LayerNormFn(torch.autograd.Function):
+    """LayerNorm forwards (the module's own forward, so outputs stay bit-identical); AttnLRP's
+    LayerNorm treatment backwards (Achtibat et al., "AttnLRP", ICML 2024: the identity rule on
+    the normalisation; implemented in lxt as `lxt.efficient.patches.layer_norm_forward`, which
+    detaches the standard deviation; tests/test_family_convnext.py checks parity with it).
+
+    With the normaliser 1/std held constant, y = w (x - mean x) / std + b is a linear map of
+    x; its relevance follows the z-rule of that map, R_i = x_i sum_j J_ji R_j / stab(y_j):
+    with h = w R / (std stab(y)), R_i = x_i (h_i - mean h) (J's centring is symmetric).
+    sum_i R_i = sum_j (y_j - b_j) R_j / stab(y_j): conserved exactly for b = 0, eps -> 0.
+    `dim` is the normalised dimension (-1 channels last, 1 for NCHW's LayerNorm2d).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, fn: Callable[[Tensor], Tensor], weight: Tensor | None,  # type: ignore[override]
+                dim: int, norm_eps: float, eps: float) -> Tensor:
+        y = fn(x)
+        ctx.save_for_backward(x, y, weight)
+        ctx.dim, ctx.norm_eps, ctx.eps = dim, norm_eps, eps
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, r: Tensor) -> tuple[Tensor, None, None, None, None, None]:  # type: ignore[override]
+        x, y, weight = ctx.saved_tensors
+        dim = ctx.dim
+        h = _div_stab(r, y, ctx.eps).mul_(_layer_norm_rstd(x, dim, ctx.norm_eps))
+        if weight is not None:
+            h.mul_(weight.view(-1, *([1] * (x.ndim - 1 - (dim % x.ndim)))))
+        h.sub_(h.mean(dim=dim, keepdim=True))
+        return h.mul_(x), None, None, None, None, None
+
+
 # Names of the autograd nodes these functions create (the engine's graph check allows them).
 RULE_NODE_NAMES: set[str] = {
-    f"{fn.__name__}Backward" for fn in (LayerRuleFn, PassFn, NormSumFn, NormFn)
+    f"{fn.__name__}Backward"
+    for fn in (LayerRuleFn, PassFn, NormSumFn, NormFn, LayerNormFn)
 }
 
 
@@ -640,3 +683,9 @@ def lrp_affine(x: Tensor, fn: Callable[[Tensor], Tensor], eps: float = STABILIZE
     Norm rule (the Jacobian s is diagonal, the shift does not enter it).
     """
     return NormFn.apply(x, fn, eps)
+def lrp_layer_norm(x: Tensor, fn: Callable[[Tensor], Tensor], weight: Tensor | None, dim: int,
+                   norm_eps: float, eps: float = STABILIZER) -> Tensor:
+    """fn(x) for a LayerNorm over `dim` (weight: its affine scale or None) with AttnLRP's
+    LayerNorm rule (`LayerNormFn`: the standard deviation held constant)."""
+    w = None if weight is None else weight.detach()
+    return LayerNormFn.apply(x, fn, w, dim, float(norm_eps), eps)
