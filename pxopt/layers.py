@@ -61,6 +61,12 @@ class LayerMap(list[Layer]):
 
     grouping: str = "count"
     stage_rule: str = ""
+    # Set per instance by family discoverers (never mutated in place): conv / linear layers
+    # that get an LRP rule (name -> group) but have no components of their own (depthwise
+    # convs, ...), and modules whose output channels are tied to a component's (physical
+    # removal treats them as followers, not as other writers of those channels).
+    rule_only: dict[str, str] = {}  # noqa: RUF012
+    tied: list[str] = []  # noqa: RUF012
 
     def prunable(self, kinds: Iterable[str] | None = None) -> list[Layer]:
         """Layers whose components may be pruned: never the classifier head."""
@@ -315,6 +321,7 @@ def discover_layers(model: nn.Module, boundaries: Sequence[float] | None = None,
     quarter); only with grouping="count". example_input: order the layers by a forward pass
     instead of registration order, and find the stages of unknown CNNs by resolution.
     """
+    import pxopt.families.mobile  # noqa: F401  (registers its discoverer; lazy: it imports us)
     import pxopt.lrp.vit  # noqa: F401  (registers the ViT discoverer; lazy: it imports us)
 
     check_choice(grouping, GROUPINGS, "grouping")
@@ -325,6 +332,7 @@ def discover_layers(model: nn.Module, boundaries: Sequence[float] | None = None,
         found = fn(model, bounds)
         if found is not None:
             # ViT blocks are the stages: both groupings split them by `bounds`, quarters by default
-            found.grouping, found.stage_rule = grouping, "blocks" if grouping == "stage" else ""
+            found.grouping = grouping
+            found.stage_rule = (found.__dict__.get("stage_rule") or "blocks") if grouping == "stage" else ""
             return found
     return discover_cnn(model, bounds, example_input, grouping=grouping)

@@ -36,6 +36,9 @@ BATCHNORM = "batchnorm"
 PASS = "pass"
 NORM = "norm"
 GRADIENT = "gradient"
+# a BatchNorm fused with its activation (timm `BatchNormAct2d`: BatchNorm, then its `drop`
+# and `act` children): merged like a BatchNorm, its children keep their own treatments
+BATCHNORM_ACT = "batchnorm_act"
 
 _TREATMENTS: list[tuple[tuple[type, ...], str]] = [
     ((nn.Conv2d, nn.Linear), LINEAR),
@@ -62,6 +65,29 @@ try:  # timm's own leaf modules
                     ((FastAdaptiveMaxPool, DropPath, DropBlock2d), GRADIENT)]
 except ImportError:  # pragma: no cover - timm is a dependency, but keep the engine importable
     pass
+
+try:
+    from timm.layers.linear import Linear as _TimmLinear
+    from timm.layers.norm_act import BatchNormAct2d
+
+    _TREATMENTS.append(((BatchNormAct2d,), BATCHNORM_ACT))
+    _TREATMENTS.append(((_TimmLinear,), LINEAR))  # F.linear outside TorchScript: nn.Linear's forward
+except ImportError:  # pragma: no cover
+    pass
+
+try:  # torchvision's stochastic depth is the identity in eval mode (the engine's mode)
+    from torchvision.ops import StochasticDepth
+
+    _TREATMENTS.append(((StochasticDepth,), GRADIENT))
+except ImportError:  # pragma: no cover
+    pass
+
+
+def bn_forward(bn: nn.Module) -> Callable[[nn.Module, Tensor], Tensor]:
+    """The plain BatchNorm forward of `bn` (without the activation of a BATCHNORM_ACT module)."""
+    if treatment_of(bn) == BATCHNORM_ACT:
+        return nn.BatchNorm1d.forward if isinstance(bn, nn.BatchNorm1d) else nn.BatchNorm2d.forward
+    return type(bn).forward
 
 
 def register_treatment(types: tuple[type, ...], treatment: str) -> None:

@@ -585,9 +585,35 @@ class NormFn(torch.autograd.Function):
         return x * gx, None, None
 
 
+class GateFn(torch.autograd.Function):
+    """x * s for a gate s broadcast over x (squeeze-excitation); the gate rule backwards.
+
+    `share` is the fraction of the relevance R of the product that goes to the gate:
+    0 is "signal-take-all" (Arras et al. 2017: the gate acts as a weight, R_x = R, the
+    default), 0.5 is AttnLRP's uniform rule for a product of two inputs (Achtibat et al.
+    2024, Prop. 3.3: R_x = R_s = R / 2; R_s summed over the dimensions s is broadcast along).
+    Either way R_x + R_s = R: the product conserves relevance.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, s: Tensor, share: float) -> Tensor:  # type: ignore[override]
+        ctx.share = share
+        ctx.s_shape = s.shape
+        return x * s
+
+    @staticmethod
+    def backward(ctx: Any, r: Tensor) -> tuple[Tensor | None, Tensor | None, None]:  # type: ignore[override]
+        share = ctx.share
+        rx = r if share == 0.0 else r * (1.0 - share)
+        if share == 0.0 or not ctx.needs_input_grad[1]:
+            return rx, None, None  # the gate branch gets nothing (not even a backward pass)
+        rs = (r * share).sum_to_size(ctx.s_shape)
+        return rx, rs, None
+
+
 # Names of the autograd nodes these functions create (the engine's graph check allows them).
 RULE_NODE_NAMES: set[str] = {
-    f"{fn.__name__}Backward" for fn in (LayerRuleFn, PassFn, NormSumFn, NormFn)
+    f"{fn.__name__}Backward" for fn in (LayerRuleFn, PassFn, NormSumFn, NormFn, GateFn)
 }
 
 
@@ -628,3 +654,13 @@ def lrp_sum(a: Tensor, b: Tensor, eps: float = STABILIZER) -> Tensor:
 def lrp_norm(x: Tensor, fn: Callable[[Tensor], Tensor], eps: float = STABILIZER) -> Tensor:
     """fn(x) for a parameter-free linear fn (pooling) with the Norm rule."""
     return NormFn.apply(x, fn, eps)
+
+
+#: Fraction of a gate product's relevance given to the gate (see `GateFn`); 0 =
+#: signal-take-all, the default; 0.5 = AttnLRP's uniform product rule.
+GATE_SHARE = 0.0
+
+
+def lrp_gate(x: Tensor, s: Tensor, share: float | None = None) -> Tensor:
+    """x * s (s a gate, e.g. squeeze-excitation's) with the gate rule of `GateFn`."""
+    return GateFn.apply(x, s, GATE_SHARE if share is None else float(share))

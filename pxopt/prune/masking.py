@@ -87,6 +87,16 @@ def head_value_targets(module: nn.Module, name: str = "") -> tuple[list[_Target]
     )
 
 
+#: Family hooks: (model, layer) -> [(tensor, dim)] more slices to zero with a component
+#: (e.g. the depthwise conv and BatchNorm after a MobileNet expansion channel).
+_FOLLOWERS: list[Callable[[nn.Module, Any], list[tuple[torch.Tensor, int]]]] = []
+
+
+def register_mask_followers(fn: Callable[[nn.Module, Any], list[tuple[torch.Tensor, int]]]) -> None:
+    """Add a family hook giving extra tensors to zero with each masked component."""
+    _FOLLOWERS.append(fn)
+
+
 def component_targets(model: nn.Module, layer: Any) -> list[_Target]:
     """Tensors to zero so that `layer`'s components output exactly zero."""
     mod = layer.module
@@ -109,6 +119,8 @@ def component_targets(model: nn.Module, layer: Any) -> list[_Target]:
             # Non-affine BN: its output is -mean/std for a zero channel; pin it to zero by
             # making mean 0 (the running mean is a buffer and restored like a parameter).
             tg.append(_Target(fol.bn.running_mean, 0, _identity))
+    for fn in _FOLLOWERS:
+        tg += [_Target(t, dim, _identity) for t, dim in fn(model, layer)]
     return tg
 
 
