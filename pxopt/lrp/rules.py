@@ -662,5 +662,10 @@ GATE_SHARE = 0.0
 
 
 def lrp_gate(x: Tensor, s: Tensor, share: float | None = None) -> Tensor:
-    """x * s (s a gate, e.g. squeeze-excitation's) with the gate rule of `GateFn`."""
-    return GateFn.apply(x, s, GATE_SHARE if share is None else float(share))
+    """x * s (s a gate, e.g. squeeze-excitation's) with the gate rule of `GateFn`.
+
+    Under signal-take-all the gate is detached: its branch gets no relevance, so its
+    backward is not run at all (autograd would otherwise push zeros through it).
+    """
+    k = GATE_SHARE if share is None else float(share)
+    return GateFn.apply(x, s.detach() if k == 0.0 else s, k)
