@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import optuna
 import pytest
 import timm
 import torch
@@ -273,3 +274,33 @@ def test_mask_slice_physical(name: str) -> None:
     assert not any(res.masked.values())  # every pruned channel physically removed
     with torch.no_grad():
         torch.testing.assert_close(res.model(x), masked, rtol=1e-5, atol=1e-5)
+
+
+# ---- a search trial ------------------------------------------------------------------------
+def test_search_completes_a_trial(tmp_path) -> None:
+    """run_search with the real pipeline (LRP scores, masked accuracy curve) on a small
+    torchvision MobileNetV3 and a tiny random task: one trial completes."""
+    from pxopt.data import Task, TensorSet
+    from pxopt.pipeline import Pipeline
+    from pxopt.search import StudySpec, run_search
+
+    model = _build("mobilenet_v3_small")
+    model.classifier[-1] = nn.Linear(1024, 3)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    g = torch.Generator().manual_seed(1)
+    ref = TensorSet(torch.randn(6, 3, 32, 32, generator=g), torch.arange(6) % 3)
+    val = TensorSet(torch.randn(9, 3, 32, 32, generator=g), torch.arange(9) % 3)
+    task = Task(dataset="random", classes=[0, 1, 2], class_names=["a", "b", "c"], reference=ref,
+                validation=val, seed=0, n_ref=2, n_val=3)
+    lm = discover_layers(model)
+    pipe = Pipeline(model=model, task=task, layer_map=lm, kinds=("conv",), rates=[0.0, 0.3, 0.6],
+                    device=torch.device("cpu"), batch_size=16)
+    spec = StudySpec(name="mobile", storage=str(tmp_path / "s.db"), trials=1, seed=1,
+                     rates=[0.0, 0.3, 0.6], sampler={"name": "random"},
+                     pruner={"name": "none"}).validated()
+    result = run_search(spec, pipeline=pipe)
+    assert result.trials_after == 1 and result.exit_codes == [0]
+    trials = optuna.load_study(study_name="mobile", storage=result.storage_url).get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE"], trials[0].user_attrs
+    assert 0.0 <= trials[0].values[0] <= 1.0
