@@ -304,3 +304,14 @@ def test_search_completes_a_trial(tmp_path) -> None:
     trials = optuna.load_study(study_name="mobile", storage=result.storage_url).get_trials()
     assert [t.state.name for t in trials] == ["COMPLETE"], trials[0].user_attrs
     assert 0.0 <= trials[0].values[0] <= 1.0
+
+
+def test_family_registry_and_models_listing() -> None:
+    from pxopt.families import family_of
+    from pxopt.models import describe_supported
+
+    for name in ("mobilenet_v2", "mobilenet_v3_small", "timm:mobilenetv3_small_050", "timm:mobilenetv2_050"):
+        assert family_of(_build(name)).name == "mobile"
+    fam = family_of(_build("mobilenet_v2"))
+    assert set(fam.block_forwards()) >= {torchvision.models.mobilenetv2.InvertedResidual}
+    assert "MobileNetV2/V3" in describe_supported()

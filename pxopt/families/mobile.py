@@ -304,3 +304,66 @@ def mask_followers(model: nn.Module, layer: object) -> list[tuple[Tensor, int]]:
 
 
 register_mask_followers(mask_followers)
+
+
+# ---------------------------------------------------------------------------------------
+# The family adapter (pxopt.families.base protocol)
+# ---------------------------------------------------------------------------------------
+from pxopt.families import register_family  # noqa: E402  (the registry imports this module)
+from pxopt.families.base import Family, StageSplit, Target  # noqa: E402
+
+
+class MobileFamily(Family):
+    """MobileNetV2/V3 and EfficientNet, torchvision and timm (see the module docstring).
+
+    Beyond the protocol, its layer maps carry `rule_only` (convs with a rule but no
+    components: stem, depthwise, projection, SE) and `tied` (depthwise convs and SE
+    expansions whose channels follow an expansion conv's), read by the CNN engine and by
+    physical removal.
+    """
+
+    name = "mobile"
+    kind = "cnn"
+    priority = 10
+    summary = ("MobileNetV2/V3, EfficientNet (torchvision, timm): expansion-conv channels "
+               "(with their depthwise conv), last conv; SE gates signal-take-all")
+
+    def matches(self, model: nn.Module) -> bool:
+        try:
+            return matches(model)
+        except Exception:  # noqa: BLE001 - the protocol: never raise
+            return False
+
+    def layer_map(self, model: nn.Module, boundaries: tuple[float, float], *, grouping: str,
+                  example_input: Tensor | None) -> LayerMap:
+        found = discover(model, boundaries)
+        assert found is not None  # matches() was true
+        found.grouping = grouping
+        return found
+
+    def stage_groups(self, model: nn.Module, names: list[str],
+                     example_input: Tensor | None) -> StageSplit | None:
+        st = structure(model)
+        return "resolution", {n: st.groups.get(n, st.rule_only.get(n, "mid")) for n in names}
+
+    def block_forwards(self) -> dict[type, object]:
+        out: dict[type, object] = {
+            _tv_mb2.InvertedResidual: _tv_mb2_block, _tv_mb3.InvertedResidual: _tv_mb3_block,
+            _tv_eff.MBConv: _tv_mbconv, _tv_mb2.MobileNetV2: _tv_mb2_model, _TvSE: _tv_se}
+        if _TIMM_SE:
+            out.update({_timm_blocks.SqueezeExcite: _timm_se, _timm_blocks.DepthwiseSeparableConv: _timm_ds,
+                        _timm_blocks.InvertedResidual: _timm_ir, _timm_blocks.ConvBnAct: _timm_cba})
+        return out
+
+    def mask_targets(self, model: nn.Module, layer: Layer) -> list[Target]:
+        try:  # the adapter's generic channel targets, plus the depthwise followers
+            from pxopt.prune.targets import channel_targets  # type: ignore[import-not-found]
+        except ImportError:  # before the migration: masking's own (already with followers)
+            from pxopt.prune.masking import component_targets
+
+            return [Target(t.tensor, t.dim, t.index_map) for t in component_targets(model, layer)]
+        return [*channel_targets(model, layer),
+                *(Target(t, d, lambda i: i) for t, d in mask_followers(model, layer))]
+
+
+register_family(MobileFamily())
