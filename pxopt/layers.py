@@ -332,6 +332,11 @@ def discover_layers(model: nn.Module, boundaries: Sequence[float] | None = None,
         found = fn(model, bounds)
         if found is not None:
             # ViT blocks are the stages: both groupings split them by `bounds`, quarters by default
+            own_stages = bool(found.__dict__.get("stage_rule"))  # a CNN family's own stages
+            if grouping == "count" and own_stages:  # its components by position instead
+                hidden = [la for la in found if la.group not in ("input", "fc")]
+                for i, la in enumerate(hidden):
+                    la.group = depth_group(i, len(hidden), bounds)
             found.grouping = grouping
             found.stage_rule = (found.__dict__.get("stage_rule") or "blocks") if grouping == "stage" else ""
             return found

@@ -215,6 +215,10 @@ def test_layer_map_components_and_stages() -> None:
     assert lm.by_name()["features.2.conv.0.0"].group == "low"
     assert lm.by_name()["features.7.conv.0.0"].group == "mid"  # stage 3 (28x28 at 224)
     assert lm.by_name()["features.18.0"].group == "high"
+    count = discover_layers(model, grouping="count")
+    assert count.grouping == "count" and count.stage_rule == ""
+    hidden = [la.group for la in count if la.group != "fc"]
+    assert hidden == sorted(hidden, key=["low", "mid", "high"].index) and len(set(hidden)) == 3
     timm_lm = discover_layers(_build("timm:mobilenetv3_small_050"))
     assert "blocks.1.0.conv_pw" in timm_lm.names() and "blocks.0.0.se.conv_expand" in timm_lm.rule_only
     assert timm_lm.names()[-2:] == ["conv_head", "classifier"]
