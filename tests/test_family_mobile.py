@@ -1,9 +1,10 @@
 """MobileNetV2/V3 and EfficientNet (torchvision and timm) end to end (issue 15.3/15.4).
 
-- LRP: zennit parity in float64 on torchvision MobileNetV2 (ReLU6, depthwise convs,
-  inverted residuals: zennit has the rules, with a canoniser for the residual sum written
-  here like zennit's own ResNet canonisers); conservation on bias-free variants where zennit
-  has no rule (SE gates, SiLU / Hardswish, timm BatchNormAct2d);
+- LRP: zennit parity in float64 on torchvision MobileNetV2, MobileNetV3 and EfficientNet-B0
+  (ReLU6 / Hardswish / SiLU, depthwise convs, inverted residuals: zennit has the rules, with
+  a canoniser for the residual sums written here like zennit's own ResNet canonisers; the SE
+  gate has no zennit rule, so the canoniser applies the same signal-take-all rule);
+  conservation on bias-free variants (torchvision and timm, timm BatchNormAct2d included);
 - components: expansion convs and the last conv (see `pxopt.families.mobile`), stage groups;
 - masking exact and undone bit-exactly, slicing == masking, Torch-Pruning removal == masking.
 """
@@ -47,8 +48,22 @@ def _build(name: str, dtype: torch.dtype = torch.float32) -> nn.Module:
 
 
 # ---- zennit parity (torchvision MobileNetV2: everything zennit has a rule for) -------------
+class _SignalTakeAll(torch.autograd.Function):
+    """x * s whose backward hands x the whole incoming relevance (zennit-side gate rule)."""
+
+    @staticmethod
+    def forward(ctx, x, s):
+        ctx.shape = s.shape
+        return x * s
+
+    @staticmethod
+    def backward(ctx, r):
+        return r, r.new_zeros(ctx.shape)  # zeros, not None: zennit's hooks need a tensor
+
+
 class _MbV2Canonizer(AttributeCanonizer):
-    """zennit canoniser: the inverted residual's sum and the functional pool as modules."""
+    """zennit canoniser: residual sums and the functional pool as modules (zennit's Norm
+    rule), the SE gate product with the signal-take-all rule (zennit has no gate rule)."""
 
     def __init__(self) -> None:
         super().__init__(self._attribute_map)
@@ -59,7 +74,21 @@ class _MbV2Canonizer(AttributeCanonizer):
             return {"forward": cls.block.__get__(module), "canonizer_sum": Sum()}
         if isinstance(module, torchvision.models.MobileNetV2):
             return {"forward": cls.model.__get__(module), "canonizer_pool": nn.AdaptiveAvgPool2d(1)}
+        if isinstance(module, torchvision.models.mobilenetv3.InvertedResidual | torchvision.models.efficientnet.MBConv):
+            return {"forward": cls.block_v3.__get__(module), "canonizer_sum": Sum()}
+        if isinstance(module, torchvision.ops.SqueezeExcitation):
+            return {"forward": cls.se.__get__(module)}
         return None
+
+    @staticmethod
+    def block_v3(self, x):
+        if not self.use_res_connect:
+            return self.block(x)
+        return self.canonizer_sum(torch.stack([x, self.block(x)], dim=-1))
+
+    @staticmethod
+    def se(self, x):
+        return _SignalTakeAll.apply(x, self._scale(x))
 
     @staticmethod
     def block(self, x):
@@ -104,9 +133,15 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp(min=1e-30)).item()
 
 
-@pytest.mark.parametrize("composite", ["epsilon", "mixed", "zplus"])
-def test_mobilenet_v2_parity_with_zennit(composite: str) -> None:
-    model = _build("mobilenet_v2", torch.float64)
+@pytest.mark.parametrize(("name", "composite"), [
+    ("mobilenet_v2", "epsilon"), ("mobilenet_v2", "mixed"), ("mobilenet_v2", "zplus"),
+    ("mobilenet_v3_small", "epsilon"), ("mobilenet_v3_small", "mixed"),
+    ("efficientnet_b0", "mixed"),
+])
+def test_parity_with_zennit(name: str, composite: str) -> None:
+    """Everything but the gate from zennit (Hardswish / SiLU / Hardsigmoid: zennit's Pass);
+    the gate with the same signal-take-all rule on both sides."""
+    model = _build(name, torch.float64)
     lm = discover_layers(model)
     assert lm.rule_only  # depthwise / projection / stem convs get rules, not components
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
