@@ -350,7 +350,7 @@ def test_family_registry_and_models_listing() -> None:
     from pxopt.models import describe_supported
 
     for name in ("mobilenet_v2", "mobilenet_v3_small", "timm:mobilenetv3_small_050", "timm:mobilenetv2_050"):
-        assert family_of(_build(name)).name == "mobile"
+        assert family_of(_build(name)).name == "mobilenet-efficientnet"
     fam = family_of(_build("mobilenet_v2"))
     assert set(fam.block_forwards()) >= {torchvision.models.mobilenetv2.InvertedResidual}
     assert "MobileNetV2/V3" in describe_supported()

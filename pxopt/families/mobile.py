@@ -54,10 +54,10 @@ import torchvision.models.mobilenetv3 as _tv_mb3
 from torch import Tensor, nn
 from torchvision.ops.misc import SqueezeExcitation as _TvSE
 
-from pxopt.layers import Layer, LayerMap, register_discoverer, stage_groups
-from pxopt.lrp import canonizers as cz
+from pxopt.families import register_family
+from pxopt.families.base import BlockForward, Family, StageSplit, Target
+from pxopt.layermap import Layer, LayerMap, depth_group, stage_groups
 from pxopt.lrp.rules import lrp_gate, lrp_norm, lrp_sum
-from pxopt.prune.masking import register_mask_followers
 
 try:
     import timm.models._efficientnet_blocks as _timm_blocks
@@ -71,7 +71,6 @@ try:
 except ImportError:  # pragma: no cover
     _TIMM_MODELS = _TIMM_BLOCKS = _TIMM_SE = ()
 
-FAMILY = "mobile"
 TV_MODELS: tuple[type, ...] = (_tv_mb2.MobileNetV2, _tv_mb3.MobileNetV3, _tv_eff.EfficientNet)
 TV_BLOCKS: tuple[type, ...] = (_tv_mb2.InvertedResidual, _tv_mb3.InvertedResidual, _tv_eff.MBConv)
 SE_TYPES: tuple[type, ...] = (_TvSE, *_TIMM_SE)
@@ -159,21 +158,15 @@ def _timm_cba(self: nn.Module, x: Tensor) -> Tensor:
     return _timm_skip(self, self.aa(self.bn1(self.conv(x))), shortcut)
 
 
-def register_lrp() -> None:
-    """Give the family's blocks their LRP forwards (idempotent: later wins, same functions)."""
-    cz.register_residual(_tv_mb2.InvertedResidual, _tv_mb2_block)
-    cz.register_residual(_tv_mb3.InvertedResidual, _tv_mb3_block)
-    cz.register_residual(_tv_eff.MBConv, _tv_mbconv)
-    cz.register_residual(_tv_mb2.MobileNetV2, _tv_mb2_model)
-    cz.register_residual(_TvSE, _tv_se)
+def block_forwards() -> dict[type, BlockForward]:
+    """The family's LRP forwards by exact block class."""
+    out: dict[type, BlockForward] = {
+        _tv_mb2.InvertedResidual: _tv_mb2_block, _tv_mb3.InvertedResidual: _tv_mb3_block,
+        _tv_eff.MBConv: _tv_mbconv, _tv_mb2.MobileNetV2: _tv_mb2_model, _TvSE: _tv_se}
     if _TIMM_SE:
-        cz.register_residual(_timm_blocks.SqueezeExcite, _timm_se)
-        cz.register_residual(_timm_blocks.DepthwiseSeparableConv, _timm_ds)
-        cz.register_residual(_timm_blocks.InvertedResidual, _timm_ir)
-        cz.register_residual(_timm_blocks.ConvBnAct, _timm_cba)
-
-
-register_lrp()
+        out.update({_timm_blocks.SqueezeExcite: _timm_se, _timm_blocks.DepthwiseSeparableConv: _timm_ds,
+                    _timm_blocks.InvertedResidual: _timm_ir, _timm_blocks.ConvBnAct: _timm_cba})
+    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -265,10 +258,9 @@ def _bn_after(modules: dict[str, nn.Module], name: str) -> str | None:
     return None
 
 
-def discover(model: nn.Module, boundaries: tuple[float, float]) -> LayerMap | None:
-    """The layer map of a matched model (module docstring); None for other models."""
-    if not matches(model):
-        return None
+def discover(model: nn.Module, boundaries: tuple[float, float], grouping: str = "stage") -> LayerMap:
+    """The layer map of a matched model (module docstring). grouping="count": the components
+    by position (`boundaries`) instead of stages; the rule-only convs keep their stage group."""
     st = structure(model)
     modules = dict(model.named_modules())
     layers = LayerMap()
@@ -279,13 +271,15 @@ def discover(model: nn.Module, boundaries: tuple[float, float]) -> LayerMap | No
         kind = "head" if i == len(linears) - 1 else "linear"
         layers.append(Layer(n, modules[n], kind, "fc", int(modules[n].out_features),
                             len(st.components) + i))
+    if grouping == "count":
+        hidden = [la for la in layers if la.group != "fc"]
+        for i, la in enumerate(hidden):
+            la.group = depth_group(i, len(hidden), boundaries)
     layers.rule_only = dict(st.rule_only)
     layers.tied = list(st.tied)
-    layers.stage_rule = "resolution"
+    layers.grouping = grouping
+    layers.stage_rule = "resolution" if grouping == "stage" else ""
     return layers
-
-
-register_discoverer(discover)
 
 
 def mask_followers(model: nn.Module, layer: object) -> list[tuple[Tensor, int]]:
@@ -303,15 +297,10 @@ def mask_followers(model: nn.Module, layer: object) -> list[tuple[Tensor, int]]:
     return out
 
 
-register_mask_followers(mask_followers)
-
 
 # ---------------------------------------------------------------------------------------
 # The family adapter (pxopt.families.base protocol)
 # ---------------------------------------------------------------------------------------
-from pxopt.families import register_family  # noqa: E402  (the registry imports this module)
-from pxopt.families.base import Family, StageSplit, Target  # noqa: E402
-
 
 class MobileFamily(Family):
     """MobileNetV2/V3 and EfficientNet, torchvision and timm (see the module docstring).
@@ -322,7 +311,7 @@ class MobileFamily(Family):
     physical removal.
     """
 
-    name = "mobile"
+    name = "mobilenet-efficientnet"
     kind = "cnn"
     priority = 10
     summary = ("MobileNetV2/V3, EfficientNet (torchvision, timm): expansion-conv channels "
@@ -336,34 +325,21 @@ class MobileFamily(Family):
 
     def layer_map(self, model: nn.Module, boundaries: tuple[float, float], *, grouping: str,
                   example_input: Tensor | None) -> LayerMap:
-        found = discover(model, boundaries)
-        assert found is not None  # matches() was true
-        found.grouping = grouping
-        return found
+        return discover(model, boundaries, grouping)
 
     def stage_groups(self, model: nn.Module, names: list[str],
                      example_input: Tensor | None) -> StageSplit | None:
         st = structure(model)
         return "resolution", {n: st.groups.get(n, st.rule_only.get(n, "mid")) for n in names}
 
-    def block_forwards(self) -> dict[type, object]:
-        out: dict[type, object] = {
-            _tv_mb2.InvertedResidual: _tv_mb2_block, _tv_mb3.InvertedResidual: _tv_mb3_block,
-            _tv_eff.MBConv: _tv_mbconv, _tv_mb2.MobileNetV2: _tv_mb2_model, _TvSE: _tv_se}
-        if _TIMM_SE:
-            out.update({_timm_blocks.SqueezeExcite: _timm_se, _timm_blocks.DepthwiseSeparableConv: _timm_ds,
-                        _timm_blocks.InvertedResidual: _timm_ir, _timm_blocks.ConvBnAct: _timm_cba})
-        return out
+    def block_forwards(self) -> dict[type, BlockForward]:
+        return block_forwards()
 
     def mask_targets(self, model: nn.Module, layer: Layer) -> list[Target]:
-        try:  # the adapter's generic channel targets, plus the depthwise followers
-            from pxopt.prune.targets import channel_targets  # type: ignore[import-not-found]
-        except ImportError:  # before the migration: masking's own (already with followers)
-            from pxopt.prune.masking import component_targets
+        from pxopt.prune.targets import channel_targets, identity
 
-            return [Target(t.tensor, t.dim, t.index_map) for t in component_targets(model, layer)]
         return [*channel_targets(model, layer),
-                *(Target(t, d, lambda i: i) for t, d in mask_followers(model, layer))]
+                *(Target(t, d, identity) for t, d in mask_followers(model, layer))]
 
 
 register_family(MobileFamily())

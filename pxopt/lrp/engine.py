@@ -18,9 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-import pxopt.families.mobile  # noqa: F401  (registers its blocks' LRP forwards)
 from pxopt.errors import UnsupportedLayerError
-from pxopt.layers import LayerMap
+from pxopt.layermap import LayerMap
 from pxopt.lrp import canonizers as cz
 from pxopt.lrp.config import RuleConfig
 from pxopt.lrp.rules import (
