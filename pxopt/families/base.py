@@ -84,6 +84,15 @@ class HeadSlice:
     attrs: list[tuple[nn.Module, str, Any]] = field(default_factory=list)
 
 
+def first_attention(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """The first attention module of `model` (`nn.MultiheadAttention` or a class whose name
+    contains "Attention"), or None: a model with one is no plain CNN."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.MultiheadAttention) or "Attention" in type(module).__name__:
+            return name, module
+    return None
+
+
 class Family:
     """One model family. Subclass, set the class attributes, override what differs.
 
@@ -217,6 +226,15 @@ class Family:
         from pxopt.errors import UnsupportedLayerError
 
         raise UnsupportedLayerError(f"{layer.name}: family {self.name} has no attention heads")
+
+    def head_projection(self, layer: Layer) -> tuple[Tensor, int]:
+        """(packed q/k/v input-projection weight, (3 * heads * head_dim, dim) with q, k, v
+        sections in that order, num_heads): what the weight criterion scores a head by.
+        Default: refuse."""
+        from pxopt.errors import UnsupportedLayerError
+
+        raise UnsupportedLayerError(
+            f"weight criterion: cannot find the q/k/v rows of heads in {layer.name}")
 
     def slice_heads(self, layer: Layer, kept: Tensor) -> HeadSlice | None:
         """How `layer`'s attention runs with only the heads `kept` (sorted indices); None

@@ -1,4 +1,9 @@
-"""AttnLRP for vision transformers: torchvision and timm `VisionTransformer`.
+"""AttnLRP for vision transformers (the engine of `pxopt.families.transformer.TransformerFamily`).
+
+What a family's transformer looks like (its blocks, attention layout, allow-list,
+residual forwards) is the family's answer (`pxopt.families.torchvision_vit`, `.timm_vit`,
+...); this module holds what every family shares: the rules, the recording, the patching
+of LayerNorm, MLP, classifier and patch embedding, and the explanation entry points.
 
 The model is made explainable by temporary instance-level `forward` replacements
 (attention, LayerNorm, MLP activations, Linear layers, patch embedding, optionally the
@@ -317,6 +322,8 @@ def explainable_vit(model: nn.Module, rules: ViTRules, recording: Recording | No
             patch_linear(model.get_submodule(name), name, rules.rule_for(name, "fc"), saved)
         for act in struct.extra_acts:
             _patch_act(act, None, saved)
+        for name, lin, group in struct.extra_linears:
+            patch_linear(lin, name, rules.rule_for(name, group), saved)
         rec_in = recording.recorder(recording.input, "input") if recording is not None else None
         pe_name = struct.patch_embed_name
         pe_rule = conv_rule(rules.rule_for(pe_name, "input"), pe_name, struct.patch_embed, rec_in)
