@@ -57,6 +57,12 @@ class LayerMap(list[Layer]):
     grouping: str = "count"
     stage_rule: str = ""
     family: Any = None  # the model's family (set by `discover_layers`)
+    # Set per instance by families (never mutated in place): conv / linear layers that get an
+    # LRP rule (name -> group) but have no components of their own (MobileNet depthwise
+    # convs, ...), and modules whose output channels are tied to a component's (physical
+    # removal treats them as followers, not as other writers of those channels).
+    rule_only: dict[str, str] = {}  # noqa: RUF012
+    tied: list[str] = []  # noqa: RUF012
 
     def prunable(self, kinds: Iterable[str] | None = None) -> list[Layer]:
         """Layers whose components may be pruned: never the classifier head, never a layer

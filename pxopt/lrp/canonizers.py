@@ -43,6 +43,9 @@ PASS = "pass"
 NORM = "norm"
 GRADIENT = "gradient"
 LAYERNORM = "layernorm"
+# a BatchNorm fused with its activation (timm `BatchNormAct2d`: BatchNorm, then its `drop`
+# and `act` children): merged like a BatchNorm, its children keep their own treatments
+BATCHNORM_ACT = "batchnorm_act"
 
 _TREATMENTS: list[tuple[tuple[type, ...], str]] = [
     ((nn.Conv2d, nn.Linear), LINEAR),
@@ -89,6 +92,22 @@ try:  # torchvision: a permute module, stochastic depth (the identity in eval mo
     _LAYER_NORM_DIMS[_TvLayerNorm2d] = 1
 except ImportError:  # pragma: no cover
     pass
+
+try:
+    from timm.layers.linear import Linear as _TimmLinear
+    from timm.layers.norm_act import BatchNormAct2d
+
+    _TREATMENTS.append(((BatchNormAct2d,), BATCHNORM_ACT))
+    _TREATMENTS.append(((_TimmLinear,), LINEAR))  # F.linear outside TorchScript: nn.Linear's forward
+except ImportError:  # pragma: no cover
+    pass
+
+
+def bn_forward(bn: nn.Module) -> Callable[[nn.Module, Tensor], Tensor]:
+    """The plain BatchNorm forward of `bn` (without the activation of a BATCHNORM_ACT module)."""
+    if treatment_of(bn) == BATCHNORM_ACT:
+        return nn.BatchNorm1d.forward if isinstance(bn, nn.BatchNorm1d) else nn.BatchNorm2d.forward
+    return type(bn).forward
 
 
 def register_treatment(types: tuple[type, ...], treatment: str) -> None:

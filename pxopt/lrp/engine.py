@@ -97,9 +97,10 @@ def _layer_below(node: Any, limit: int = 200) -> str | None:
 
 
 def _leaves(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
-    """Leaf modules depth-first in registration order (zennit's `collect_leaves`)."""
+    """Leaf modules depth-first in registration order (zennit's `collect_leaves`); a
+    BatchNorm fused with its activation (timm BatchNormAct2d) counts as one leaf."""
     children = list(module.named_children())
-    if not children:
+    if not children or cz.treatment_of(module) == cz.BATCHNORM_ACT:
         yield prefix, module
     for name, child in children:
         yield from _leaves(child, f"{prefix}.{name}" if prefix else name)
@@ -224,7 +225,9 @@ class LRPEngine:
         model = self.model
         self._training = [(m, m.training) for m in model.modules()]
         model.eval()
-        groups = {layer.name: layer.group for layer in self.layer_map}
+        # layers that only get a rule (no recorded components, e.g. depthwise convs) too
+        groups = {**getattr(self.layer_map, "rule_only", {}),
+                  **{layer.name: layer.group for layer in self.layer_map}}
         self.rules.check_overrides(set(groups))
         leaves = list(_leaves(model))
         # BatchNorm directly after a conv/linear in registration order (zennit's rule),
@@ -239,7 +242,8 @@ class LRPEngine:
         for (name, mod), (bn_name, nxt) in zip(leaves, leaves[1:], strict=False):
             if bn_name in pre_norms:
                 continue
-            if cz.treatment_of(mod) == cz.LINEAR and cz.treatment_of(nxt) == cz.BATCHNORM:
+            if cz.treatment_of(mod) == cz.LINEAR and \
+                    cz.treatment_of(nxt) in (cz.BATCHNORM, cz.BATCHNORM_ACT):
                 if not nxt.track_running_stats or nxt.running_var is None:
                     raise UnsupportedLayerError(
                         f"layer {bn_name!r} ({type(nxt).__name__}) has no running statistics "
@@ -253,6 +257,10 @@ class LRPEngine:
             residual = cz.residual_forward_of(module)
             if residual is not None:
                 self._patch(module, residual, bind=True)
+                continue
+            if cz.treatment_of(module) == cz.BATCHNORM_ACT:
+                paired = paired_bn.get(id(module))
+                self._patch(module, _bn_act_forward(name, paired), bind=True)
                 continue
             if next(module.children(), None) is not None:
                 continue  # containers: their leaves carry the rules; check_graph guards the rest
@@ -296,7 +304,7 @@ class LRPEngine:
             def true_forward(x: Tensor) -> Tensor:
                 return cls_forward(module, x)
         else:
-            bn_forward = type(bn).forward
+            bn_forward = cz.bn_forward(bn)
 
             def true_forward(x: Tensor) -> Tensor:
                 return bn_forward(bn, cls_forward(module, x))
@@ -324,6 +332,21 @@ def _merged_bn_forward(bn_name: str, layer_name: str) -> Any:
                 f"layer {bn_name!r} (BatchNorm) does not directly follow {layer_name!r} in the "
                 "forward, so it cannot be merged for LRP")
         return x  # already applied inside the merged conv/linear
+
+    return forward
+
+
+def _bn_act_forward(bn_name: str, layer_name: str | None) -> Any:
+    """timm BatchNormAct2d: the BatchNorm merged into `layer_name` (or Pass when unpaired),
+    then its own `drop` and `act` children (patched with their own treatments)."""
+    merged = _merged_bn_forward(bn_name, layer_name) if layer_name is not None else None
+
+    def forward(self: nn.Module, x: Tensor) -> Tensor:
+        if merged is not None:
+            x = merged(self, x)
+        else:
+            x = lrp_pass(x, lambda t: cz.bn_forward(self)(self, t))
+        return self.act(self.drop(x))
 
     return forward
 

@@ -627,10 +627,36 @@ class LayerNormFn(torch.autograd.Function):
         return h.mul_(x), None, None, None, None, None
 
 
+class GateFn(torch.autograd.Function):
+    """x * s for a gate s broadcast over x (squeeze-excitation); the gate rule backwards.
+
+    `share` is the fraction of the relevance R of the product that goes to the gate:
+    0 is "signal-take-all" (Arras et al. 2017: the gate acts as a weight, R_x = R, the
+    default), 0.5 is AttnLRP's uniform rule for a product of two inputs (Achtibat et al.
+    2024, Prop. 3.3: R_x = R_s = R / 2; R_s summed over the dimensions s is broadcast along).
+    Either way R_x + R_s = R: the product conserves relevance.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, s: Tensor, share: float) -> Tensor:  # type: ignore[override]
+        ctx.share = share
+        ctx.s_shape = s.shape
+        return x * s
+
+    @staticmethod
+    def backward(ctx: Any, r: Tensor) -> tuple[Tensor | None, Tensor | None, None]:  # type: ignore[override]
+        share = ctx.share
+        rx = r if share == 0.0 else r * (1.0 - share)
+        if share == 0.0 or not ctx.needs_input_grad[1]:
+            return rx, None, None  # the gate branch gets nothing (not even a backward pass)
+        rs = (r * share).sum_to_size(ctx.s_shape)
+        return rx, rs, None
+
+
 # Names of the autograd nodes these functions create (the engine's graph check allows them).
 RULE_NODE_NAMES: set[str] = {
     f"{fn.__name__}Backward"
-    for fn in (LayerRuleFn, PassFn, NormSumFn, NormFn, LayerNormFn)
+    for fn in (LayerRuleFn, PassFn, NormSumFn, NormFn, LayerNormFn, GateFn)
 }
 
 
@@ -683,9 +709,26 @@ def lrp_affine(x: Tensor, fn: Callable[[Tensor], Tensor], eps: float = STABILIZE
     Norm rule (the Jacobian s is diagonal, the shift does not enter it).
     """
     return NormFn.apply(x, fn, eps)
+
+
 def lrp_layer_norm(x: Tensor, fn: Callable[[Tensor], Tensor], weight: Tensor | None, dim: int,
                    norm_eps: float, eps: float = STABILIZER) -> Tensor:
     """fn(x) for a LayerNorm over `dim` (weight: its affine scale or None) with AttnLRP's
     LayerNorm rule (`LayerNormFn`: the standard deviation held constant)."""
     w = None if weight is None else weight.detach()
     return LayerNormFn.apply(x, fn, w, dim, float(norm_eps), eps)
+
+
+#: Fraction of a gate product's relevance given to the gate (see `GateFn`); 0 =
+#: signal-take-all, the default; 0.5 = AttnLRP's uniform product rule.
+GATE_SHARE = 0.0
+
+
+def lrp_gate(x: Tensor, s: Tensor, share: float | None = None) -> Tensor:
+    """x * s (s a gate, e.g. squeeze-excitation's) with the gate rule of `GateFn`.
+
+    Under signal-take-all the gate is detached: its branch gets no relevance, so its
+    backward is not run at all (autograd would otherwise push zeros through it).
+    """
+    k = GATE_SHARE if share is None else float(share)
+    return GateFn.apply(x, s.detach() if k == 0.0 else s, k)

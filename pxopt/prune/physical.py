@@ -155,9 +155,11 @@ def _build_graph(model: nn.Module, example_inputs: torch.Tensor) -> tp.Dependenc
         return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, **options)
 
 
-def _coupling(dg: tp.DependencyGraph, layers: list[Any], by_module: dict[nn.Module, str]
-              ) -> tuple[list[list[str]], set[str]]:
-    """Clusters of prunable layers sharing output channels; and clusters with foreign writers."""
+def _coupling(dg: tp.DependencyGraph, layers: list[Any], by_module: dict[nn.Module, str],
+              tied: Mapping[nn.Module, str] | None = None) -> tuple[list[list[str]], set[str]]:
+    """Clusters of prunable layers sharing output channels; and clusters with foreign writers
+    (modules in `tied` are followers of the layer, never foreign writers)."""
+    tied = tied or {}
     parent = {la.name: la.name for la in layers}
 
     def find(a: str) -> str:
@@ -174,7 +176,7 @@ def _coupling(dg: tp.DependencyGraph, layers: list[Any], by_module: dict[nn.Modu
         group = dg.get_pruning_group(la.module, fns[0], idxs=[0])
         for item in group:
             mod, handler = item.dep.target.module, item.dep.handler
-            if not _is_out_fn(handler) or mod is la.module:
+            if not _is_out_fn(handler) or mod is la.module or mod in tied:
                 continue
             other = by_module.get(mod)
             if other is None:
@@ -227,7 +229,10 @@ def physical_prune(
     dg = _build_graph(work, example_inputs)
     family = family_of(model)
     kept_masked = {la.name for la in layers if not family.removable(la.layer)}  # e.g. heads
-    clusters, tainted = _coupling(dg, [la for la in layers if la.name not in kept_masked], by_module)
+    # modules tied to a component (a depthwise conv after a MobileNet expansion): followers
+    tied = {mods[n]: n for n in getattr(layer_map, "tied", ()) if n in mods}
+    clusters, tainted = _coupling(dg, [la for la in layers if la.name not in kept_masked], by_module,
+                                  tied)
     removed: dict[str, list[int]] = {}
     masked: dict[str, list[int]] = {}
     for names_c in clusters:
