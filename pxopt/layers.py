@@ -315,6 +315,7 @@ def discover_layers(model: nn.Module, boundaries: Sequence[float] | None = None,
     quarter); only with grouping="count". example_input: order the layers by a forward pass
     instead of registration order, and find the stages of unknown CNNs by resolution.
     """
+    import pxopt.families.swin  # noqa: F401  (registers the Swin discoverer; lazy: it imports us)
     import pxopt.lrp.vit  # noqa: F401  (registers the ViT discoverer; lazy: it imports us)
 
     check_choice(grouping, GROUPINGS, "grouping")
@@ -322,9 +323,12 @@ def discover_layers(model: nn.Module, boundaries: Sequence[float] | None = None,
         raise ConfigError("boundaries: apply to grouping='count' only (stages have their own split)")
     bounds = _check_boundaries(QUARTERS if boundaries is None else boundaries)
     for fn in _DISCOVERERS:
-        found = fn(model, bounds)
+        takes = getattr(fn, "takes_grouping", False)  # families with their own stage rule (Swin)
+        found = fn(model, bounds, grouping) if takes else fn(model, bounds)  # type: ignore[call-arg]
         if found is not None:
             # ViT blocks are the stages: both groupings split them by `bounds`, quarters by default
-            found.grouping, found.stage_rule = grouping, "blocks" if grouping == "stage" else ""
+            found.grouping = grouping
+            if not takes:
+                found.stage_rule = "blocks" if grouping == "stage" else ""
             return found
     return discover_cnn(model, bounds, example_input, grouping=grouping)

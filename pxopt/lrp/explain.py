@@ -113,6 +113,10 @@ def explain(model: nn.Module, inputs: Tensor, targets: Tensor | Sequence[int] | 
     """
     from pxopt.lrp import vit  # ViTs have their own engine (AttnLRP); lazy: vit imports us
 
+    from pxopt.families import swin
+
+    if swin.matches(model):
+        return swin.explain_swin(model, inputs, targets, rules, start=start, kinds=kinds)
     if vit.is_vit(model):
         return vit.explain_vit(model, inputs, targets, rules, start=start, kinds=kinds)
     cfg = RuleConfig.coerce(rules)
@@ -146,6 +150,10 @@ def component_relevance(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor
     """
     from pxopt.lrp import vit  # ViTs have their own engine (AttnLRP); lazy: vit imports us
 
+    from pxopt.families import swin
+
+    if swin.matches(model):
+        return swin.component_relevance_swin(model, batches, rules, kinds=kinds, start=start)
     if vit.is_vit(model):
         return vit.component_relevance_vit(model, batches, rules, kinds=kinds, start=start)
     cfg = RuleConfig.coerce(rules)

@@ -1,0 +1,1 @@
+"""Model families: one module each (what it matches, its layer map, LRP patches, sites)."""
