@@ -501,3 +501,82 @@ def component_relevance_swin(model: nn.Module, batches: Iterable[tuple[Tensor, T
     return sums.result("lrp", {"rules": vr.config.to_dict(), "digest": vr.config.digest(),
                                "start": start, "matmul_eps": vr.matmul_eps},
                        default_ranking=default_ranking("vit"))
+
+
+# --------------------------------------------------------------------------- family adapter
+
+
+def _family_base() -> type:
+    from pxopt.families.base import Family
+    return Family
+
+
+class SwinFamily(_family_base()):  # type: ignore[misc]
+    """torchvision / timm Swin transformers as one family (`pxopt.families.base.Family`).
+
+    kind "vit": the search space treats it as a transformer (softmax rules, token-abs
+    ranking); name "swin": its own family with its own engine entry, stage rule and sites.
+    """
+
+    name = NAME
+    kind = "vit"
+    priority = 20
+    summary = ("Swin transformers (torchvision swin_t/s/b, timm SwinTransformer): window "
+               "attention heads and MLP neurons; stages 1 / middle / last")
+
+    def matches(self, model: nn.Module) -> bool:
+        try:
+            return matches(model)
+        except ImportError:  # pragma: no cover
+            return False
+
+    def layer_map(self, model: nn.Module, boundaries: tuple[float, float], *, grouping: str,
+                  example_input: Tensor | None) -> LayerMap:
+        lm = discover_swin(model, boundaries, grouping)
+        assert lm is not None
+        lm.grouping = grouping
+        return lm
+
+    def stage_groups(self, model: nn.Module, names: list[str],
+                     example_input: Tensor | None) -> tuple[str, dict[str, str]] | None:
+        lm = discover_swin(model)
+        assert lm is not None
+        groups = {la.name: la.group for la in lm if la.group in ("low", "mid", "high")}
+        return STAGE_RULE, {n: groups[n] for n in names if n in groups}
+
+    def classifier_names(self, model: nn.Module) -> list[str]:
+        return [swin_structure(model).head_name]
+
+    def explain(self, model: nn.Module, inputs: Tensor, targets: Any, rules: Any, *, start: str,
+                kinds: Iterable[str] | None, layer_map: Any = None) -> Explanation:
+        return explain_swin(model, inputs, targets, rules, start=start, kinds=kinds)
+
+    def component_relevance(self, model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]],
+                            rules: Any, *, kinds: Iterable[str] | None, layer_map: Any = None,
+                            start: str = "target") -> ComponentScores:
+        return component_relevance_swin(model, batches, rules, kinds=kinds, start=start)
+
+    def head_targets(self, layer: Any) -> tuple[list, int, int]:
+        """A head's value rows of the packed qkv (exact: A·V = 0 whatever A and the bias)."""
+        from pxopt.prune.masking import head_value_targets
+        return head_value_targets(layer.module, layer.name)
+
+    def slice_heads(self, layer: Any, kept: Tensor) -> None:
+        return None  # torchvision derives the head width from the input width: heads stay masked
+
+    def removable(self, layer: Any) -> bool:
+        return layer.kind != "heads"  # num_heads is not in Torch-Pruning's history
+
+    def physical_options(self, model: nn.Module) -> dict[str, Any]:
+        return {}
+
+
+FAMILY = SwinFamily()
+
+
+def _register() -> None:
+    from pxopt.families import register_family
+    register_family(FAMILY)
+
+
+_register()

@@ -111,9 +111,8 @@ def explain(model: nn.Module, inputs: Tensor, targets: Tensor | Sequence[int] | 
     target logit's value). kinds: record only these layer kinds (None: every layer of the
     layer map, classifier head included). layer_map: reuse a precomputed `discover_layers`.
     """
-    from pxopt.lrp import vit  # ViTs have their own engine (AttnLRP); lazy: vit imports us
-
     from pxopt.families import swin
+    from pxopt.lrp import vit  # ViTs have their own engine (AttnLRP); lazy: vit imports us
 
     if swin.matches(model):
         return swin.explain_swin(model, inputs, targets, rules, start=start, kinds=kinds)
@@ -148,9 +147,8 @@ def component_relevance(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor
 
     batches: (images, labels) already on the model's device; labels are the targets.
     """
-    from pxopt.lrp import vit  # ViTs have their own engine (AttnLRP); lazy: vit imports us
-
     from pxopt.families import swin
+    from pxopt.lrp import vit  # ViTs have their own engine (AttnLRP); lazy: vit imports us
 
     if swin.matches(model):
         return swin.component_relevance_swin(model, batches, rules, kinds=kinds, start=start)
