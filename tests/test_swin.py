@@ -280,3 +280,40 @@ def test_search_trial_on_tiny_swin(tmp_path) -> None:
     result = run_search(spec, pipeline=pipe, family="vit")
     trials = result.study.trials
     assert len(trials) == 1 and trials[0].state.name == "COMPLETE"
+
+
+# --------------------------------------------------------------------------- criteria
+
+
+def test_head_site_torchvision_and_timm_refused() -> None:
+    """torchvision: the head site's forward equals the model's, and its head outputs are per
+    image (zero for a masked head); timm: refused with a clear error."""
+    from pxopt.criteria import sites as site_mod
+
+    model = tiny_tv()
+    x, _ = _inputs()
+    lm = discover_layers(model)
+    layers = [la for la in lm if la.kind == "heads"]
+    sites = site_mod.make_sites(layers)
+    seen: dict[str, torch.Tensor] = {}
+    handles = [s.register(lambda t, s=s: seen.__setitem__(s.name, t)) for s in sites]
+    with torch.no_grad():
+        ref = tiny_tv()(x)
+        out = model(x)
+    for h in handles:
+        h.remove()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    first = sites[0]
+    assert seen[first.name].shape == (2, 64, 16)  # 8x8 tokens of one image, 2 heads x 8
+    assert first.per_component(seen[first.name]).shape == (2, 2)
+    with Masker(model, lm, KINDS) as mk, torch.no_grad():
+        mk.set_pruned({first.name: torch.tensor([False, True])})
+        h = first.register(lambda t: seen.__setitem__("masked", t))
+        model(x)
+        h.remove()
+    assert torch.all(first.per_component(seen["masked"].abs())[:, 1] == 0)
+    timm_model = tiny_timm()
+    tsite = site_mod.make_sites([la for la in discover_layers(timm_model) if la.kind == "heads"])[0]
+    with pytest.raises(UnsupportedLayerError, match="lrp criterion"):
+        tsite.register(lambda t: None)

@@ -63,6 +63,10 @@ class Site:
             return _Handle(h.remove)
         if isinstance(mod, nn.MultiheadAttention):
             return _patch_mha(mod, fn, self.name)
+        from pxopt.families import swin  # windowed heads: per-image regrouping (lazy import)
+
+        if swin.is_window_attention(mod):
+            return _Handle(swin.read_heads_module(mod, fn, self.name))
         proj = getattr(mod, "proj", None)
         if isinstance(proj, nn.Module):
             def pre(m: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:

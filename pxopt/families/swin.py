@@ -503,6 +503,75 @@ def component_relevance_swin(model: nn.Module, batches: Iterable[tuple[Tensor, T
                        default_ranking=default_ranking("vit"))
 
 
+# --------------------------------------------------------------------------- criteria sites
+
+
+def read_heads_module(attn: nn.Module, fn: Callable[[Tensor], Tensor | None],
+                      name: str) -> Callable[[], None]:
+    """Let `fn` read (and replace) a Swin attention's concatenated head outputs before the
+    output projection, as (batch, tokens, heads · head_dim) with the tokens of all windows
+    of an image (window order); returns the undo.
+
+    torchvision: the attention gets an explicit forward (its own code, eval mode). timm:
+    refused, because its window attention sees windows of all images stacked without the
+    batch size, so per-image head scores cannot be formed there (the LRP criterion, which
+    regroups windows per image itself, supports timm Swin heads)."""
+    tm = _timm()
+    if tm is not None and type(attn) is tm.WindowAttention:
+        raise UnsupportedLayerError(
+            f"{name}: gradient / activation criteria cannot read timm Swin head outputs per "
+            "image (the window attention does not know the batch size); use the lrp criterion "
+            "or the mlp components")
+    if type(attn) is not _tv().ShiftedWindowAttention:
+        raise UnsupportedLayerError(f"{name} ({type(attn).__name__}): not a Swin window attention")
+
+    def forward(x: Tensor) -> Tensor:
+        ws, shift = list(attn.window_size), list(attn.shift_size)
+        heads = attn.num_heads
+        b, h_, w_, c = x.shape
+        pad_r, pad_b = (ws[1] - w_ % ws[1]) % ws[1], (ws[0] - h_ % ws[0]) % ws[0]
+        x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
+        _, ph, pw, _ = x.shape
+        if ws[0] >= ph:
+            shift[0] = 0
+        if ws[1] >= pw:
+            shift[1] = 0
+        if sum(shift) > 0:
+            x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+        nw = (ph // ws[0]) * (pw // ws[1])
+        x = x.view(b, ph // ws[0], ws[0], pw // ws[1], ws[1], c).permute(0, 1, 3, 2, 4, 5)
+        x = x.reshape(b * nw, ws[0] * ws[1], c)
+        n = x.shape[1]
+        q, k, v = F.linear(x, attn.qkv.weight, attn.qkv.bias).reshape(
+            b * nw, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
+        mask = _tv_shift_mask(ph, pw, ws, shift, x.detach()) if sum(shift) > 0 else None
+        bias = _window_bias(attn.get_relative_position_bias().to(x.dtype), mask, b * nw, heads, n)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=(c // heads) ** -0.5)
+        o = o.transpose(1, 2).reshape(b, nw * n, c)  # windows of one image together
+        new = fn(o)
+        o = (o if new is None else new).reshape(b * nw, n, c)
+        out = F.linear(o, attn.proj.weight, attn.proj.bias)
+        out = out.view(b, ph // ws[0], pw // ws[1], ws[0], ws[1], c).permute(0, 1, 3, 2, 4, 5)
+        out = out.reshape(b, ph, pw, c)
+        if sum(shift) > 0:
+            out = torch.roll(out, shifts=(shift[0], shift[1]), dims=(1, 2))
+        return out[:, :h_, :w_, :].contiguous()
+
+    attn.forward = forward  # type: ignore[method-assign]
+
+    def undo() -> None:
+        attn.__dict__.pop("forward", None)
+
+    return undo
+
+
+def is_window_attention(module: nn.Module) -> bool:
+    """A torchvision or timm Swin window attention (the criteria route its heads here)."""
+    tm = _timm()
+    return type(module) is _tv().ShiftedWindowAttention or \
+        (tm is not None and type(module) is tm.WindowAttention)
+
+
 # --------------------------------------------------------------------------- family adapter
 
 
@@ -555,6 +624,9 @@ class SwinFamily(_family_base()):  # type: ignore[misc]
                             rules: Any, *, kinds: Iterable[str] | None, layer_map: Any = None,
                             start: str = "target") -> ComponentScores:
         return component_relevance_swin(model, batches, rules, kinds=kinds, start=start)
+
+    def read_heads(self, layer: Any, fn: Callable[[Tensor], Tensor | None]) -> Callable[[], None]:
+        return read_heads_module(layer.module, fn, layer.name)
 
     def head_targets(self, layer: Any) -> tuple[list, int, int]:
         """A head's value rows of the packed qkv (exact: A·V = 0 whatever A and the bias)."""
