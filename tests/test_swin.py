@@ -317,3 +317,13 @@ def test_head_site_torchvision_and_timm_refused() -> None:
     tsite = site_mod.make_sites([la for la in discover_layers(timm_model) if la.kind == "heads"])[0]
     with pytest.raises(UnsupportedLayerError, match="lrp criterion"):
         tsite.register(lambda t: None)
+
+
+def test_models_lists_swin_and_loaded_family() -> None:
+    from torchvision.models import swin_t
+
+    from pxopt.models import describe_supported
+    from pxopt.models.loaded import model_family
+
+    assert "swin " in describe_supported()
+    assert model_family(swin_t()) == "vit" and model_family(tiny_timm()) == "vit"

@@ -90,6 +90,12 @@ def load_model(spec: str, *, device: str = "auto", allow_download: bool = False,
     )
 
 
+def _families() -> list:
+    from pxopt.families import families
+
+    return families()
+
+
 def describe_supported() -> str:
     """Human-readable list of spec forms, families and built-in models."""
     from pxopt.models.builtin import BUILTINS
@@ -103,7 +109,8 @@ def describe_supported() -> str:
         "  <name>                           bare torchvision name with default weights (resnet50, vgg16, vit_b_16)",
         "",
         "Families: cnn (ResNet, VGG, EfficientNet, ... conv channels) and vit (vision",
-        "transformers: MLP neurons and attention heads).",
+        "transformers: MLP neurons and attention heads). Registered families:",
+        *[f"  {fam.name:<20} {fam.summary}" for fam in _families()],
         "Weights load offline from $TORCH_HOME/hub/checkpoints (torchvision) and the Hugging",
         "Face cache (timm); where the network is reachable, `pxopt search`, `prune`,",
         "`baselines` and `train` take --allow-download to fetch missing weights.",

@@ -35,7 +35,11 @@ class Built:
 
 
 def model_family(model: nn.Module) -> str:
-    """'vit' when the model has attention modules, else 'cnn'."""
+    """'vit' when the model has attention modules, else 'cnn' (Swin: its family's kind)."""
+    from pxopt.families import swin
+
+    if swin.matches(model):
+        return swin.FAMILY.kind
     for module in model.modules():
         if isinstance(module, nn.MultiheadAttention) or "Attention" in type(module).__name__:
             return "vit"
