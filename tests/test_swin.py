@@ -327,3 +327,22 @@ def test_models_lists_swin_and_loaded_family() -> None:
 
     assert "swin " in describe_supported()
     assert model_family(swin_t()) == "vit" and model_family(tiny_timm()) == "vit"
+
+
+def test_padded_windows_forward_and_conservation() -> None:
+    """40x40 inputs: 10x10 tokens are padded to 12x12 for the windows, patch merging pads 5x5
+    stages; the forward still equals the model's and CP-LRP still conserves (float64)."""
+    torch.manual_seed(0)
+    models = [tiny_tv(), TimmSwin(img_size=40, patch_size=4, num_classes=10, embed_dim=16,
+                                  depths=(2, 2), num_heads=(2, 2), window_size=4).eval()]
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 3, 40, 40, generator=g, dtype=torch.float64)
+    t = torch.tensor([1, 7])
+    for model in models:
+        model = model.double()
+        with torch.no_grad():
+            ref = model(x)
+        torch.testing.assert_close(explain_swin(model, x, t, None).output, ref)
+        exp = explain_swin(bias_free(model), x, t, eps_rules(1e-12, "cp"), start="logit")
+        torch.testing.assert_close(exp.input.sum(dim=(1, 2, 3)), exp.output.gather(1, t[:, None]).flatten(),
+                                   rtol=1e-6, atol=1e-9)
