@@ -572,6 +572,32 @@ def is_window_attention(module: nn.Module) -> bool:
         (tm is not None and type(module) is tm.WindowAttention)
 
 
+def sliceable_heads(attn: nn.Module) -> bool:
+    """True for timm `WindowAttention` (see `slice_window_heads`)."""
+    tm = _timm()
+    return tm is not None and type(attn) is tm.WindowAttention
+
+
+def slice_window_heads(attn: nn.Module, kept: Tensor) -> Any:
+    """`pxopt.families.base.HeadSlice` running a timm `WindowAttention` with only the heads
+    `kept` (sorted indices); None for any other attention (its heads stay masked)."""
+    from pxopt.families.base import HeadSlice, SliceEdit
+
+    if not sliceable_heads(attn):
+        return None
+    h = int(attn.num_heads)
+    hd = attn.qkv.out_features // (3 * h)
+    dev = attn.qkv.weight.device
+    kept = kept.to(dev)
+    cols = (kept[:, None] * hd + torch.arange(hd, device=dev)).flatten()
+    rows = torch.cat([cols + part * h * hd for part in range(3)])
+    edits = [SliceEdit(attn.qkv, "_parameters", "weight", 0, rows),
+             SliceEdit(attn.qkv, "_parameters", "bias", 0, rows),
+             SliceEdit(attn.proj, "_parameters", "weight", 1, cols),
+             SliceEdit(attn, "_parameters", "relative_position_bias_table", 1, kept)]
+    return HeadSlice(edits, [(attn, "num_heads", int(kept.numel()))])
+
+
 # --------------------------------------------------------------------------- family adapter
 
 
@@ -633,8 +659,12 @@ class SwinFamily(_family_base()):  # type: ignore[misc]
         from pxopt.prune.masking import head_value_targets
         return head_value_targets(layer.module, layer.name)
 
-    def slice_heads(self, layer: Any, kept: Tensor) -> None:
-        return None  # torchvision derives the head width from the input width: heads stay masked
+    def slice_heads(self, layer: Any, kept: Tensor) -> Any:
+        """timm: q/k/v rows, proj columns and the relative-bias table's columns of the kept
+        heads, `num_heads` set (its forward derives the head width from the rows). None for
+        torchvision, whose forward derives the head width from the input width: its heads
+        stay masked."""
+        return slice_window_heads(layer.module, kept)
 
     def removable(self, layer: Any) -> bool:
         return layer.kind != "heads"  # num_heads is not in Torch-Pruning's history

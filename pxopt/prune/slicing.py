@@ -8,7 +8,9 @@ A masked channel is exactly zero after its layer (and BatchNorm), so it need not
   joins the residual sum) computes only its kept channels and a forward hook writes them
   into a zero tensor of the full width (exact: the dropped channels are zeros anyway);
 - heads: timm `Attention` (plain: no gate, no scale-norm) runs with only its kept heads
-  (q/k/v rows and output-projection columns sliced, `num_heads` / `attn_dim` set).
+  (q/k/v rows and output-projection columns sliced, `num_heads` / `attn_dim` set); timm
+  Swin `WindowAttention` likewise, with its relative-bias table's columns
+  (`pxopt.families.swin.slice_window_heads`).
 Results agree with the masked model up to float summation order. The original Parameter
 objects and attributes are put back on `undo`, so nothing is copied back and masks stay valid.
 """
@@ -76,9 +78,14 @@ class Slicer:
         self.pairs: list[_Pair] = []
         self.outs: list[_Out] = []
         self.heads: list[tuple[str, nn.Module]] = []
+        self.family_heads: list[tuple[str, nn.Module]] = []  # sliced by their family (Swin)
+        from pxopt.families import swin
+
         for layer in prunable_layers(layer_map, kinds):
             if layer.kind == "heads" and _plain_timm_attention(layer.module):
                 self.heads.append((layer.name, layer.module))
+            elif layer.kind == "heads" and swin.sliceable_heads(layer.module):
+                self.family_heads.append((layer.name, layer.module))
             if layer.kind not in ("conv", "linear", "mlp"):
                 continue
             if not isinstance(layer.module, (nn.Conv2d, nn.Linear)):
@@ -98,7 +105,8 @@ class Slicer:
     @property
     def sliceable(self) -> list[str]:
         """Names of the layers whose pruned channels are sliced out during evaluation."""
-        return [p.name for p in self.pairs] + [o.name for o in self.outs] + [h[0] for h in self.heads]
+        return [p.name for p in self.pairs] + [o.name for o in self.outs] + \
+            [h[0] for h in self.heads] + [h[0] for h in self.family_heads]
 
     def apply(self, pruned: Mapping[str, torch.Tensor]) -> None:
         """Slice out the pruned channels of every sliceable layer (masks must already be applied)."""
@@ -155,6 +163,18 @@ class Slicer:
             for attr, val in (("num_heads", int(kept.numel())), ("attn_dim", int(kept.numel()) * hd)):
                 self._attrs.append((attn, attr, attn.__dict__.get(attr, _MISSING)))
                 setattr(attn, attr, val)
+        for name, attn in self.family_heads:
+            from pxopt.families import swin
+
+            mask = pruned.get(name)
+            if mask is None or not bool(mask.any()):
+                continue
+            hs = swin.slice_window_heads(attn, _keep(mask, torch.device("cpu")))
+            for e in hs.edits:
+                add(e.module, e.store, e.attr, e.dim, e.index)
+            for mod, attr, val in hs.attrs:
+                self._attrs.append((mod, attr, mod.__dict__.get(attr, _MISSING)))
+                setattr(mod, attr, val)
         with torch.no_grad():
             for (mid, store, attr), steps in ops.items():
                 mod = mods[mid]
