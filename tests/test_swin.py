@@ -291,25 +291,25 @@ def test_search_trial_on_tiny_swin(tmp_path) -> None:
 # --------------------------------------------------------------------------- criteria
 
 
-def test_head_site_torchvision_and_timm_refused() -> None:
-    """torchvision: the head site's forward equals the model's, and its head outputs are per
-    image (zero for a masked head); timm: refused with a clear error."""
+@pytest.mark.parametrize("make", MAKERS)
+def test_head_site_per_image(make) -> None:
+    """The criteria's head site: the forward equals the model's, the head outputs come per
+    image over all its windows, a masked head's are zero, and the undo leaves nothing."""
     from pxopt.criteria import sites as site_mod
 
-    model = tiny_tv()
+    model = make()
     x, _ = _inputs()
     lm = discover_layers(model)
-    layers = [la for la in lm if la.kind == "heads"]
-    sites = site_mod.make_sites(layers)
+    sites = site_mod.make_sites([la for la in lm if la.kind == "heads"])
     seen: dict[str, torch.Tensor] = {}
     handles = [s.register(lambda t, s=s: seen.__setitem__(s.name, t)) for s in sites]
     with torch.no_grad():
-        ref = tiny_tv()(x)
+        ref = make()(x)
         out = model(x)
     for h in handles:
         h.remove()
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    assert not any("forward" in m.__dict__ for m in model.modules())
+    assert not any("forward" in m.__dict__ or m._forward_pre_hooks for m in model.modules())
     first = sites[0]
     assert seen[first.name].shape == (2, 64, 16)  # 8x8 tokens of one image, 2 heads x 8
     assert first.per_component(seen[first.name]).shape == (2, 2)
@@ -319,10 +319,21 @@ def test_head_site_torchvision_and_timm_refused() -> None:
         model(x)
         h.remove()
     assert torch.all(first.per_component(seen["masked"].abs())[:, 1] == 0)
-    timm_model = tiny_timm()
-    tsite = site_mod.make_sites([la for la in discover_layers(timm_model) if la.kind == "heads"])[0]
-    with pytest.raises(UnsupportedLayerError, match="lrp criterion"):
-        tsite.register(lambda t: None)
+
+
+@pytest.mark.parametrize("make", MAKERS)
+def test_gradient_criteria_batch_invariant(make) -> None:
+    """Taylor scores of heads and neurons: a batch of two equals the two samples alone."""
+    from pxopt.criteria.compute import compute_scores
+
+    model = make()
+    x, t = _inputs()
+    lm = discover_layers(model)
+    both = compute_scores("taylor", model, [(x, t)], lm, kinds=KINDS)
+    one = compute_scores("taylor", model, [(x[:1], t[:1]), (x[1:], t[1:])], lm, kinds=KINDS)
+    for name in both.abs:
+        torch.testing.assert_close(both.abs[name], one.abs[name], rtol=1e-4, atol=1e-7)
+    assert set(both.abs) == {la.name for la in lm.prunable(KINDS)}
 
 
 def test_models_lists_swin_and_loaded_family() -> None:

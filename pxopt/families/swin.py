@@ -26,10 +26,12 @@ Bias-free, with the CP softmax and tiny epsilon, the input relevance equals the 
 Components: per block the attention heads (kind "heads", a head's relevance is that of its
 attention weights, as for ViTs; its tokens are the window tokens, in window order) and the
 MLP neurons (kind "mlp", at fc1). Masking zeroes a head's value rows (exact: A·V = 0 for
-any A, relative bias included) or an fc1 row; slicing removes fc1 / fc2 pairs; heads are
-not sliced (torchvision's attention derives the head width from the input width) and,
+any A, relative bias included) or an fc1 row; slicing removes fc1 / fc2 pairs and timm's
+heads (qkv rows, proj columns, relative-bias columns, `num_heads`); torchvision's heads
+are not sliced (its attention derives the head width from the input width). Heads are,
 as for ViTs, not removed physically (Torch-Pruning's history cannot record `num_heads`):
-they stay masked in the pruned copy. MLP neurons are removed with Torch-Pruning.
+they stay masked in the pruned copy. MLP neurons are removed with Torch-Pruning. The
+criteria read head outputs per image over all its windows (`read_heads_module`).
 
 Stage groups (grouping "stage", `stage_rule` "swin"): Swin's stages are ResNet's
 resolution stages (1/4 ... 1/32), so they are grouped as ResNets are: stage 1 low, the
@@ -44,6 +46,7 @@ activations without the Pass rule.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -76,6 +79,10 @@ from pxopt.scores import ComponentScores, ScoreAccumulator, default_ranking
 
 NAME = "swin"
 STAGE_RULE = "swin"
+
+#: timm window attention -> its block, filled by `swin_structure`: the criteria's head site
+#: reads the batch size at the block (the attention sees the windows of all images stacked)
+_BLOCK_OF: weakref.WeakKeyDictionary[nn.Module, nn.Module] = weakref.WeakKeyDictionary()
 
 
 # --------------------------------------------------------------------------- matching
@@ -247,6 +254,8 @@ def swin_structure(model: nn.Module, boundaries: tuple[float, float] = (0.25, 0.
             raise _refuse(f"{name}.mlp", b.mlp, "is not Linear, activation, Linear")
         if not vit_check.is_pass_activation(act):
             raise _refuse(f"{name}.mlp", act, "has an activation without a rule")
+        if family == "timm":
+            _BLOCK_OF[b.attn] = b
         blocks.append(SwinBlock(name, b, i, s, group, f"{name}.attn", b.attn, fc1_name, fc1, act,
                                 fc2_name, fc2, int(b.attn.num_heads)))
     by_stage = {b.stage: b.group for b in blocks}
@@ -512,16 +521,12 @@ def read_heads_module(attn: nn.Module, fn: Callable[[Tensor], Tensor | None],
     output projection, as (batch, tokens, heads · head_dim) with the tokens of all windows
     of an image (window order); returns the undo.
 
-    torchvision: the attention gets an explicit forward (its own code, eval mode). timm:
-    refused, because its window attention sees windows of all images stacked without the
-    batch size, so per-image head scores cannot be formed there (the LRP criterion, which
-    regroups windows per image itself, supports timm Swin heads)."""
+    The attention gets an explicit forward (its own code, eval mode). timm's window attention
+    sees the windows of all images stacked: the batch size is read by a pre-hook on its block
+    (known once `discover_layers` / `swin_structure` has seen the model)."""
     tm = _timm()
     if tm is not None and type(attn) is tm.WindowAttention:
-        raise UnsupportedLayerError(
-            f"{name}: gradient / activation criteria cannot read timm Swin head outputs per "
-            "image (the window attention does not know the batch size); use the lrp criterion "
-            "or the mlp components")
+        return _read_timm_heads(attn, fn, name)
     if type(attn) is not _tv().ShiftedWindowAttention:
         raise UnsupportedLayerError(f"{name} ({type(attn).__name__}): not a Swin window attention")
 
@@ -560,6 +565,43 @@ def read_heads_module(attn: nn.Module, fn: Callable[[Tensor], Tensor | None],
     attn.forward = forward  # type: ignore[method-assign]
 
     def undo() -> None:
+        attn.__dict__.pop("forward", None)
+
+    return undo
+
+
+def _read_timm_heads(attn: nn.Module, fn: Callable[[Tensor], Tensor | None],
+                     name: str) -> Callable[[], None]:
+    block = _BLOCK_OF.get(attn)
+    if block is None:
+        raise UnsupportedLayerError(
+            f"{name}: a timm Swin window attention whose block is unknown (build the layer map "
+            "with discover_layers on the whole model first)")
+    batch = [0]
+
+    def pre(module: nn.Module, args: tuple[Any, ...]) -> None:
+        batch[0] = int(args[0].shape[0])
+
+    handle = block.register_forward_pre_hook(pre)
+
+    def forward(x: Tensor, mask: Tensor | None = None) -> Tensor:
+        windows, n, _ = x.shape
+        heads = attn.num_heads
+        q, k, v = F.linear(x, attn.qkv.weight, attn.qkv.bias).reshape(
+            windows, n, 3, heads, -1).permute(2, 0, 3, 1, 4)
+        bias = _window_bias(attn._get_rel_pos_bias().to(x.dtype),
+                            None if mask is None else mask.to(x.dtype), windows, heads, n)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=attn.scale)
+        width = o.shape[1] * o.shape[3]
+        o = o.transpose(1, 2).reshape(batch[0], -1, width)  # windows of one image together
+        new = fn(o)
+        o = (o if new is None else new).reshape(windows, n, width)
+        return attn.proj_drop(attn.proj(o))
+
+    attn.forward = forward  # type: ignore[method-assign]
+
+    def undo() -> None:
+        handle.remove()
         attn.__dict__.pop("forward", None)
 
     return undo
