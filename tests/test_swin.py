@@ -173,6 +173,24 @@ def test_explain_dispatch_and_component_relevance(make) -> None:
 
 
 @pytest.mark.parametrize("make", MAKERS)
+def test_tokens_and_token_abs(make) -> None:
+    """Per-token relevance (batch, tokens, n): heads over all windows' queries (64 tokens at
+    8x8), MLP neurons per position; sums give the components, |.| sums `token_abs`."""
+    model = make().double()
+    x, t = _inputs(torch.float64)
+    exp = explain_swin(model, x, t, eps_rules(1e-9, "attnlrp"), tokens=True)
+    assert exp.tokens is not None and list(exp.tokens) == list(exp.components)
+    for name, comp in exp.components.items():
+        tok = exp.tokens[name]
+        assert tok.dim() == 3 and tok.shape[0] == 2 and tok.shape[2] == comp.shape[1]
+        torch.testing.assert_close(tok.sum(1), comp)
+        torch.testing.assert_close(tok.abs().sum(1), exp.token_abs[name])
+        assert bool((exp.token_abs[name] >= comp.abs() - 1e-12).all())
+    first_heads = next(n for n in exp.tokens if n.endswith("attn"))
+    assert exp.tokens[first_heads].shape == (2, 64, 2)
+
+
+@pytest.mark.parametrize("make", MAKERS)
 def test_masked_head_gets_no_relevance(make) -> None:
     """Masking zeroes a head's value rows: its output, and so its relevance, is exactly 0."""
     model = make()

@@ -395,6 +395,11 @@ def _patch_timm_attention(blk: SwinBlock, rules: ViTRules, rec: Callable[[Tensor
     _set_forward(attn, forward, saved)
 
 
+def _flat_tokens(rec: Callable[[Tensor], None]) -> Callable[[Tensor], None]:
+    """torchvision's MLP runs on (batch, H, W, n): hand the recorder (batch, H·W, n)."""
+    return lambda t: rec(t.reshape(t.shape[0], -1, t.shape[-1]))
+
+
 @contextmanager
 def explainable_swin(model: nn.Module, rules: ViTRules, recording: Recording | None = None, *,
                      kinds: set[str] | None = None, batch: list[int] | None = None
@@ -420,7 +425,7 @@ def explainable_swin(model: nn.Module, rules: ViTRules, recording: Recording | N
                 _patch_timm_attention(blk, rules, rec_h, saved)
                 name = f"{blk.attn_name}.proj"
                 _patch_linear(blk.attn.proj, name, rules.rule_for(name, blk.group), saved)
-            rec_m = recording.token_recorder(recording.mlp, blk.fc1_name) \
+            rec_m = _flat_tokens(recording.token_recorder(recording.mlp, blk.fc1_name)) \
                 if recording is not None and "mlp" in want else None
             _patch_act(blk.act, rec_m, saved)
             _patch_linear(blk.fc1, blk.fc1_name, rules.rule_for(blk.fc1_name, blk.group), saved)
