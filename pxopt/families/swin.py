@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pxopt.errors import NonFiniteRelevanceError, UnsupportedLayerError
+from pxopt.families.base import Family
 from pxopt.layers import Layer, LayerMap, register_discoverer, stage_groups
 from pxopt.lrp import attention as ops
 from pxopt.lrp import vit_check
@@ -648,12 +649,7 @@ def slice_window_heads(attn: nn.Module, kept: Tensor) -> Any:
 # --------------------------------------------------------------------------- family adapter
 
 
-def _family_base() -> type:
-    from pxopt.families.base import Family
-    return Family
-
-
-class SwinFamily(_family_base()):  # type: ignore[misc]
+class SwinFamily(Family):
     """torchvision / timm Swin transformers as one family (`pxopt.families.base.Family`).
 
     kind "vit": the search space treats it as a transformer (softmax rules, token-abs
