@@ -242,10 +242,39 @@ def test_mask_slice_physical_agree(make) -> None:
     slim = res.model.get_submodule(fc1.name)
     assert slim.out_features == fc1.n_components - int(pruned[fc1.name].sum())
     heads = [la.name for la in lm if la.kind == "heads"]
-    assert all(res.removed[h] == [] for h in heads)  # heads stay masked in the copy
+    if isinstance(model, TimmSwin):  # timm: pruned heads removed (pxopt's own record)
+        assert all(res.removed[h] == pruned[h].nonzero().flatten().tolist() for h in heads)
+        assert res.model.layers[0].blocks[0].attn.num_heads == 2 - len(res.removed[heads[0]])
+        assert res.heads_removed and res.pruning_record()["heads_removed"] == res.heads_removed
+    else:  # torchvision: the head width follows the input width, heads stay masked
+        assert all(res.removed[h] == [] for h in heads)
+        assert res.masked[heads[0]] == pruned[heads[0]].nonzero().flatten().tolist()
     assert res.params_after < res.params_before
     with torch.no_grad():
         torch.testing.assert_close(res.model(x), masked, rtol=1e-5, atol=1e-6)
+
+
+def test_physical_timm_swin_reloads(tmp_path) -> None:
+    """Removed heads and neurons come back through `load_pruned` on a fresh model (the
+    Torch-Pruning history, then pxopt's head record), and every head pruned keeps one."""
+    from pxopt.prune.physical import load_pruned
+
+    model = tiny_timm()
+    x, _ = _inputs()
+    lm, pruned = _pruned(model)
+    pruned["layers.1.blocks.0.attn"] = torch.tensor([True, True])  # all: one stays, masked
+    res = physical_prune(model, lm, pruned, x[:1], kinds=KINDS, measure_latency=False)
+    assert res.removed["layers.1.blocks.0.attn"] == [1] and res.masked["layers.1.blocks.0.attn"] == [0]
+    from pxopt.prune.physical import export_program
+
+    assert export_program(res.model, x, tmp_path / "swin.pt2")["max_abs_diff"] <= 1e-5
+    path = res.save_state(tmp_path / "p.pt")
+    back = load_pruned(tiny_timm(seed=5), path, x[:1])
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), res.model(x))
+        with Masker(model, lm, KINDS) as mk:
+            mk.set_pruned(pruned)
+            torch.testing.assert_close(res.model(x), model(x), rtol=1e-5, atol=1e-6)
 
 
 # --------------------------------------------------------------------------- refusals

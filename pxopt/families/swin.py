@@ -28,9 +28,10 @@ attention weights, as for ViTs; its tokens are the window tokens, in window orde
 MLP neurons (kind "mlp", at fc1). Masking zeroes a head's value rows (exact: A·V = 0 for
 any A, relative bias included) or an fc1 row; slicing removes fc1 / fc2 pairs and timm's
 heads (qkv rows, proj columns, relative-bias columns, `num_heads`); torchvision's heads
-are not sliced (its attention derives the head width from the input width). Heads are,
-as for ViTs, not removed physically (Torch-Pruning's history cannot record `num_heads`):
-they stay masked in the pruned copy. MLP neurons are removed with Torch-Pruning. The
+are not sliced (its attention derives the head width from the input width). MLP neurons
+are removed with Torch-Pruning; timm heads by pxopt itself (`remove_heads`: Torch-Pruning's
+history cannot record `num_heads`, so `pxopt.prune.physical` keeps its own record and
+replays it on load); torchvision heads stay masked in the pruned copy. The
 criteria read head outputs per image over all its windows (`read_heads_module`).
 
 Stage groups (grouping "stage", `stage_rule` "swin"): Swin's stages are ResNet's
@@ -620,6 +621,29 @@ def is_window_attention(module: nn.Module) -> bool:
         (tm is not None and type(module) is tm.WindowAttention)
 
 
+def remove_heads(attn: nn.Module, kept: Tensor) -> None:
+    """Keep only the heads `kept` of a timm `WindowAttention` for good (physical removal):
+    the edits of `slice_window_heads` written as new Parameters, `num_heads` set. Torch-
+    Pruning's history does not record it: `pxopt.prune.physical` stores the removed heads
+    in its record and replays this on load."""
+    hs = slice_window_heads(attn, kept)
+    if hs is None:
+        raise UnsupportedLayerError(f"{type(attn).__name__}: its heads cannot be removed")
+    with torch.no_grad():
+        for e in hs.edits:
+            store = getattr(e.module, e.store)
+            orig = store.get(e.attr)
+            if orig is None:
+                continue
+            new = orig.detach().index_select(e.dim, e.index.to(orig.device)).clone()
+            store[e.attr] = nn.Parameter(new, requires_grad=orig.requires_grad) \
+                if e.store == "_parameters" else new
+    for mod, attr, val in hs.attrs:
+        setattr(mod, attr, val)
+    attn.qkv.out_features = attn.qkv.weight.shape[0]
+    attn.proj.in_features = attn.proj.weight.shape[1]
+
+
 def sliceable_heads(attn: nn.Module) -> bool:
     """True for timm `WindowAttention` (see `slice_window_heads`)."""
     tm = _timm()
@@ -710,7 +734,9 @@ class SwinFamily(Family):
         return slice_window_heads(layer.module, kept)
 
     def removable(self, layer: Any) -> bool:
-        return layer.kind != "heads"  # num_heads is not in Torch-Pruning's history
+        """MLP neurons (Torch-Pruning); timm heads (`remove_heads`, replayed from pxopt's
+        record); torchvision heads stay masked (the head width follows the input width)."""
+        return layer.kind != "heads" or sliceable_heads(layer.module)
 
     def physical_options(self, model: nn.Module) -> dict[str, Any]:
         return {}

@@ -15,7 +15,9 @@ a ResNet stage, ...), Torch-Pruning can only remove a channel from all of them a
   layers and remove as many as the group's layers prune on average (the structure gets
   smaller, but the selection differs from the masked model's).
 Attention heads are left masked (zeroed value rows), not removed: removing heads changes
-`num_heads` in ways Torch-Pruning's replayable history does not record.
+`num_heads` in ways Torch-Pruning's replayable history does not record. Exception: timm
+Swin window attention, whose heads pxopt removes itself (`heads_removed` in the record,
+replayed by `load_pruned`).
 Where a layer would lose every channel, one (zeroed) channel is kept.
 """
 
@@ -58,6 +60,9 @@ class PhysicalResult:
     # medians "cpu_before_ms", "cpu_after_ms" (and "cuda_*" with a GPU), plus "cpu" /
     # "cuda": {"before": Latency.to_dict(), "after": ...} with the spread (pxopt.latency)
     latency: dict[str, Any] = field(default_factory=dict)
+    # attention heads removed outside Torch-Pruning (timm Swin), original indices per layer;
+    # `load_pruned` replays them after the history
+    heads_removed: dict[str, list[int]] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         return dict(
@@ -70,7 +75,8 @@ class PhysicalResult:
 
     def pruning_record(self) -> dict[str, Any]:
         """What `load_pruned` needs besides the weights: the Torch-Pruning history."""
-        return {"format": FORMAT, "history": self.history, "removed": self.removed, "masked": self.masked}
+        return {"format": FORMAT, "history": self.history, "removed": self.removed, "masked": self.masked,
+                "heads_removed": self.heads_removed}
 
     def save(self, path: str | Path) -> Path:
         """Write `<path>/model.pt` (state dict) and `<path>/pruning.json` (history + summary)."""
@@ -243,10 +249,14 @@ def physical_prune(
             removed[n] = idx
             left = masks[n] & ~remove
             masked[n] = left.nonzero().flatten().tolist()
+    heads_removed: dict[str, list[int]] = {}
     for la in layers:
         if la.kind == "heads":
-            removed[la.name] = []
-            masked[la.name] = masks[la.name].nonzero().flatten().tolist()
+            gone = _remove_heads(la.module, masks[la.name])
+            if gone:
+                heads_removed[la.name] = gone
+            removed[la.name] = gone
+            masked[la.name] = [i for i in masks[la.name].nonzero().flatten().tolist() if i not in gone]
     # Zero what stays masked, at its index in the slimmer layer.
     with torch.no_grad():
         for la in layers:
@@ -270,11 +280,27 @@ def physical_prune(
     res = PhysicalResult(
         model=work, history=dg.pruning_history(), removed=removed, masked=masked, coupled=coupled,
         groups=[c for c in clusters if len(c) > 1], params_before=params0, params_after=params1,
-        macs_before=macs0, macs_after=macs1,
+        macs_before=macs0, macs_after=macs1, heads_removed=heads_removed,
     )
     if measure_latency:
         res.latency = compare_models(model, work, example_inputs, threads=threads, repeats=repeats)
     return res
+
+
+def _remove_heads(attn: nn.Module, mask: torch.Tensor) -> list[int]:
+    """Remove the pruned heads where the family can (timm Swin window attention, see
+    `pxopt.families.swin.remove_heads`); elsewhere none (they stay masked). Returns the
+    removed original indices; one (masked) head is kept when all are pruned."""
+    from pxopt.families import swin
+
+    idx = mask.nonzero().flatten().tolist()
+    if not idx or not swin.sliceable_heads(attn):
+        return []
+    if len(idx) == mask.numel():
+        idx = idx[1:]
+    keep = torch.tensor([i for i in range(mask.numel()) if i not in set(idx)], dtype=torch.long)
+    swin.remove_heads(attn, keep)
+    return idx
 
 
 @dataclass
@@ -365,6 +391,9 @@ def load_pruned(model: nn.Module, path: str | Path, example_inputs: torch.Tensor
     trainable = any(p.requires_grad for p in model.parameters())
     dg = _build_graph(model, example_inputs)
     dg.load_pruning_history(meta["history"])
+    for name, gone in meta.get("heads_removed", {}).items():
+        _remove_heads(model.get_submodule(name),
+                      torch.isin(torch.arange(model.get_submodule(name).num_heads), torch.tensor(gone)))
     for p in model.parameters():
         p.requires_grad_(trainable)
     try:
