@@ -303,6 +303,14 @@ def test_swin_v2_and_subclasses_are_refused() -> None:
                  window_size=[4, 4], num_classes=10)
     with pytest.raises(UnsupportedLayerError, match="not exactly"):
         explain(sub, x, t, None)
+    from timm.models.swin_transformer_v2 import SwinTransformerV2
+
+    timm_v2 = SwinTransformerV2(img_size=32, patch_size=4, num_classes=10, embed_dim=16,
+                                depths=(2, 2), num_heads=(2, 2), window_size=4).eval()
+    with pytest.raises(UnsupportedLayerError, match="Swin V2"):
+        explain(timm_v2, x, t, None)
+    with pytest.raises(UnsupportedLayerError, match="Swin V2"):
+        discover_layers(timm_v2)
     model = tiny_tv()
     model.features[1][0].mlp[1] = nn.Softplus()  # an activation without a rule
     with pytest.raises(UnsupportedLayerError, match="Softplus"):

@@ -104,10 +104,13 @@ def _timm() -> Any:
 
 
 def _roots() -> tuple[type, ...]:
+    """Root classes matched (timm's V2 models included, so they are refused as Swin V2)."""
     out: list[type] = [_tv().SwinTransformer]
     tm = _timm()
     if tm is not None:
         out.append(tm.SwinTransformer)
+        from timm.models import swin_transformer_v2, swin_transformer_v2_cr
+        out += [swin_transformer_v2.SwinTransformerV2, swin_transformer_v2_cr.SwinTransformerV2Cr]
     return tuple(out)
 
 
@@ -150,6 +153,9 @@ def check_swin(model: nn.Module) -> str:
         family = "torchvision"
     elif tm is not None and type(model) is tm.SwinTransformer:
         family = "timm"
+    elif "V2" in type(model).__name__:
+        raise _refuse("", model, "is Swin V2 (cosine attention and a position-bias MLP are not "
+                                 "supported)")
     else:
         raise _refuse("", model, "is not exactly torchvision's or timm's SwinTransformer")
     allowed = _allowed(family)
