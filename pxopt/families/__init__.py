@@ -13,17 +13,20 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from collections.abc import Sequence
+from typing import Any
 
 from torch import nn
 
 from pxopt.errors import UnsupportedLayerError
-from pxopt.families.base import Family, HeadSlice, SliceEdit, StageSplit, Target
+from pxopt.families.base import BlockForward, Family, HeadSlice, SliceEdit, StageSplit, Target
 
-__all__ = ["Family", "HeadSlice", "SliceEdit", "StageSplit", "Target", "families", "family_of",
-           "register_family", "unregister_family"]
+__all__ = ["Family", "HeadSlice", "SliceEdit", "StageSplit", "Target", "block_forward_table",
+           "families", "family_of", "heads_family", "leaf_treatment_table", "register_family", "unregister_family"]
 
 _FAMILIES: list[Family] = []
 _LOADED = False
+_TABLES: dict[str, Any] = {}  # block forwards / leaf treatments of all families, per registry state
 _NOT_FAMILIES = {"base", "transformer"}  # modules of this package that define no family
 
 
@@ -38,12 +41,14 @@ def register_family(family: Family) -> Family:
     _FAMILIES[:] = [f for f in _FAMILIES if f.name != family.name]
     _FAMILIES.insert(0, family)
     _FAMILIES.sort(key=lambda f: -f.priority)  # stable: later registrations stay first on ties
+    _TABLES.clear()
     return family
 
 
 def unregister_family(name: str) -> None:
     """Remove the family called `name` (tests that register a toy family clean up with it)."""
     _FAMILIES[:] = [f for f in _FAMILIES if f.name != name]
+    _TABLES.clear()
 
 
 def _load_builtin() -> None:
@@ -71,5 +76,53 @@ def family_of(model: nn.Module) -> Family:
             return family
     cls = type(model)
     raise UnsupportedLayerError(
-        f"{cls.__module__}.{cls.__qualname__}: no supported model family matches this model "
-        f"(known: {', '.join(f.name for f in families())}); see `pxopt models`")
+        f"{cls.__module__}.{cls.__qualname__}: no supported model family matches this model"
+        f"{_attention_hint(model)} (known: {', '.join(f.name for f in families())}); see "
+        "`pxopt models`")
+
+
+def _attention_hint(model: nn.Module) -> str:
+    """Names the first attention module: why the generic CNN family does not take it."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.MultiheadAttention) or "Attention" in type(module).__name__:
+            return (f": it is a transformer (attention module {name!r}, "
+                    f"{type(module).__name__}) that no family explains")
+    return ""
+
+
+def heads_family(layer: Any) -> Family:
+    """The family that knows `layer`'s attention module: the layer's own (`Layer.family`,
+    set by `discover_layers`), else the first whose `head_targets` accepts it (for layers
+    built by hand). UnsupportedLayerError when none does."""
+    own = getattr(layer, "family", None)
+    if own is not None:
+        return own
+    for family in families():
+        try:
+            family.head_targets(layer)
+        except (UnsupportedLayerError, NotImplementedError):
+            continue
+        return family
+    module = layer.module
+    raise UnsupportedLayerError(
+        f"{layer.name or type(module).__name__} ({type(module).__name__}): no model family "
+        "knows this attention module")
+
+
+def block_forward_table() -> dict[type, BlockForward]:
+    """Exact block class -> replacement forward, from every registered family (the CNN
+    engine's canonisation; a family's blocks reused in another model are canonised too).
+    Higher-priority families win on a shared class."""
+    if "blocks" not in _TABLES:
+        table: dict[type, BlockForward] = {}
+        for family in reversed(families()):
+            table.update(family.block_forwards())
+        _TABLES["blocks"] = table
+    return _TABLES["blocks"]
+
+
+def leaf_treatment_table() -> Sequence[tuple[tuple[type, ...], str]]:
+    """(leaf classes, treatment) that families add to the CNN engine's generic table."""
+    if "leaves" not in _TABLES:
+        _TABLES["leaves"] = [entry for family in families() for entry in family.leaf_treatments()]
+    return _TABLES["leaves"]

@@ -58,25 +58,27 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pxopt.errors import NonFiniteRelevanceError, UnsupportedLayerError
+from pxopt.families import register_family
 from pxopt.families.base import Family
-from pxopt.layers import Layer, LayerMap, register_discoverer, stage_groups
+from pxopt.layermap import Layer, LayerMap, stage_groups
 from pxopt.lrp import attention as ops
 from pxopt.lrp import vit_check
-from pxopt.lrp.explain import Explanation, _seed
+from pxopt.lrp.explanation import Explanation
+from pxopt.lrp.explanation import seed_relevance as _seed
 from pxopt.lrp.vit import (
     Recording,
     ViTRules,
     _frozen_eval,
     _kinds,
     _patch_act,
-    _patch_linear,
-    _qkv_fn,
-    _set_forward,
     _start_gradient,
     conv_rule,
-    depth_group,
     linear_rule,
+    patch_linear,
+    qkv_fn,
+    set_forward,
 )
+from pxopt.lrp.vit_structure import block_group
 from pxopt.scores import ComponentScores, ScoreAccumulator, default_ranking
 
 NAME = "swin"
@@ -251,7 +253,7 @@ def swin_structure(model: nn.Module, boundaries: tuple[float, float] = (0.25, 0.
     blocks = []
     for i, (s, name, b) in enumerate(raw):
         group = _stage_group(s, n_stages) if grouping == "stage" else \
-            depth_group(i, len(raw), boundaries)
+            block_group(i, len(raw), boundaries)
         if family == "torchvision":
             fc1_name, fc1, act, fc2_name, fc2 = (f"{name}.mlp.0", b.mlp[0], b.mlp[1],
                                                  f"{name}.mlp.3", b.mlp[3])
@@ -291,9 +293,6 @@ def discover_swin(model: nn.Module, boundaries: tuple[float, float] = (0.25, 0.7
     lm.stage_rule = STAGE_RULE if grouping == "stage" else ""
     return lm
 
-
-discover_swin.takes_grouping = True  # type: ignore[attr-defined]
-register_discoverer(discover_swin)
 
 
 # --------------------------------------------------------------------------- LRP patches
@@ -347,7 +346,7 @@ def _patch_tv_attention(blk: SwinBlock, rules: ViTRules, rec: Callable[[Tensor],
     dim = attn.qkv.in_features
     hd = dim // heads
     qkv_name, proj_name = f"{blk.attn_name}.qkv", f"{blk.attn_name}.proj"
-    qkv = _qkv_fn(rules.rule_for(qkv_name, blk.group), qkv_name, attn.qkv.weight, attn.qkv.bias,
+    qkv = qkv_fn(rules.rule_for(qkv_name, blk.group), qkv_name, attn.qkv.weight, attn.qkv.bias,
                   heads, hd, rules.softmax == "cp")
     proj = linear_rule(rules.rule_for(proj_name, blk.group), proj_name, attn.proj.weight,
                        attn.proj.bias)
@@ -380,7 +379,7 @@ def _patch_tv_attention(blk: SwinBlock, rules: ViTRules, rec: Callable[[Tensor],
             out = torch.roll(out, shifts=(shift[0], shift[1]), dims=(1, 2))
         return out[:, :h_, :w_, :].contiguous()
 
-    _set_forward(attn, forward, saved)
+    set_forward(attn, forward, saved)
 
 
 def _patch_timm_attention(blk: SwinBlock, rules: ViTRules, rec: Callable[[Tensor], None] | None,
@@ -388,7 +387,7 @@ def _patch_timm_attention(blk: SwinBlock, rules: ViTRules, rec: Callable[[Tensor
     attn = blk.attn
     name = f"{blk.attn_name}.qkv"
     hd = attn.qkv.out_features // (3 * attn.num_heads)
-    qkv = _qkv_fn(rules.rule_for(name, blk.group), name, attn.qkv.weight, attn.qkv.bias,
+    qkv = qkv_fn(rules.rule_for(name, blk.group), name, attn.qkv.weight, attn.qkv.bias,
                   attn.num_heads, hd, rules.softmax == "cp")
 
     def forward(x: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -400,7 +399,7 @@ def _patch_timm_attention(blk: SwinBlock, rules: ViTRules, rec: Callable[[Tensor
                                    fused=rules.fused, record=rec)
         return attn.proj_drop(attn.proj(out.transpose(1, 2).reshape(windows, n, -1)))
 
-    _set_forward(attn, forward, saved)
+    set_forward(attn, forward, saved)
 
 
 def _flat_tokens(rec: Callable[[Tensor], None]) -> Callable[[Tensor], None]:
@@ -423,7 +422,7 @@ def explainable_swin(model: nn.Module, rules: ViTRules, recording: Recording | N
     try:
         for m in model.modules():
             if isinstance(m, nn.LayerNorm):
-                _set_forward(m, lambda x, m=m: ops.layer_norm(x, m.weight, m.bias, m.eps), saved)
+                set_forward(m, lambda x, m=m: ops.layer_norm(x, m.weight, m.bias, m.eps), saved)
         for blk in st.blocks:
             rec_h = _HeadRecorder(recording.token_recorder(recording.heads, blk.attn_name, heads=True)
                                   if recording is not None and "heads" in want else None, batch).get()
@@ -432,25 +431,25 @@ def explainable_swin(model: nn.Module, rules: ViTRules, recording: Recording | N
             else:
                 _patch_timm_attention(blk, rules, rec_h, saved)
                 name = f"{blk.attn_name}.proj"
-                _patch_linear(blk.attn.proj, name, rules.rule_for(name, blk.group), saved)
+                patch_linear(blk.attn.proj, name, rules.rule_for(name, blk.group), saved)
             rec_m = _flat_tokens(recording.token_recorder(recording.mlp, blk.fc1_name)) \
                 if recording is not None and "mlp" in want else None
             _patch_act(blk.act, rec_m, saved)
-            _patch_linear(blk.fc1, blk.fc1_name, rules.rule_for(blk.fc1_name, blk.group), saved)
-            _patch_linear(blk.fc2, blk.fc2_name, rules.rule_for(blk.fc2_name, blk.group), saved)
+            patch_linear(blk.fc1, blk.fc1_name, rules.rule_for(blk.fc1_name, blk.group), saved)
+            patch_linear(blk.fc2, blk.fc2_name, rules.rule_for(blk.fc2_name, blk.group), saved)
         for name, red, group in st.merges:
-            _patch_linear(red, name, rules.rule_for(name, group), saved)
-        _patch_linear(model.get_submodule(st.head_name), st.head_name,
+            patch_linear(red, name, rules.rule_for(name, group), saved)
+        patch_linear(model.get_submodule(st.head_name), st.head_name,
                       rules.rule_for(st.head_name, "fc"), saved)
         rec_in = recording.recorder(recording.input, "input") if recording is not None else None
         pe_rule = conv_rule(rules.rule_for(st.patch_embed_name, "input"), st.patch_embed_name,
                             st.patch_embed, rec_in)
         if recording is not None and "conv" in want:
             rec_c = recording.recorder(recording.conv, st.patch_embed_name)
-            _set_forward(st.patch_embed,
+            set_forward(st.patch_embed,
                          lambda x: ops.record_relevance(pe_rule(x), rec_c, dims=(2, 3)), saved)
         else:
-            _set_forward(st.patch_embed, pe_rule, saved)
+            set_forward(st.patch_embed, pe_rule, saved)
         yield st
     finally:
         for module, had, fn in reversed(saved):
@@ -729,8 +728,15 @@ class SwinFamily(Family):
 
     def head_targets(self, layer: Any) -> tuple[list, int, int]:
         """A head's value rows of the packed qkv (exact: A·V = 0 whatever A and the bias)."""
-        from pxopt.prune.masking import head_value_targets
-        return head_value_targets(layer.module, layer.name)
+        from pxopt.prune.targets import value_rows
+
+        mod = layer.module
+        if not is_window_attention(mod):
+            raise UnsupportedLayerError(
+                f"{layer.name or type(mod).__name__} ({type(mod).__name__}): not a Swin window attention")
+        h = int(mod.num_heads)
+        hd = mod.qkv.out_features // (3 * h)
+        return value_rows(mod.qkv.weight, mod.qkv.bias, 2 * h * hd, hd), h, hd
 
     def slice_heads(self, layer: Any, kept: Tensor) -> Any:
         """timm: q/k/v rows, proj columns and the relative-bias table's columns of the kept
@@ -740,20 +746,23 @@ class SwinFamily(Family):
         return slice_window_heads(layer.module, kept)
 
     def removable(self, layer: Any) -> bool:
-        """MLP neurons (Torch-Pruning); timm heads (`remove_heads`, replayed from pxopt's
-        record); torchvision heads stay masked (the head width follows the input width)."""
-        return layer.kind != "heads" or sliceable_heads(layer.module)
+        """Torch-Pruning shrinks MLP neurons; heads are not its (see `remove_components`)."""
+        return layer.kind != "heads"
+
+    def remove_components(self, module: nn.Module, name: str, mask: Tensor) -> list[int]:
+        """timm heads: removed by `remove_heads` (one kept, masked, when all are pruned);
+        torchvision heads stay masked (its head width follows the input width)."""
+        idx = mask.nonzero().flatten().tolist()
+        if not idx or not sliceable_heads(module):
+            return []
+        if len(idx) == mask.numel():
+            idx = idx[1:]
+        gone = set(idx)
+        remove_heads(module, torch.tensor([i for i in range(mask.numel()) if i not in gone]))
+        return idx
 
     def physical_options(self, model: nn.Module) -> dict[str, Any]:
         return {}
 
 
-FAMILY = SwinFamily()
-
-
-def _register() -> None:
-    from pxopt.families import register_family
-    register_family(FAMILY)
-
-
-_register()
+FAMILY = register_family(SwinFamily())

@@ -10,11 +10,11 @@ afterwards):
   and the BatchNorm itself becomes the identity for that time.
 - element-wise activations: Pass; average pools: Norm; max pools, Flatten, Dropout (eval),
   Identity: the plain gradient (winner takes all for max pools).
-- residual blocks (torchvision BasicBlock/Bottleneck, timm BasicBlock/Bottleneck): their
+- blocks (torchvision BasicBlock/Bottleneck, timm BasicBlock/Bottleneck, ...): their
   forward is replaced by an equivalent one whose addition is an explicit sum with the
-  Norm rule.
-
-Other engines extend the tables with `register_treatment` / `register_residual`.
+  Norm rule; the replacements come from the families (`Family.block_forwards`,
+  `pxopt.families.block_forward_table`), as do extra leaf treatments
+  (`Family.leaf_treatments`, asked before the generic table here).
 `check_bn_pair` decides whether a BatchNorm may be merged into the layer registered
 right before it.
 """
@@ -28,7 +28,6 @@ import torch.fx
 from torch import Tensor, nn
 
 from pxopt.errors import UnsupportedLayerError
-from pxopt.lrp.rules import lrp_sum
 
 # treatments of leaf modules
 LINEAR = "linear"
@@ -75,92 +74,24 @@ def treatment_of(module: nn.Module) -> str | None:
     A subclass counts only when it keeps its base's forward: timm's StdConv2d is a Conv2d
     whose forward standardises the weight, so the Conv2d rule (raw weight) would be wrong.
     """
+    from pxopt.families import leaf_treatment_table
+
     forward = type(module).forward
-    for types, treatment in _TREATMENTS:
+    for types, treatment in [*leaf_treatment_table(), *_TREATMENTS]:
         if any(isinstance(module, t) and forward is t.forward for t in types):
             return treatment
     return None
 
 
 # ---------------------------------------------------------------------------------------
-# residual blocks: forwards identical to the originals except for an explicit Norm sum
+# block canonisation: replacement forwards by exact block class, from the families
 # ---------------------------------------------------------------------------------------
-def _tv_basic_block(self: nn.Module, x: Tensor) -> Tensor:
-    identity = x
-    out = self.relu(self.bn1(self.conv1(x)))
-    out = self.bn2(self.conv2(out))
-    if self.downsample is not None:
-        identity = self.downsample(x)
-    return self.relu(lrp_sum(out, identity))
-
-
-def _tv_bottleneck(self: nn.Module, x: Tensor) -> Tensor:
-    identity = x
-    out = self.relu(self.bn1(self.conv1(x)))
-    out = self.relu(self.bn2(self.conv2(out)))
-    out = self.bn3(self.conv3(out))
-    if self.downsample is not None:
-        identity = self.downsample(x)
-    return self.relu(lrp_sum(out, identity))
-
-
-def _timm_tail(self: nn.Module, x: Tensor, shortcut: Tensor) -> Tensor:
-    if self.se is not None:
-        x = self.se(x)
-    if self.drop_path is not None:
-        x = self.drop_path(x)
-    if self.downsample is not None:
-        shortcut = self.downsample(shortcut)
-    return lrp_sum(x, shortcut)
-
-
-def _timm_basic_block(self: nn.Module, x: Tensor) -> Tensor:
-    shortcut = x
-    x = self.aa(self.act1(self.drop_block(self.bn1(self.conv1(x)))))
-    x = self.bn2(self.conv2(x))
-    return self.act2(_timm_tail(self, x, shortcut))
-
-
-def _timm_bottleneck(self: nn.Module, x: Tensor) -> Tensor:
-    shortcut = x
-    x = self.act1(self.bn1(self.conv1(x)))
-    x = self.aa(self.act2(self.drop_block(self.bn2(self.conv2(x)))))
-    x = self.bn3(self.conv3(x))
-    return self.act3(_timm_tail(self, x, shortcut))
-
-
-_RESIDUALS: list[tuple[type, Callable[[nn.Module, Tensor], Tensor]]] = []
-
-
-def register_residual(cls: type, forward: Callable[[nn.Module, Tensor], Tensor]) -> None:
-    """Replace the forward of blocks of `cls` by `forward` (with lrp_sum for the addition)."""
-    _RESIDUALS.insert(0, (cls, forward))
-
-
 def residual_forward_of(module: nn.Module) -> Callable[[nn.Module, Tensor], Tensor] | None:
-    for cls, fwd in _RESIDUALS:
-        if type(module) is cls:  # exact type: a subclass may have changed its forward
-            return fwd
-    return None
+    """The replacement forward of `module`'s exact class that some registered family gives
+    (`Family.block_forwards`), or None. Exact type: a subclass may have changed its forward."""
+    from pxopt.families import block_forward_table
 
-
-try:
-    from torchvision.models.resnet import BasicBlock as _TvBasic
-    from torchvision.models.resnet import Bottleneck as _TvBottleneck
-
-    register_residual(_TvBasic, _tv_basic_block)
-    register_residual(_TvBottleneck, _tv_bottleneck)
-except ImportError:  # pragma: no cover
-    pass
-
-try:
-    from timm.models.resnet import BasicBlock as _TimmBasic
-    from timm.models.resnet import Bottleneck as _TimmBottleneck
-
-    register_residual(_TimmBasic, _timm_basic_block)
-    register_residual(_TimmBottleneck, _timm_bottleneck)
-except ImportError:  # pragma: no cover
-    pass
+    return block_forward_table().get(type(module))
 
 
 # ---------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from pxopt.errors import UnsupportedLayerError
-from pxopt.layers import LayerMap
+from pxopt.layermap import LayerMap
 from pxopt.lrp import canonizers as cz
 from pxopt.lrp.config import RuleConfig
 from pxopt.lrp.rules import (

@@ -15,9 +15,11 @@ a ResNet stage, ...), Torch-Pruning can only remove a channel from all of them a
   layers and remove as many as the group's layers prune on average (the structure gets
   smaller, but the selection differs from the masked model's).
 Attention heads are left masked (zeroed value rows), not removed: removing heads changes
-`num_heads` in ways Torch-Pruning's replayable history does not record. Exception: timm
-Swin window attention, whose heads pxopt removes itself (`heads_removed` in the record,
-replayed by `load_pruned`).
+`num_heads` in ways Torch-Pruning's replayable history does not record (`Family.removable`
+says which layers Torch-Pruning may shrink; `Family.physical_options` what its dependency
+graph must be told). A family may remove such components itself
+(`Family.remove_components`, e.g. timm Swin heads): they are kept in the record as
+"heads_removed" and `load_pruned` replays them after the history.
 Where a layer would lose every channel, one (zeroed) channel is kept.
 """
 
@@ -36,7 +38,8 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from pxopt.errors import CheckpointError, ConfigError
+from pxopt.errors import CheckpointError, ConfigError, UnsupportedLayerError
+from pxopt.families import family_of
 from pxopt.prune._layers import prunable_layers
 from pxopt.prune.masking import component_targets
 
@@ -60,8 +63,8 @@ class PhysicalResult:
     # medians "cpu_before_ms", "cpu_after_ms" (and "cuda_*" with a GPU), plus "cpu" /
     # "cuda": {"before": Latency.to_dict(), "after": ...} with the spread (pxopt.latency)
     latency: dict[str, Any] = field(default_factory=dict)
-    # attention heads removed outside Torch-Pruning (timm Swin), original indices per layer;
-    # `load_pruned` replays them after the history
+    # components removed by the family itself, not Torch-Pruning (timm Swin heads), original
+    # indices per layer; `load_pruned` replays them after the history
     heads_removed: dict[str, list[int]] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
@@ -143,13 +146,19 @@ def _device_of(model: nn.Module) -> torch.device:
 
 
 def _build_graph(model: nn.Module, example_inputs: torch.Tensor) -> tp.DependencyGraph:
-    """Torch-Pruning traces the autograd graph, so parameters must require grad while it does."""
+    """Torch-Pruning traces the autograd graph, so parameters must require grad while it does.
+    The model's family may add options (`Family.physical_options`: unwrapped parameters,
+    customised pruners); a model no family knows gets none."""
+    try:
+        options = family_of(model).physical_options(model)
+    except UnsupportedLayerError:
+        options = {}
     for p in model.parameters():
         p.requires_grad_(True)
     with torch.enable_grad(), torch.inference_mode(False), warnings.catch_warnings():
         # ViT cls_token / pos_embed: only the embedding width would touch them, never pruned here.
         warnings.filterwarnings("ignore", message="Unwrapped parameters")
-        return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
+        return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, **options)
 
 
 def _coupling(dg: tp.DependencyGraph, layers: list[Any], by_module: dict[nn.Module, str]
@@ -222,7 +231,9 @@ def physical_prune(
              for la in layers}
 
     dg = _build_graph(work, example_inputs)
-    clusters, tainted = _coupling(dg, [la for la in layers if la.kind != "heads"], by_module)
+    family = family_of(model)
+    kept_masked = {la.name for la in layers if not family.removable(la.layer)}  # e.g. heads
+    clusters, tainted = _coupling(dg, [la for la in layers if la.name not in kept_masked], by_module)
     removed: dict[str, list[int]] = {}
     masked: dict[str, list[int]] = {}
     for names_c in clusters:
@@ -251,8 +262,8 @@ def physical_prune(
             masked[n] = left.nonzero().flatten().tolist()
     heads_removed: dict[str, list[int]] = {}
     for la in layers:
-        if la.kind == "heads":
-            gone = _remove_heads(la.module, masks[la.name])
+        if la.name in kept_masked:
+            gone = family.remove_components(la.module, la.name, masks[la.name])
             if gone:
                 heads_removed[la.name] = gone
             removed[la.name] = gone
@@ -287,22 +298,6 @@ def physical_prune(
     return res
 
 
-def _remove_heads(attn: nn.Module, mask: torch.Tensor) -> list[int]:
-    """Remove the pruned heads where the family can (timm Swin window attention, see
-    `pxopt.families.swin.remove_heads`); elsewhere none (they stay masked). Returns the
-    removed original indices; one (masked) head is kept when all are pruned."""
-    from pxopt.families import swin
-
-    idx = mask.nonzero().flatten().tolist()
-    if not idx or not swin.sliceable_heads(attn):
-        return []
-    if len(idx) == mask.numel():
-        idx = idx[1:]
-    keep = torch.tensor([i for i in range(mask.numel()) if i not in set(idx)], dtype=torch.long)
-    swin.remove_heads(attn, keep)
-    return idx
-
-
 @dataclass
 class _Rebound:
     """A layer-map entry pointing at the copy's module (optionally with a new size)."""
@@ -322,6 +317,10 @@ class _Rebound:
     @property
     def kind(self) -> str:
         return self.layer.kind
+
+    @property
+    def family(self) -> Any:
+        return getattr(self.layer, "family", None)
 
 
 def by_name(layers: list[_Rebound], name: str) -> _Rebound:
@@ -391,9 +390,11 @@ def load_pruned(model: nn.Module, path: str | Path, example_inputs: torch.Tensor
     trainable = any(p.requires_grad for p in model.parameters())
     dg = _build_graph(model, example_inputs)
     dg.load_pruning_history(meta["history"])
+    family = family_of(model)
     for name, gone in meta.get("heads_removed", {}).items():
-        _remove_heads(model.get_submodule(name),
-                      torch.isin(torch.arange(model.get_submodule(name).num_heads), torch.tensor(gone)))
+        module = model.get_submodule(name)
+        n = int(getattr(module, "num_heads", 0))
+        family.remove_components(module, name, torch.isin(torch.arange(n), torch.tensor(gone)))
     for p in model.parameters():
         p.requires_grad_(trainable)
     try:

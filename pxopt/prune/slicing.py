@@ -7,10 +7,9 @@ A masked channel is exactly zero after its layer (and BatchNorm), so it need not
 - scatter: any other pruned conv / linear (e.g. a ResNet block's last conv, whose output
   joins the residual sum) computes only its kept channels and a forward hook writes them
   into a zero tensor of the full width (exact: the dropped channels are zeros anyway);
-- heads: timm `Attention` (plain: no gate, no scale-norm) runs with only its kept heads
-  (q/k/v rows and output-projection columns sliced, `num_heads` / `attn_dim` set); timm
-  Swin `WindowAttention` likewise, with its relative-bias table's columns
-  (`pxopt.families.swin.slice_window_heads`).
+- heads: where the model's family can slice its attention (`Family.slice_heads`; timm
+  `Attention` without gate or scale-norm: q/k/v rows and output-projection columns sliced,
+  `num_heads` / `attn_dim` set), it runs with only its kept heads.
 Results agree with the masked model up to float summation order. The original Parameter
 objects and attributes are put back on `undo`, so nothing is copied back and masks stay valid.
 """
@@ -24,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pxopt.families import heads_family
 from pxopt.prune._layers import prunable_layers
 from pxopt.prune.graph import find_following
 
@@ -64,28 +64,18 @@ class _Out:
     bn: nn.Module | None
 
 
-def _plain_timm_attention(mod: nn.Module) -> bool:
-    return (isinstance(getattr(mod, "qkv", None), nn.Linear) and isinstance(getattr(mod, "proj", None), nn.Linear)
-            and hasattr(mod, "attn_dim") and getattr(mod, "gate", None) is None
-            and isinstance(getattr(mod, "norm", nn.Identity()), nn.Identity)
-            and getattr(mod, "q_bias", None) is None)
-
-
 class Slicer:
     """Swaps in sliced weights for the current masks; `undo` restores the originals exactly."""
 
     def __init__(self, model: nn.Module, layer_map: Iterable[Any], kinds: str | Sequence[str] | None = None):
         self.pairs: list[_Pair] = []
         self.outs: list[_Out] = []
-        self.heads: list[tuple[str, nn.Module]] = []
-        self.family_heads: list[tuple[str, nn.Module]] = []  # sliced by their family (Swin)
-        from pxopt.families import swin
-
+        self.heads: list[tuple[str, Any, Any]] = []  # (name, layer, family)
         for layer in prunable_layers(layer_map, kinds):
-            if layer.kind == "heads" and _plain_timm_attention(layer.module):
-                self.heads.append((layer.name, layer.module))
-            elif layer.kind == "heads" and swin.sliceable_heads(layer.module):
-                self.family_heads.append((layer.name, layer.module))
+            if layer.kind == "heads":
+                family = heads_family(layer)  # the layer's own, or the one knowing its module
+                if family.slice_heads(layer, torch.arange(int(layer.n_components))) is not None:
+                    self.heads.append((layer.name, layer, family))
             if layer.kind not in ("conv", "linear", "mlp"):
                 continue
             if not isinstance(layer.module, (nn.Conv2d, nn.Linear)):
@@ -105,8 +95,7 @@ class Slicer:
     @property
     def sliceable(self) -> list[str]:
         """Names of the layers whose pruned channels are sliced out during evaluation."""
-        return [p.name for p in self.pairs] + [o.name for o in self.outs] + \
-            [h[0] for h in self.heads] + [h[0] for h in self.family_heads]
+        return [p.name for p in self.pairs] + [o.name for o in self.outs] + [h[0] for h in self.heads]
 
     def apply(self, pruned: Mapping[str, torch.Tensor]) -> None:
         """Slice out the pruned channels of every sliceable layer (masks must already be applied)."""
@@ -147,32 +136,17 @@ class Slicer:
             last = o.bn if o.bn is not None else o.producer
             dim = 1 if isinstance(o.producer, nn.Conv2d) else -1
             self._hooks.append(last.register_forward_hook(_scatter(keep, int(mask.numel()), dim)))
-        for name, attn in self.heads:
+        for name, layer, family in self.heads:
             mask = pruned.get(name)
             if mask is None or not bool(mask.any()):
                 continue
             kept = (~mask.to("cpu", torch.bool)).nonzero().flatten()
             if kept.numel() == 0:
                 kept = torch.zeros(1, dtype=torch.long)
-            h, hd = int(attn.num_heads), int(attn.head_dim)
-            cols = (kept[:, None] * hd + torch.arange(hd)).flatten().to(attn.qkv.weight.device)
-            rows = torch.cat([cols + s * h * hd for s in range(3)])
-            add(attn.qkv, "_parameters", "weight", 0, rows)
-            add(attn.qkv, "_parameters", "bias", 0, rows)
-            add(attn.proj, "_parameters", "weight", 1, cols)
-            for attr, val in (("num_heads", int(kept.numel())), ("attn_dim", int(kept.numel()) * hd)):
-                self._attrs.append((attn, attr, attn.__dict__.get(attr, _MISSING)))
-                setattr(attn, attr, val)
-        for name, attn in self.family_heads:
-            from pxopt.families import swin
-
-            mask = pruned.get(name)
-            if mask is None or not bool(mask.any()):
-                continue
-            hs = swin.slice_window_heads(attn, _keep(mask, torch.device("cpu")))
-            for e in hs.edits:
+            plan = family.slice_heads(layer, kept)  # the family knows its attention's layout
+            for e in plan.edits:
                 add(e.module, e.store, e.attr, e.dim, e.index)
-            for mod, attr, val in hs.attrs:
+            for mod, attr, val in plan.attrs:
                 self._attrs.append((mod, attr, mod.__dict__.get(attr, _MISSING)))
                 setattr(mod, attr, val)
         with torch.no_grad():
