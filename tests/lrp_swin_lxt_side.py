@@ -1,7 +1,7 @@
 """lxt side of the Swin parity test (run in a subprocess: lxt patches torch classes for good).
 
-Usage: python lrp_swin_lxt_side.py IN.pt OUT.pt  (writes both variants, cp and attnlrp)
-IN.pt holds a torchvision SwinTransformer's constructor kwargs, its state dict (float64),
+Usage: python lrp_swin_lxt_side.py IN.pt OUT.pt {torchvision,timm}  (writes both variants,
+cp and attnlrp). IN.pt holds the SwinTransformer's constructor kwargs, its state dict (float64),
 inputs and targets. Writes the input relevance (x * grad, lxt's gradient×input convention,
 starting from the target logit), the relevance on the stream after every stage, and the
 output.
@@ -9,9 +9,10 @@ output.
 lxt's own rules: GELU `non_linear_forward` (identity), LayerNorm `layer_norm_forward`
 (normaliser detached), attention by lxt's `divide_gradient` on q, k (÷4) and v (÷2) for
 AttnLRP, q and k detached for CP (its `cp_multi_head_attention_forward` construction),
-applied to the rows of torchvision's packed qkv output inside its own
-`shifted_window_attention` (so shifts, window partition, relative bias and mask are
-torchvision's code with the plain gradient, as lxt leaves every unpatched op).
+applied to the rows of the packed qkv output (torchvision: inside its own
+`shifted_window_attention`; timm: a forward hook on `attn.qkv`), so shifts, window
+partition, relative bias and mask are the library's code with the plain gradient, as lxt
+leaves every unpatched op.
 """
 
 from __future__ import annotations
@@ -28,10 +29,37 @@ from lxt.efficient.rules import divide_gradient
 from torchvision.models import swin_transformer
 
 
-def main(src: str, dst: str) -> None:
+def _split(out: torch.Tensor, variant: str) -> torch.Tensor:
+    """lxt's attention rule on packed q | k | v rows (last dim)."""
+    q, k, v = out.chunk(3, dim=-1)
+    if variant == "cp":
+        return torch.cat([q.detach(), k.detach(), v], dim=-1)
+    return torch.cat([divide_gradient(q, 4), divide_gradient(k, 4), divide_gradient(v, 2)], -1)
+
+
+def _timm_model(data: dict, variant: list[str]) -> torch.nn.Module:
+    from timm.models import swin_transformer as tm
+
+    monkey_patch(tm, {
+        tm.nn.GELU: partial(patch_method, non_linear_forward, keep_original=True),
+        tm.nn.LayerNorm: partial(patch_method, layer_norm_forward),
+    })
+    model = tm.SwinTransformer(**data["kwargs"]).double().eval()
+    model.load_state_dict(data["state"])
+    for m in model.modules():
+        if isinstance(m, tm.WindowAttention):
+            m.qkv.register_forward_hook(lambda mod, args, out: _split(out, variant[0]))
+    return model
+
+
+def main(src: str, dst: str, family: str) -> None:
     torch.set_num_threads(1)
     variant = ["cp"]  # read by the qkv shim at call time
     data = torch.load(src, weights_only=True)
+    if family == "timm":
+        model = _timm_model(data, variant)
+        _run(model, list(model.layers), data, variant, dst)
+        return
     monkey_patch(swin_transformer, {
         swin_transformer.nn.GELU: partial(patch_method, non_linear_forward, keep_original=True),
         swin_transformer.nn.LayerNorm: partial(patch_method, layer_norm_forward),
@@ -47,23 +75,25 @@ def main(src: str, dst: str) -> None:
         out = F.linear(x, weight, bias)
         if id(weight) not in qkv_weights:
             return out
-        q, k, v = out.chunk(3, dim=-1)
-        if variant[0] == "cp":
-            return torch.cat([q.detach(), k.detach(), v], dim=-1)
-        return torch.cat([divide_gradient(q, 4), divide_gradient(k, 4), divide_gradient(v, 2)], -1)
+        return _split(out, variant[0])
 
     shim = types.SimpleNamespace(**{n: getattr(F, n) for n in dir(F) if not n.startswith("__")})
     shim.linear = linear
     swin_transformer.F = shim  # only shifted_window_attention's F.linear calls see the shim
+    _run(model, [st for i, st in enumerate(model.features) if i % 2 == 1], data, variant, dst)
+
+
+def _run(model: torch.nn.Module, stages: list, data: dict, variant: list[str], dst: str) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
     stream: list[torch.Tensor] = []
 
     def keep(module, inputs, out):
         out.retain_grad()
         stream.append(out)
 
-    for i, stage in enumerate(model.features):
-        if i % 2 == 1:
-            stage.register_forward_hook(keep)
+    for stage in stages:
+        stage.register_forward_hook(keep)
     result = {}
     for name in ("cp", "attnlrp"):
         variant[0] = name
@@ -78,4 +108,4 @@ def main(src: str, dst: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(*sys.argv[1:4])
