@@ -104,7 +104,8 @@ def test_forward_equal_and_model_restored(make, fused: bool) -> None:
     exp = explain_swin(model, x, t, None, fused=fused)
     torch.testing.assert_close(exp.output, ref, rtol=1e-5, atol=1e-5)
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
-    assert not any("forward" in m.__dict__ for m in model.modules())
+    assert not any("forward" in m.__dict__ or m._forward_pre_hooks or m._forward_hooks
+                   for m in model.modules())
     assert {k: tuple(v.shape) for k, v in exp.components.items() if k.endswith("attn")} == \
         {la.name: (2, 2) for la in discover_layers(model) if la.kind == "heads"}
 

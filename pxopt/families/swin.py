@@ -409,16 +409,16 @@ def _flat_tokens(rec: Callable[[Tensor], None]) -> Callable[[Tensor], None]:
 
 @contextmanager
 def explainable_swin(model: nn.Module, rules: ViTRules, recording: Recording | None = None, *,
-                     kinds: set[str] | None = None, batch: list[int] | None = None
-                     ) -> Iterator[SwinStructure]:
+                     kinds: set[str] | None = None) -> Iterator[SwinStructure]:
     """Patch `model` in place so its backward computes LRP; undo every patch on exit.
 
-    batch: a one-element list holding the batch size of the next forward (head relevance is
-    regrouped from windows to images with it)."""
+    A pre-hook on the model keeps the batch size of each forward: head relevance is
+    regrouped from windows (all images' windows stacked) to images with it."""
     st = swin_structure(model)
     want = kinds if kinds is not None else {"heads", "mlp"}
-    batch = batch if batch is not None else [1]
+    batch = [0]
     saved: list = []
+    hook = model.register_forward_pre_hook(lambda m, args: batch.__setitem__(0, int(args[0].shape[0])))
     try:
         for m in model.modules():
             if isinstance(m, nn.LayerNorm):
@@ -452,6 +452,7 @@ def explainable_swin(model: nn.Module, rules: ViTRules, recording: Recording | N
             set_forward(st.patch_embed, pe_rule, saved)
         yield st
     finally:
+        hook.remove()
         for module, had, fn in reversed(saved):
             if had:
                 module.forward = fn
@@ -469,7 +470,7 @@ def _explain(model: nn.Module, inputs: Tensor, targets: Any, vr: ViTRules, start
     if x.is_inference():
         x = x.clone()
     x.requires_grad_(True)
-    with explainable_swin(model, vr, rec, kinds=kinds, batch=[x.shape[0]]) as st:
+    with explainable_swin(model, vr, rec, kinds=kinds) as st:
         out = model(x)
         (grad,) = torch.autograd.grad(out, x, _start_gradient(out, targets, start))
     relevance = rec.input.get("input", x.detach() * grad)
