@@ -222,3 +222,11 @@ def test_layers_import_first_in_a_fresh_interpreter() -> None:
             "from pxopt.lrp.vit import explain_vit\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_pxopt_models_lists_every_family() -> None:
+    from pxopt.models import describe_supported
+
+    text = describe_supported()
+    for fam in families():
+        assert fam.name in text and fam.summary in text

@@ -399,6 +399,8 @@ def test_gradient_criteria_batch_invariant(make) -> None:
     for name in both.abs:
         torch.testing.assert_close(both.abs[name], one.abs[name], rtol=1e-4, atol=1e-7)
     assert set(both.abs) == {la.name for la in lm.prunable(KINDS)}
+    weight = compute_scores("weight", model, [(x, t)], lm, kinds=KINDS)  # head_projection
+    assert all(v.shape == (2,) for k, v in weight.abs.items() if k.endswith("attn"))
 
 
 def test_models_lists_swin_and_loaded_family() -> None:

@@ -218,6 +218,15 @@ class Family:
 
         raise UnsupportedLayerError(f"{layer.name}: family {self.name} has no attention heads")
 
+    def head_projection(self, layer: Layer) -> tuple[Tensor, int]:
+        """(packed q/k/v input-projection weight, (3 * heads * head_dim, dim) with q, k, v
+        sections in that order, num_heads): what the weight criterion scores a head by.
+        Default: refuse."""
+        from pxopt.errors import UnsupportedLayerError
+
+        raise UnsupportedLayerError(
+            f"weight criterion: cannot find the q/k/v rows of heads in {layer.name}")
+
     def slice_heads(self, layer: Layer, kept: Tensor) -> HeadSlice | None:
         """How `layer`'s attention runs with only the heads `kept` (sorted indices); None
         when it cannot (the heads stay masked, the evaluation is not faster). Default: None."""

@@ -739,6 +739,11 @@ class SwinFamily(Family):
         hd = mod.qkv.out_features // (3 * h)
         return value_rows(mod.qkv.weight, mod.qkv.bias, 2 * h * hd, hd), h, hd
 
+    def head_projection(self, layer: Any) -> tuple[Tensor, int]:
+        """The packed qkv weight (q, k, v sections in order, as both libraries pack it)."""
+        self.head_targets(layer)  # refuses anything but a Swin window attention
+        return layer.module.qkv.weight, int(layer.module.num_heads)
+
     def slice_heads(self, layer: Any, kept: Tensor) -> Any:
         """timm: q/k/v rows, proj columns and the relative-bias table's columns of the kept
         heads, `num_heads` set (its forward derives the head width from the rows). None for

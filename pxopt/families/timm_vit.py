@@ -169,6 +169,13 @@ class TimmViT(TransformerFamily):
 
         return proj.register_forward_pre_hook(pre).remove
 
+    def head_projection(self, layer: Any) -> tuple[Tensor, int]:
+        qkv, h = getattr(layer.module, "qkv", None), getattr(layer.module, "num_heads", 0)
+        if not isinstance(qkv, nn.Linear) or not h:
+            raise UnsupportedLayerError(
+                f"weight criterion: cannot find the q/k/v rows of heads in {layer.name}")
+        return qkv.weight, int(h)
+
     def head_targets(self, layer: Any) -> tuple[list[Target], int, int]:
         mod = layer.module
         qkv, h = getattr(mod, "qkv", None), getattr(mod, "num_heads", None)

@@ -161,6 +161,13 @@ class TorchvisionViT(TransformerFamily):
 
         return undo
 
+    def head_projection(self, layer: Any) -> tuple[Tensor, int]:
+        mha = layer.module
+        if not (isinstance(mha, nn.MultiheadAttention) and mha._qkv_same_embed_dim):
+            raise UnsupportedLayerError(
+                f"weight criterion: cannot find the q/k/v rows of heads in {layer.name}")
+        return mha.in_proj_weight, int(mha.num_heads)
+
     def head_targets(self, layer: Any) -> tuple[list[Target], int, int]:
         mha = layer.module
         if not isinstance(mha, nn.MultiheadAttention):

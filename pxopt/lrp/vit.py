@@ -1,4 +1,9 @@
-"""AttnLRP for vision transformers: torchvision and timm `VisionTransformer`.
+"""AttnLRP for vision transformers (the engine of `pxopt.families.transformer.TransformerFamily`).
+
+What a family's transformer looks like (its blocks, attention layout, allow-list,
+residual forwards) is the family's answer (`pxopt.families.torchvision_vit`, `.timm_vit`,
+...); this module holds what every family shares: the rules, the recording, the patching
+of LayerNorm, MLP, classifier and patch embedding, and the explanation entry points.
 
 The model is made explainable by temporary instance-level `forward` replacements
 (attention, LayerNorm, MLP activations, Linear layers, patch embedding, optionally the

@@ -90,10 +90,11 @@ def load_model(spec: str, *, device: str = "auto", allow_download: bool = False,
     )
 
 
-def _families() -> list:
+def family_lines() -> list[str]:
+    """One line per registered model family: name, kind, what it covers."""
     from pxopt.families import families
 
-    return families()
+    return [f"  {f.name:<20} {f.kind:<4} {f.summary}" for f in families()]
 
 
 def describe_supported() -> str:
@@ -108,9 +109,8 @@ def describe_supported() -> str:
         "  builtin:<name>                   Fashion-MNIST reference models, trained on first use",
         "  <name>                           bare torchvision name with default weights (resnet50, vgg16, vit_b_16)",
         "",
-        "Families: cnn (ResNet, VGG, EfficientNet, ... conv channels) and vit (vision",
-        "transformers: MLP neurons and attention heads). Registered families:",
-        *[f"  {fam.name:<20} {fam.summary}" for fam in _families()],
+        "Model families (`pxopt.families`; a model no family matches is refused):",
+        *family_lines(),
         "Weights load offline from $TORCH_HOME/hub/checkpoints (torchvision) and the Hugging",
         "Face cache (timm); where the network is reachable, `pxopt search`, `prune`,",
         "`baselines` and `train` take --allow-download to fetch missing weights.",
