@@ -226,15 +226,12 @@ def test_mask_slice_physical_agree(make) -> None:
             mk.set_pruned(pruned)
             masked = model(x)
             with Slicer(model, lm, KINDS) as sl:
-                # timm's window attention slices its heads too, torchvision's cannot
-                want = ("mlp", "heads") if isinstance(model, TimmSwin) else ("mlp",)
-                assert sorted(sl.sliceable) == sorted(la.name for la in lm if la.kind in want)
+                assert sorted(sl.sliceable) == sorted(la.name for la in lm.prunable(KINDS))
                 sl.apply(pruned)
                 sliced = model(x)
-                if isinstance(model, TimmSwin):
-                    attn = model.layers[0].blocks[0].attn
-                    assert attn.num_heads == 2 - int(pruned["layers.0.blocks.0.attn"].sum()) or \
-                        bool(pruned["layers.0.blocks.0.attn"].all())
+                first = next(la for la in lm if la.kind == "heads")
+                assert first.module.num_heads == 2 - int(pruned[first.name].sum())
+            assert not any("forward" in m.__dict__ for m in model.modules())
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     assert not torch.allclose(masked, base)
     torch.testing.assert_close(sliced, masked, rtol=1e-5, atol=1e-6)

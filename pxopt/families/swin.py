@@ -26,12 +26,14 @@ Bias-free, with the CP softmax and tiny epsilon, the input relevance equals the 
 Components: per block the attention heads (kind "heads", a head's relevance is that of its
 attention weights, as for ViTs; its tokens are the window tokens, in window order) and the
 MLP neurons (kind "mlp", at fc1). Masking zeroes a head's value rows (exact: A·V = 0 for
-any A, relative bias included) or an fc1 row; slicing removes fc1 / fc2 pairs and timm's
-heads (qkv rows, proj columns, relative-bias columns, `num_heads`); torchvision's heads
-are not sliced (its attention derives the head width from the input width). MLP neurons
-are removed with Torch-Pruning; timm heads by pxopt itself (`remove_heads`: Torch-Pruning's
-history cannot record `num_heads`, so `pxopt.prune.physical` keeps its own record and
-replays it on load); torchvision heads stay masked in the pruned copy. The
+any A, relative bias included) or an fc1 row; slicing removes fc1 / fc2 pairs and heads
+(qkv rows, proj columns, relative-bias columns, `num_heads`; torchvision's attention also
+gets an explicit forward while sliced, as its own derives the head width from the input
+width). MLP neurons are removed with Torch-Pruning; timm heads by pxopt itself
+(`remove_heads`: Torch-Pruning's history cannot record `num_heads`, so
+`pxopt.prune.physical` keeps its own record and replays it on load); torchvision heads
+stay masked in the pruned copy (removing them would need a forward of pxopt's in the
+saved model). The
 criteria read head outputs per image over all its windows (`read_heads_module`).
 
 Stage groups (grouping "stage", `stage_rule` "swin"): Swin's stages are ResNet's
@@ -543,44 +545,53 @@ def read_heads_module(attn: nn.Module, fn: Callable[[Tensor], Tensor | None],
     if type(attn) is not _tv().ShiftedWindowAttention:
         raise UnsupportedLayerError(f"{name} ({type(attn).__name__}): not a Swin window attention")
 
-    def forward(x: Tensor) -> Tensor:
-        ws, shift = list(attn.window_size), list(attn.shift_size)
-        heads = attn.num_heads
-        b, h_, w_, c = x.shape
-        pad_r, pad_b = (ws[1] - w_ % ws[1]) % ws[1], (ws[0] - h_ % ws[0]) % ws[0]
-        x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
-        _, ph, pw, _ = x.shape
-        if ws[0] >= ph:
-            shift[0] = 0
-        if ws[1] >= pw:
-            shift[1] = 0
-        if sum(shift) > 0:
-            x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
-        nw = (ph // ws[0]) * (pw // ws[1])
-        x = x.view(b, ph // ws[0], ws[0], pw // ws[1], ws[1], c).permute(0, 1, 3, 2, 4, 5)
-        x = x.reshape(b * nw, ws[0] * ws[1], c)
-        n = x.shape[1]
-        q, k, v = F.linear(x, attn.qkv.weight, attn.qkv.bias).reshape(
-            b * nw, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
-        mask = _tv_shift_mask(ph, pw, ws, shift, x.detach()) if sum(shift) > 0 else None
-        bias = _window_bias(attn.get_relative_position_bias().to(x.dtype), mask, b * nw, heads, n)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=(c // heads) ** -0.5)
-        o = o.transpose(1, 2).reshape(b, nw * n, c)  # windows of one image together
-        new = fn(o)
-        o = (o if new is None else new).reshape(b * nw, n, c)
-        out = F.linear(o, attn.proj.weight, attn.proj.bias)
-        out = out.view(b, ph // ws[0], pw // ws[1], ws[0], ws[1], c).permute(0, 1, 3, 2, 4, 5)
-        out = out.reshape(b, ph, pw, c)
-        if sum(shift) > 0:
-            out = torch.roll(out, shifts=(shift[0], shift[1]), dims=(1, 2))
-        return out[:, :h_, :w_, :].contiguous()
-
-    attn.forward = forward  # type: ignore[method-assign]
+    hd = attn.qkv.in_features // attn.num_heads
+    attn.forward = lambda x: _tv_plain_forward(attn, x, hd, fn)  # type: ignore[method-assign]
 
     def undo() -> None:
         attn.__dict__.pop("forward", None)
 
     return undo
+
+
+def _tv_plain_forward(attn: nn.Module, x: Tensor, hd: int,
+                      fn: Callable[[Tensor], Tensor | None] | None = None) -> Tensor:
+    """torchvision's shifted-window attention in eval mode with the head width `hd` given
+    (its own code takes input width / num_heads, wrong once heads are sliced); `fn` may read
+    or replace the head outputs, (batch, tokens of all windows, heads · hd)."""
+    ws, shift = list(attn.window_size), list(attn.shift_size)
+    heads = attn.num_heads
+    b, h_, w_, c = x.shape
+    pad_r, pad_b = (ws[1] - w_ % ws[1]) % ws[1], (ws[0] - h_ % ws[0]) % ws[0]
+    x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
+    _, ph, pw, _ = x.shape
+    if ws[0] >= ph:
+        shift[0] = 0
+    if ws[1] >= pw:
+        shift[1] = 0
+    if sum(shift) > 0:
+        x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+    nw = (ph // ws[0]) * (pw // ws[1])
+    x = x.view(b, ph // ws[0], ws[0], pw // ws[1], ws[1], c).permute(0, 1, 3, 2, 4, 5)
+    x = x.reshape(b * nw, ws[0] * ws[1], c)
+    n = x.shape[1]
+    q, k, v = F.linear(x, attn.qkv.weight, attn.qkv.bias).reshape(
+        b * nw, n, 3, heads, hd).permute(2, 0, 3, 1, 4)
+    mask = _tv_shift_mask(ph, pw, ws, shift, x.detach()) if sum(shift) > 0 else None
+    bias = _window_bias(attn.get_relative_position_bias().to(x.dtype), mask, b * nw, heads, n)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=hd ** -0.5)
+    if fn is not None:
+        o = o.transpose(1, 2).reshape(b, nw * n, heads * hd)  # windows of one image together
+        new = fn(o)
+        o = (o if new is None else new).reshape(b * nw, n, heads * hd)
+    else:
+        o = o.transpose(1, 2).reshape(b * nw, n, heads * hd)
+    out = F.linear(o, attn.proj.weight, attn.proj.bias)
+    out = out.view(b, ph // ws[0], pw // ws[1], ws[0], ws[1], c).permute(0, 1, 3, 2, 4, 5)
+    out = out.reshape(b, ph, pw, c)
+    if sum(shift) > 0:
+        out = torch.roll(out, shifts=(shift[0], shift[1]), dims=(1, 2))
+    return out[:, :h_, :w_, :].contiguous()
 
 
 def _read_timm_heads(attn: nn.Module, fn: Callable[[Tensor], Tensor | None],
@@ -632,7 +643,7 @@ def remove_heads(attn: nn.Module, kept: Tensor) -> None:
     the edits of `slice_window_heads` written as new Parameters, `num_heads` set. Torch-
     Pruning's history does not record it: `pxopt.prune.physical` stores the removed heads
     in its record and replays this on load."""
-    hs = slice_window_heads(attn, kept)
+    hs = slice_window_heads(attn, kept) if sliceable_heads(attn) else None
     if hs is None:
         raise UnsupportedLayerError(f"{type(attn).__name__}: its heads cannot be removed")
     with torch.no_grad():
@@ -651,17 +662,19 @@ def remove_heads(attn: nn.Module, kept: Tensor) -> None:
 
 
 def sliceable_heads(attn: nn.Module) -> bool:
-    """True for timm `WindowAttention` (see `slice_window_heads`)."""
+    """True for timm `WindowAttention` (its heads can be sliced and removed for good)."""
     tm = _timm()
     return tm is not None and type(attn) is tm.WindowAttention
 
 
 def slice_window_heads(attn: nn.Module, kept: Tensor) -> Any:
-    """`pxopt.families.base.HeadSlice` running a timm `WindowAttention` with only the heads
-    `kept` (sorted indices); None for any other attention (its heads stay masked)."""
+    """`pxopt.families.base.HeadSlice` running a Swin window attention with only the heads
+    `kept` (sorted indices): q/k/v rows, proj columns, the relative-bias table's columns and
+    `num_heads`; torchvision's also gets an explicit forward for the time of the slice (its
+    own derives the head width from the input width). None for any other attention."""
     from pxopt.families.base import HeadSlice, SliceEdit
 
-    if not sliceable_heads(attn):
+    if not is_window_attention(attn):
         return None
     h = int(attn.num_heads)
     hd = attn.qkv.out_features // (3 * h)
@@ -673,7 +686,10 @@ def slice_window_heads(attn: nn.Module, kept: Tensor) -> Any:
              SliceEdit(attn.qkv, "_parameters", "bias", 0, rows),
              SliceEdit(attn.proj, "_parameters", "weight", 1, cols),
              SliceEdit(attn, "_parameters", "relative_position_bias_table", 1, kept)]
-    return HeadSlice(edits, [(attn, "num_heads", int(kept.numel()))])
+    attrs: list[tuple[nn.Module, str, Any]] = [(attn, "num_heads", int(kept.numel()))]
+    if not sliceable_heads(attn):  # torchvision
+        attrs.append((attn, "forward", lambda x: _tv_plain_forward(attn, x, hd)))
+    return HeadSlice(edits, attrs)
 
 
 # --------------------------------------------------------------------------- family adapter
@@ -745,10 +761,8 @@ class SwinFamily(Family):
         return layer.module.qkv.weight, int(layer.module.num_heads)
 
     def slice_heads(self, layer: Any, kept: Tensor) -> Any:
-        """timm: q/k/v rows, proj columns and the relative-bias table's columns of the kept
-        heads, `num_heads` set (its forward derives the head width from the rows). None for
-        torchvision, whose forward derives the head width from the input width: its heads
-        stay masked."""
+        """q/k/v rows, proj columns and the relative-bias table's columns of the kept heads,
+        `num_heads` set; torchvision with an explicit forward while sliced."""
         return slice_window_heads(layer.module, kept)
 
     def removable(self, layer: Any) -> bool:
