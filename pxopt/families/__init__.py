@@ -19,7 +19,15 @@ from typing import Any
 from torch import nn
 
 from pxopt.errors import UnsupportedLayerError
-from pxopt.families.base import BlockForward, Family, HeadSlice, SliceEdit, StageSplit, Target
+from pxopt.families.base import (
+    BlockForward,
+    Family,
+    HeadSlice,
+    SliceEdit,
+    StageSplit,
+    Target,
+    first_attention,
+)
 
 __all__ = ["Family", "HeadSlice", "SliceEdit", "StageSplit", "Target", "block_forward_table",
            "families", "family_of", "heads_family", "leaf_treatment_table", "register_family", "unregister_family"]
@@ -83,11 +91,11 @@ def family_of(model: nn.Module) -> Family:
 
 def _attention_hint(model: nn.Module) -> str:
     """Names the first attention module: why the generic CNN family does not take it."""
-    for name, module in model.named_modules():
-        if isinstance(module, nn.MultiheadAttention) or "Attention" in type(module).__name__:
-            return (f": it is a transformer (attention module {name!r}, "
-                    f"{type(module).__name__}) that no family explains")
-    return ""
+    found = first_attention(model)
+    if found is None:
+        return ""
+    return (f": it is a transformer (attention module {found[0]!r}, {type(found[1]).__name__}) "
+            "that no family explains")
 
 
 def heads_family(layer: Any) -> Family:

@@ -84,6 +84,15 @@ class HeadSlice:
     attrs: list[tuple[nn.Module, str, Any]] = field(default_factory=list)
 
 
+def first_attention(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """The first attention module of `model` (`nn.MultiheadAttention` or a class whose name
+    contains "Attention"), or None: a model with one is no plain CNN."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.MultiheadAttention) or "Attention" in type(module).__name__:
+            return name, module
+    return None
+
+
 class Family:
     """One model family. Subclass, set the class attributes, override what differs.
 

@@ -14,15 +14,14 @@ from typing import ClassVar
 from torch import Tensor, nn
 
 from pxopt.families import register_family
-from pxopt.families.base import Family, StageSplit
+from pxopt.families.base import Family, StageSplit, first_attention
 from pxopt.layermap import resnet_stages, vgg_stages
 
 
 def has_attention(model: nn.Module) -> bool:
-    """True when some submodule is an attention module (`nn.MultiheadAttention` or a class
-    whose name contains "Attention"): such a model is no plain CNN."""
-    return any(isinstance(m, nn.MultiheadAttention) or "Attention" in type(m).__name__
-               for m in model.modules())
+    """True when some submodule is an attention module (`first_attention`): such a model is
+    no plain CNN."""
+    return first_attention(model) is not None
 
 
 class GenericCNN(Family):

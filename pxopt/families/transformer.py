@@ -38,6 +38,9 @@ class TransformerFamily(Family):
     """A vision-transformer family (kind "vit"): blocks are the stages, split by quarters."""
 
     kind: ClassVar[str] = "vit"
+    #: `LayerMap.stage_rule` under the stage grouping (the groups are the blocks' own groups,
+    #: `ViTBlock.group`: quarters of the block index by default, a Swin family its stages)
+    stage_rule: ClassVar[str] = "blocks"
 
     # ------------------------------------------------------------------ what subclasses give
     def check(self, model: nn.Module) -> None:
@@ -48,7 +51,9 @@ class TransformerFamily(Family):
 
     def structure(self, model: nn.Module, boundaries: tuple[float, float]) -> ViTStructure:
         """Blocks, attention, MLPs, patch embedding and classifier of `model`, in forward
-        order; each block's group from its index (`pxopt.lrp.vit_structure.block_group`)."""
+        order; each block's group from its index (`pxopt.lrp.vit_structure.block_group`) or
+        the family's stages; Linear layers outside blocks and classifier (patch merging) go
+        in `extra_linears` with their group, element-wise activations in `extra_acts`."""
         raise NotImplementedError
 
     def patch_attention(self, block: ViTBlock, rules: Any, record: Callable[[Tensor], None] | None,
@@ -82,7 +87,7 @@ class TransformerFamily(Family):
         from pxopt.lrp.vit_structure import structure_layer_map
 
         found = structure_layer_map(model, self.checked_structure(model, boundaries))
-        found.grouping, found.stage_rule = grouping, "blocks" if grouping == "stage" else ""
+        found.grouping, found.stage_rule = grouping, self.stage_rule if grouping == "stage" else ""
         return found
 
     def classifier_names(self, model: nn.Module) -> list[str]:

@@ -322,6 +322,8 @@ def explainable_vit(model: nn.Module, rules: ViTRules, recording: Recording | No
             patch_linear(model.get_submodule(name), name, rules.rule_for(name, "fc"), saved)
         for act in struct.extra_acts:
             _patch_act(act, None, saved)
+        for name, lin, group in struct.extra_linears:
+            patch_linear(lin, name, rules.rule_for(name, group), saved)
         rec_in = recording.recorder(recording.input, "input") if recording is not None else None
         pe_name = struct.patch_embed_name
         pe_rule = conv_rule(rules.rule_for(pe_name, "input"), pe_name, struct.patch_embed, rec_in)

@@ -107,6 +107,7 @@ def check_coverage(model: nn.Module, struct: ViTStructure) -> None:
     ruled: set[int] = {id(struct.patch_embed)}
     ruled |= {id(model.get_submodule(n)) for n in struct.head_names}
     ruled |= {id(a) for a in struct.extra_acts}
+    ruled |= {id(m) for _, m, _ in struct.extra_linears}
     for blk in struct.blocks:
         ruled |= {id(blk.fc1), id(blk.fc2), id(blk.act)}
         ruled |= {id(m) for m in blk.attn.modules()}

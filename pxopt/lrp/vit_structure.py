@@ -38,6 +38,9 @@ class ViTStructure:
     blocks: list[ViTBlock]
     head_names: list[str]  # classifier Linear layers (group "fc")
     extra_acts: list[nn.Module] = field(default_factory=list)  # e.g. pre-logits Tanh
+    #: other Linear layers outside blocks and classifier, each with the group whose rule it
+    #: gets: (name, module, group), e.g. Swin's patch-merging reductions
+    extra_linears: list[tuple[str, nn.Module, str]] = field(default_factory=list)
 
 
 def block_group(index: int, depth: int, boundaries: tuple[float, float] = (0.25, 0.75)) -> str:
