@@ -270,6 +270,14 @@ class Family:
         stay masked in the pruned copy). Default: every kind but attention heads."""
         return layer.kind != "heads"
 
+    def remove_components(self, module: nn.Module, name: str, mask: Tensor) -> list[int]:
+        """Remove, for good, pruned components (`mask`: True = pruned) of a layer that
+        Torch-Pruning may not shrink (`removable` False, e.g. heads) from `module` of the
+        pruned copy; return the removed original indices (kept in the pruning record and
+        replayed by `load_pruned` after Torch-Pruning's history). Keep one when all are
+        pruned. Default: none (they stay masked)."""
+        return []
+
     def physical_options(self, model: nn.Module) -> dict[str, Any]:
         """Extra keyword arguments for Torch-Pruning's `DependencyGraph.build_dependency`
         (e.g. `unwrapped_parameters` for a layer scale, `customized_pruners`). Default: none."""

@@ -270,7 +270,8 @@ def scale_grad(x: Tensor, factor: float) -> Tensor:
 
 
 def fused_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, rule: str,
-                    record: Callable[[Tensor], None] | None = None) -> Tensor:
+                    record: Callable[[Tensor], None] | None = None,
+                    attn_mask: Tensor | None = None) -> Tensor:
     """softmax(q kᵀ · scale) v through the fused kernel, for the rules that allow it.
 
     With the uniform rule at epsilon 0, the relevance split is a constant factor on each
@@ -278,7 +279,8 @@ def fused_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, rule: str,
     rule is its plain gradient, so scaled_dot_product_attention's own backward gives the
     exact AttnLRP / CP-LRP relevance (lxt's construction). Head relevance: half the head
     output's per query (summed over the head's channels), as in `uniform_matmul`:
-    (batch, heads, queries).
+    (batch, heads, queries). attn_mask: a constant added to the logits (see
+    `biased_attention`).
     """
     if rule == "attnlrp":
         q, k, v = scale_grad(q, 0.25), scale_grad(k, 0.25), scale_grad(v, 0.5)
@@ -286,7 +288,35 @@ def fused_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, rule: str,
         q, k = q.detach(), k.detach()
     else:
         raise ValueError(f"softmax rule {rule!r} needs the explicit attention")
-    out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    mask = None if attn_mask is None else attn_mask.detach()
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     if record is not None:
         out = record_relevance(out, lambda r: record(r * 0.5), dims=(-1,))
     return out
+
+
+def biased_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, bias: Tensor | None,
+                     rule: str, *, eps: float = 0.0, fused: bool = True,
+                     record: Callable[[Tensor], None] | None = None) -> Tensor:
+    """softmax(q kᵀ · scale + bias) v with the attention rules on every op.
+
+    `bias` is a constant added to the logits (Swin's relative position bias, its shifted
+    window mask): it gets no gradient, so in the gradient×input convention it takes its
+    share of the logits' relevance, (bias ⊙ g), and passes none on, like the bias of a
+    linear layer. This is lxt's treatment of a constant addend (its rules wrap only ops
+    whose operands both carry relevance); AttnLRP's softmax rule R = x ⊙ (R_out − s ΣR_out)
+    then runs on the biased logits x. Masked logits (−100) have s ≈ 0: no relevance.
+    With the uniform rule at eps 0 and softmax "attnlrp" / "cp", the fused kernel with the
+    bias as its additive mask gives exactly the same relevance (`fused_attention`).
+    """
+    if eps == 0.0 and rule in ("attnlrp", "cp") and fused:
+        return fused_attention(q, k, v, scale, rule, record, attn_mask=bias)
+    if rule == "cp":
+        with torch.no_grad():
+            logits = (q * scale) @ k.transpose(-2, -1)
+            a = torch.softmax(logits if bias is None else logits + bias, dim=-1)
+        return uniform_matmul(a, v, eps=eps, share_a=0.0, share_b=1.0, record=record)
+    logits = uniform_matmul(q * scale, k.transpose(-2, -1), eps=eps)
+    if bias is not None:
+        logits = logits + bias.detach()
+    return uniform_matmul(softmax(logits, rule), v, eps=eps, record=record)

@@ -17,7 +17,9 @@ a ResNet stage, ...), Torch-Pruning can only remove a channel from all of them a
 Attention heads are left masked (zeroed value rows), not removed: removing heads changes
 `num_heads` in ways Torch-Pruning's replayable history does not record (`Family.removable`
 says which layers Torch-Pruning may shrink; `Family.physical_options` what its dependency
-graph must be told).
+graph must be told). A family may remove such components itself
+(`Family.remove_components`, e.g. timm Swin heads): they are kept in the record as
+"heads_removed" and `load_pruned` replays them after the history.
 Where a layer would lose every channel, one (zeroed) channel is kept.
 """
 
@@ -61,6 +63,9 @@ class PhysicalResult:
     # medians "cpu_before_ms", "cpu_after_ms" (and "cuda_*" with a GPU), plus "cpu" /
     # "cuda": {"before": Latency.to_dict(), "after": ...} with the spread (pxopt.latency)
     latency: dict[str, Any] = field(default_factory=dict)
+    # components removed by the family itself, not Torch-Pruning (timm Swin heads), original
+    # indices per layer; `load_pruned` replays them after the history
+    heads_removed: dict[str, list[int]] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         return dict(
@@ -73,7 +78,8 @@ class PhysicalResult:
 
     def pruning_record(self) -> dict[str, Any]:
         """What `load_pruned` needs besides the weights: the Torch-Pruning history."""
-        return {"format": FORMAT, "history": self.history, "removed": self.removed, "masked": self.masked}
+        return {"format": FORMAT, "history": self.history, "removed": self.removed, "masked": self.masked,
+                "heads_removed": self.heads_removed}
 
     def save(self, path: str | Path) -> Path:
         """Write `<path>/model.pt` (state dict) and `<path>/pruning.json` (history + summary)."""
@@ -259,10 +265,14 @@ def physical_prune(
             removed[n] = idx
             left = masks[n] & ~remove
             masked[n] = left.nonzero().flatten().tolist()
+    heads_removed: dict[str, list[int]] = {}
     for la in layers:
         if la.name in kept_masked:
-            removed[la.name] = []
-            masked[la.name] = masks[la.name].nonzero().flatten().tolist()
+            gone = family.remove_components(la.module, la.name, masks[la.name])
+            if gone:
+                heads_removed[la.name] = gone
+            removed[la.name] = gone
+            masked[la.name] = [i for i in masks[la.name].nonzero().flatten().tolist() if i not in gone]
     # Zero what stays masked, at its index in the slimmer layer.
     with torch.no_grad():
         for la in layers:
@@ -286,7 +296,7 @@ def physical_prune(
     res = PhysicalResult(
         model=work, history=dg.pruning_history(), removed=removed, masked=masked, coupled=coupled,
         groups=[c for c in clusters if len(c) > 1], params_before=params0, params_after=params1,
-        macs_before=macs0, macs_after=macs1,
+        macs_before=macs0, macs_after=macs1, heads_removed=heads_removed,
     )
     if measure_latency:
         res.latency = compare_models(model, work, example_inputs, threads=threads, repeats=repeats)
@@ -385,6 +395,11 @@ def load_pruned(model: nn.Module, path: str | Path, example_inputs: torch.Tensor
     trainable = any(p.requires_grad for p in model.parameters())
     dg = _build_graph(model, example_inputs)
     dg.load_pruning_history(meta["history"])
+    family = family_of(model)
+    for name, gone in meta.get("heads_removed", {}).items():
+        module = model.get_submodule(name)
+        n = int(getattr(module, "num_heads", 0))
+        family.remove_components(module, name, torch.isin(torch.arange(n), torch.tensor(gone)))
     for p in model.parameters():
         p.requires_grad_(trainable)
     try:
