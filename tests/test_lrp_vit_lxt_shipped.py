@@ -41,7 +41,6 @@ import torch
 import torchvision
 from torch import nn
 
-import pxopt.lrp.vit as vit
 from pxopt.lrp.vit import explain_vit
 
 SIDE = Path(__file__).with_name("lrp_vit_lxt_shipped_side.py")
@@ -96,7 +95,9 @@ def run_pxopt(model: nn.Module, x: torch.Tensor, t: torch.Tensor, cfg: dict,
     """pxopt's explanation with the per-token tensors its head and neuron scores come from."""
     heads: list[torch.Tensor] = []
     gelu: list[torch.Tensor] = []
-    core = vit._attention_core
+    import pxopt.families.torchvision_vit as tv_family
+
+    core = tv_family.attention_core
 
     def keep_core(*args, **kwargs):  # (batch, heads, tokens, head_dim): before the head concat
         out = core(*args, **kwargs)
@@ -108,7 +109,7 @@ def run_pxopt(model: nn.Module, x: torch.Tensor, t: torch.Tensor, cfg: dict,
         out.retain_grad()
         gelu.append(out)
 
-    monkeypatch.setattr(vit, "_attention_core", keep_core)
+    monkeypatch.setattr(tv_family, "attention_core", keep_core)
     handles = [blk.mlp[1].register_forward_hook(keep_gelu) for blk in model.encoder.layers]
     try:
         expl = explain_vit(model, x, t, cfg, start="logit")
