@@ -10,11 +10,18 @@ afterwards):
   and the BatchNorm itself becomes the identity for that time.
 - element-wise activations: Pass; average pools: Norm; max pools, Flatten, Dropout (eval),
   Identity: the plain gradient (winner takes all for max pools).
-- residual blocks (torchvision BasicBlock/Bottleneck, timm BasicBlock/Bottleneck): their
-  forward is replaced by an equivalent one whose addition is an explicit sum with the
-  Norm rule.
+- residual blocks (torchvision BasicBlock/Bottleneck, timm BasicBlock/Bottleneck, timm
+  DepthwiseSeparableConv/InvertedResidual): their forward is replaced by an equivalent one
+  whose addition is an explicit sum with the Norm rule.
+- padded convs (timm's Conv2dSame: TensorFlow "SAME" padding, asymmetric for stride 2):
+  the padding is applied first (its backward crops, as a zero-padded conv's transpose
+  does), then the plain conv rule; the padded zeros carry no relevance either way.
+- BatchNorm with a fused tail (timm's BatchNormAct2d = BatchNorm, then its `drop` and
+  `act` children): merged like a BatchNorm; the tail runs after it with its own leaves'
+  treatments (ReLU6 etc.: Pass), as zennit would treat an unfused BatchNorm + activation.
 
-Other engines extend the tables with `register_treatment` / `register_residual`.
+Other engines extend the tables with `register_treatment` / `register_residual` /
+`register_padded_conv` / `register_bn_tail`.
 `check_bn_pair` decides whether a BatchNorm may be merged into the layer registered
 right before it.
 """
@@ -69,12 +76,54 @@ def register_treatment(types: tuple[type, ...], treatment: str) -> None:
     _TREATMENTS.insert(0, (types, treatment))
 
 
+#: Conv2d subclasses whose forward is "pad the input, then the base Conv2d with padding 0":
+#: type -> function(module, x) returning the padded input.
+_PADDED_CONVS: dict[type, Callable[[nn.Module, Tensor], Tensor]] = {}
+#: BatchNorm subclasses whose forward is "the base BatchNorm, then a tail": type ->
+#: (base BatchNorm forward, tail(module, x)).
+_BN_TAILS: dict[type, tuple[Callable[[nn.Module, Tensor], Tensor], Callable[[nn.Module, Tensor], Tensor]]] = {}
+
+
+def register_padded_conv(cls: type, pad: Callable[[nn.Module, Tensor], Tensor]) -> None:
+    """Conv2d subclass `cls` = `pad(module, x)` then nn.Conv2d's forward (its own padding)."""
+    _PADDED_CONVS[cls] = pad
+
+
+def register_bn_tail(cls: type, base_forward: Callable[[nn.Module, Tensor], Tensor],
+                     tail: Callable[[nn.Module, Tensor], Tensor]) -> None:
+    """BatchNorm subclass `cls` = `base_forward` (a plain BatchNorm) then `tail(module, x)`."""
+    _BN_TAILS[cls] = (base_forward, tail)
+
+
+def padding_of(module: nn.Module) -> Callable[[nn.Module, Tensor], Tensor] | None:
+    """The input padding of a registered padded conv (exact type), else None."""
+    return _PADDED_CONVS.get(type(module))
+
+
+def bn_parts(module: nn.Module) -> tuple[Callable[[nn.Module, Tensor], Tensor],
+                                         Callable[[nn.Module, Tensor], Tensor] | None]:
+    """(plain BatchNorm forward, tail or None) of a BatchNorm-treated module."""
+    if type(module) in _BN_TAILS:
+        return _BN_TAILS[type(module)]
+    return type(module).forward, None
+
+
+def is_fused_leaf(module: nn.Module) -> bool:
+    """A module with children that the engine treats as one leaf (a BatchNorm with a tail)."""
+    return type(module) in _BN_TAILS
+
+
 def treatment_of(module: nn.Module) -> str | None:
     """The treatment of a leaf module, or None when it has none.
 
     A subclass counts only when it keeps its base's forward: timm's StdConv2d is a Conv2d
     whose forward standardises the weight, so the Conv2d rule (raw weight) would be wrong.
+    Registered padded convs and BatchNorms with a tail (exact types) are the exceptions.
     """
+    if type(module) in _PADDED_CONVS:
+        return LINEAR
+    if type(module) in _BN_TAILS:
+        return BATCHNORM
     forward = type(module).forward
     for types, treatment in _TREATMENTS:
         if any(isinstance(module, t) and forward is t.forward for t in types):
@@ -159,6 +208,44 @@ try:
 
     register_residual(_TimmBasic, _timm_basic_block)
     register_residual(_TimmBottleneck, _timm_bottleneck)
+except ImportError:  # pragma: no cover
+    pass
+
+
+def _timm_dw_separable(self: nn.Module, x: Tensor) -> Tensor:
+    if self.conv_s2d is not None:
+        raise UnsupportedLayerError("timm DepthwiseSeparableConv with space-to-depth (conv_s2d) has no LRP rule")
+    shortcut = x
+    x = self.se(self.aa(self.bn1(self.conv_dw(x))))
+    x = self.bn2(self.conv_pw(x))
+    return lrp_sum(self.drop_path(x), shortcut) if self.has_skip else x
+
+
+def _timm_inverted_residual(self: nn.Module, x: Tensor) -> Tensor:
+    if self.conv_s2d is not None:
+        raise UnsupportedLayerError("timm InvertedResidual with space-to-depth (conv_s2d) has no LRP rule")
+    shortcut = x
+    x = self.bn2(self.conv_dw(self.bn1(self.conv_pw(x))))
+    x = self.bn3(self.conv_pwl(self.se(self.aa(x))))
+    return lrp_sum(self.drop_path(x), shortcut) if self.has_skip else x
+
+
+def _timm_bn_act_tail(self: nn.Module, x: Tensor) -> Tensor:
+    return self.act(self.drop(x))
+
+
+try:  # timm's MobileNet / EfficientNet pieces (EfficientNet-Lite: no squeeze-excitation)
+    from timm.layers import BatchNormAct2d as _TimmBnAct
+    from timm.layers import Conv2dSame as _TimmConv2dSame
+    from timm.layers.padding import pad_same as _pad_same
+    from timm.models._efficientnet_blocks import DepthwiseSeparableConv as _TimmDs
+    from timm.models._efficientnet_blocks import InvertedResidual as _TimmIr
+
+    register_residual(_TimmDs, _timm_dw_separable)
+    register_residual(_TimmIr, _timm_inverted_residual)
+    register_padded_conv(_TimmConv2dSame, lambda m, x: _pad_same(
+        x, m.weight.shape[-2:], m.stride, m.dilation))
+    register_bn_tail(_TimmBnAct, nn.BatchNorm2d.forward, _timm_bn_act_tail)
 except ImportError:  # pragma: no cover
     pass
 

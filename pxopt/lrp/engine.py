@@ -50,7 +50,28 @@ GRADIENT_NODES: set[str] = {
     "UnsqueezeBackward0",
     "ExpandBackward0",  # only as the producer of a view; sums of it are covered elsewhere
     "AliasBackward0",
+    "PadFnBackward",  # the engine's own input padding of padded convs (`PadFn`)
 }
+
+
+class PadFn(torch.autograd.Function):
+    """`pad(x)` (a padded conv's input padding) whose backward is the plain gradient: it
+    crops, so relevance stays on the real inputs, as for a conv's built-in zero padding.
+    Its own node name keeps `check_graph` refusing any other padding in a forward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, pad: Any) -> Tensor:  # type: ignore[override]
+        ctx.pad = pad
+        ctx.save_for_backward(x)
+        return pad(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        with torch.enable_grad():
+            xx = x.detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(ctx.pad(xx), xx, grad)
+        return g, None
 
 
 def check_graph(output: Tensor, extra_allowed: set[str] | frozenset[str] = frozenset()) -> None:
@@ -92,7 +113,7 @@ def _layer_below(node: Any, limit: int = 200) -> str | None:
 
 def _leaves(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
     """Leaf modules depth-first in registration order (zennit's `collect_leaves`)."""
-    children = list(module.named_children())
+    children = [] if cz.is_fused_leaf(module) else list(module.named_children())
     if not children:
         yield prefix, module
     for name, child in children:
@@ -243,7 +264,7 @@ class LRPEngine:
             if residual is not None:
                 self._patch(module, residual, bind=True)
                 continue
-            if next(module.children(), None) is not None:
+            if next(module.children(), None) is not None and not cz.is_fused_leaf(module):
                 continue  # containers: their leaves carry the rules; check_graph guards the rest
             treatment = cz.treatment_of(module)
             if treatment is None:
@@ -260,7 +281,7 @@ class LRPEngine:
                 if id(module) in paired_bn:
                     self._patch(module, _merged_bn_forward(name, paired_bn[id(module)]), bind=True)
                 else:  # a BatchNorm not after a linear layer: Pass, as in zennit
-                    self._patch(module, _pass_forward(module))
+                    self._patch(module, _unpaired_bn_forward(module))
             elif treatment == cz.PASS:
                 self._patch(module, _pass_forward(module))
             elif treatment == cz.NORM:
@@ -271,12 +292,14 @@ class LRPEngine:
                         group: str) -> None:
         op = _op_of(module)
         scale, bias = _merged(module, bn)
-        cls_forward = type(module).forward
+        pad = cz.padding_of(module)
+        # a padded conv's rule sees the padded input; its own forward = pad + nn.Conv2d's
+        cls_forward = nn.Conv2d.forward if pad is not None else type(module).forward
         if bn is None:
             def true_forward(x: Tensor) -> Tensor:
                 return cls_forward(module, x)
         else:
-            bn_forward = type(bn).forward
+            bn_forward = cz.bn_parts(bn)[0]
 
             def true_forward(x: Tensor) -> Tensor:
                 return bn_forward(bn, cls_forward(module, x))
@@ -288,6 +311,8 @@ class LRPEngine:
             name=name,
         )
         def forward(x: Tensor) -> Tensor:
+            if pad is not None:
+                x = PadFn.apply(x, lambda t: pad(module, t))
             out = lrp_layer(x, rule)
             if bn is not None:
                 bn.__dict__["_pxopt_expected"] = out  # checked (and dropped) by the BatchNorm
@@ -303,7 +328,20 @@ def _merged_bn_forward(bn_name: str, layer_name: str) -> Any:
             raise UnsupportedLayerError(
                 f"layer {bn_name!r} (BatchNorm) does not directly follow {layer_name!r} in the "
                 "forward, so it cannot be merged for LRP")
-        return x  # already applied inside the merged conv/linear
+        tail = cz.bn_parts(self)[1]  # already applied inside the merged conv/linear
+        return x if tail is None else tail(self, x)
+
+    return forward
+
+
+def _unpaired_bn_forward(module: nn.Module) -> Any:
+    """A BatchNorm after no linear layer: Pass (zennit), then its tail if it has one."""
+    base, tail = cz.bn_parts(module)
+    if tail is None:
+        return _pass_forward(module)
+
+    def forward(x: Tensor) -> Tensor:
+        return tail(module, lrp_pass(x, lambda t: base(module, t)))
 
     return forward
 
