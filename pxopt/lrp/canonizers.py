@@ -13,15 +13,15 @@ afterwards):
 - residual blocks (torchvision BasicBlock/Bottleneck, timm BasicBlock/Bottleneck, timm
   DepthwiseSeparableConv/InvertedResidual): their forward is replaced by an equivalent one
   whose addition is an explicit sum with the Norm rule.
-- padded convs (timm's Conv2dSame: TensorFlow "SAME" padding, asymmetric for stride 2):
-  the padding is applied first (its backward crops, as a zero-padded conv's transpose
-  does), then the plain conv rule; the padded zeros carry no relevance either way.
+- TensorFlow "SAME" convs (timm's Conv2dSame, asymmetric padding for stride 2): the
+  Conv2d rule with the padding inside the linear map (`LinearOp.same`), as zennit sees
+  the module's own forward; the padded zeros get no relevance, as with built-in padding.
 - BatchNorm with a fused tail (timm's BatchNormAct2d = BatchNorm, then its `drop` and
   `act` children): merged like a BatchNorm; the tail runs after it with its own leaves'
   treatments (ReLU6 etc.: Pass), as zennit would treat an unfused BatchNorm + activation.
 
 Other engines extend the tables with `register_treatment` / `register_residual` /
-`register_padded_conv` / `register_bn_tail`.
+`register_same_conv` / `register_bn_tail`.
 `check_bn_pair` decides whether a BatchNorm may be merged into the layer registered
 right before it.
 """
@@ -76,17 +76,16 @@ def register_treatment(types: tuple[type, ...], treatment: str) -> None:
     _TREATMENTS.insert(0, (types, treatment))
 
 
-#: Conv2d subclasses whose forward is "pad the input, then the base Conv2d with padding 0":
-#: type -> function(module, x) returning the padded input.
-_PADDED_CONVS: dict[type, Callable[[nn.Module, Tensor], Tensor]] = {}
+#: Conv2d subclasses whose forward is TensorFlow "SAME" padding, then nn.Conv2d's.
+_SAME_CONVS: set[type] = set()
 #: BatchNorm subclasses whose forward is "the base BatchNorm, then a tail": type ->
 #: (base BatchNorm forward, tail(module, x)).
 _BN_TAILS: dict[type, tuple[Callable[[nn.Module, Tensor], Tensor], Callable[[nn.Module, Tensor], Tensor]]] = {}
 
 
-def register_padded_conv(cls: type, pad: Callable[[nn.Module, Tensor], Tensor]) -> None:
-    """Conv2d subclass `cls` = `pad(module, x)` then nn.Conv2d's forward (its own padding)."""
-    _PADDED_CONVS[cls] = pad
+def register_same_conv(cls: type) -> None:
+    """Conv2d subclass `cls` = TensorFlow "SAME" padding, then nn.Conv2d's forward."""
+    _SAME_CONVS.add(cls)
 
 
 def register_bn_tail(cls: type, base_forward: Callable[[nn.Module, Tensor], Tensor],
@@ -95,9 +94,9 @@ def register_bn_tail(cls: type, base_forward: Callable[[nn.Module, Tensor], Tens
     _BN_TAILS[cls] = (base_forward, tail)
 
 
-def padding_of(module: nn.Module) -> Callable[[nn.Module, Tensor], Tensor] | None:
-    """The input padding of a registered padded conv (exact type), else None."""
-    return _PADDED_CONVS.get(type(module))
+def is_same_padded(module: nn.Module) -> bool:
+    """A registered TensorFlow-"SAME" conv (exact type)."""
+    return type(module) in _SAME_CONVS
 
 
 def bn_parts(module: nn.Module) -> tuple[Callable[[nn.Module, Tensor], Tensor],
@@ -118,9 +117,9 @@ def treatment_of(module: nn.Module) -> str | None:
 
     A subclass counts only when it keeps its base's forward: timm's StdConv2d is a Conv2d
     whose forward standardises the weight, so the Conv2d rule (raw weight) would be wrong.
-    Registered padded convs and BatchNorms with a tail (exact types) are the exceptions.
+    Registered "SAME" convs and BatchNorms with a tail (exact types) are the exceptions.
     """
-    if type(module) in _PADDED_CONVS:
+    if type(module) in _SAME_CONVS:
         return LINEAR
     if type(module) in _BN_TAILS:
         return BATCHNORM
@@ -237,14 +236,12 @@ def _timm_bn_act_tail(self: nn.Module, x: Tensor) -> Tensor:
 try:  # timm's MobileNet / EfficientNet pieces (EfficientNet-Lite: no squeeze-excitation)
     from timm.layers import BatchNormAct2d as _TimmBnAct
     from timm.layers import Conv2dSame as _TimmConv2dSame
-    from timm.layers.padding import pad_same as _pad_same
     from timm.models._efficientnet_blocks import DepthwiseSeparableConv as _TimmDs
     from timm.models._efficientnet_blocks import InvertedResidual as _TimmIr
 
     register_residual(_TimmDs, _timm_dw_separable)
     register_residual(_TimmIr, _timm_inverted_residual)
-    register_padded_conv(_TimmConv2dSame, lambda m, x: _pad_same(
-        x, m.weight.shape[-2:], m.stride, m.dilation))
+    register_same_conv(_TimmConv2dSame)
     register_bn_tail(_TimmBnAct, nn.BatchNorm2d.forward, _timm_bn_act_tail)
 except ImportError:  # pragma: no cover
     pass

@@ -50,28 +50,7 @@ GRADIENT_NODES: set[str] = {
     "UnsqueezeBackward0",
     "ExpandBackward0",  # only as the producer of a view; sums of it are covered elsewhere
     "AliasBackward0",
-    "PadFnBackward",  # the engine's own input padding of padded convs (`PadFn`)
 }
-
-
-class PadFn(torch.autograd.Function):
-    """`pad(x)` (a padded conv's input padding) whose backward is the plain gradient: it
-    crops, so relevance stays on the real inputs, as for a conv's built-in zero padding.
-    Its own node name keeps `check_graph` refusing any other padding in a forward."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, pad: Any) -> Tensor:  # type: ignore[override]
-        ctx.pad = pad
-        ctx.save_for_backward(x)
-        return pad(x)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        (x,) = ctx.saved_tensors
-        with torch.enable_grad():
-            xx = x.detach().requires_grad_(True)
-            (g,) = torch.autograd.grad(ctx.pad(xx), xx, grad)
-        return g, None
 
 
 def check_graph(output: Tensor, extra_allowed: set[str] | frozenset[str] = frozenset()) -> None:
@@ -126,7 +105,7 @@ def _op_of(module: nn.Module) -> LinearOp:
             raise UnsupportedLayerError(
                 f"Conv2d with padding_mode={module.padding_mode!r} has no LRP rule")
         return conv2d_op(module.stride, module.padding, module.dilation, module.groups,
-                         module.weight.shape)
+                         module.weight.shape, same=cz.is_same_padded(module))
     return LinearOp("linear")
 
 
@@ -292,14 +271,12 @@ class LRPEngine:
                         group: str) -> None:
         op = _op_of(module)
         scale, bias = _merged(module, bn)
-        pad = cz.padding_of(module)
-        # a padded conv's rule sees the padded input; its own forward = pad + nn.Conv2d's
-        cls_forward = nn.Conv2d.forward if pad is not None else type(module).forward
+        cls_forward = type(module).forward
         if bn is None:
             def true_forward(x: Tensor) -> Tensor:
                 return cls_forward(module, x)
         else:
-            bn_forward = cz.bn_parts(bn)[0]
+            bn_forward = cz.bn_parts(bn)[0]  # a fused tail runs in the BatchNorm's own forward
 
             def true_forward(x: Tensor) -> Tensor:
                 return bn_forward(bn, cls_forward(module, x))
@@ -311,8 +288,6 @@ class LRPEngine:
             name=name,
         )
         def forward(x: Tensor) -> Tensor:
-            if pad is not None:
-                x = PadFn.apply(x, lambda t: pad(module, t))
             out = lrp_layer(x, rule)
             if bn is not None:
                 bn.__dict__["_pxopt_expected"] = out  # checked (and dropped) by the BatchNorm
