@@ -127,10 +127,10 @@ def fit(entry: Packaged, model: nn.Module, state: dict[str, torch.Tensor], sourc
 
 
 def build(name: str, *, pretrained: bool, num_classes: int | None = None) -> Built:
+    entry = get_packaged(name)  # an unknown name fails before timm is imported
     from pxopt.models.checkpoint import read_state_dict
     from pxopt.models.timm_backend import _transform
 
-    entry = get_packaged(name)
     meta: dict = {"library": "timm", "architecture": entry.arch, "package": entry.pip_name}
     model = build_arch(entry, num_classes)
     if pretrained:
