@@ -40,14 +40,17 @@ PHOTOS: dict[str, str | None] = {
     "astronaut": None,  # no astronaut / space-suit class: explained, not in the folder
 }
 
-#: a composite in pxopt.rules/1 (pixel bounds of mean = std = 0.5 preprocessing: [-1, 1])
+#: zennit's EpsilonGammaBox composite in pxopt.rules/1: ZBox on the pixels (bounds of the
+#: mean = std = 0.5 preprocessing: [-1, 1]), gamma 0.25 on every conv, epsilon on the head.
+#: (With epsilon or a small gamma on the later convs the maps come out mostly negative:
+#: the merged BatchNorm biases of this network absorb most of the relevance.)
 COMPOSITE = {
     "format": "pxopt.rules/1",
     "groups": {
         "input": {"rule": "zbox", "low": -1.0, "high": 1.0},
         "low": {"rule": "gamma", "gamma": 0.25},
-        "mid": {"rule": "gamma", "gamma": 0.1},
-        "high": {"rule": "epsilon", "epsilon": 1e-6},
+        "mid": {"rule": "gamma", "gamma": 0.25},
+        "high": {"rule": "gamma", "gamma": 0.25},
         "fc": {"rule": "epsilon", "epsilon": 1e-6},
     },
 }
@@ -125,19 +128,20 @@ def pxopt(*args: str) -> str:
 
 def run_explain(out_dir: Path, work: Path) -> str:
     images = save_photos(work / "photos")
-    rules = work / "composite.rules.json"
+    rules = work / "epsilon_gamma_box.rules.json"
     rules.write_text(json.dumps(COMPOSITE, indent=1))
     out = pxopt("explain", "--config", str(rules), "--model", MODEL, "--images", str(images[0].parent),
                 "--out", str(out_dir / "efficientnet_lite0_heatmaps.png"), "--device", "cpu")
     return out
 
 
-def run_search(work: Path, *, trials: int, n_train: int, n_val: int, n_ref: int, seed: int) -> str:
+def run_search(work: Path, *, trials: int, n_train: int, n_val: int, n_ref: int, seed: int,
+               timeout: float) -> str:
     data = work / "imagenet_photos"
     build_imagenet_folder(data, n_train=n_train, n_val=n_val, seed=seed)
     return pxopt("search", "--model", MODEL, "--data", str(data), "--classes", str(len(
         [w for w in PHOTOS.values() if w])), "--n-ref", str(n_ref), "--n-val", str(n_val),
-        "--trials", str(trials), "--storage", str(work / "lite0.db"), "--study", "lite0-photos",
+        "--trials", str(trials), "--timeout", str(timeout), "--storage", str(work / "lite0.db"), "--study", "lite0-photos",
         "--out-dir", str(work / "studies"), "--device", "cpu", "--seed", str(seed))
 
 
@@ -151,13 +155,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-val", type=int, default=8)
     parser.add_argument("--n-ref", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timeout", type=float, default=3600.0,
+                        help="no trial starts after this many seconds (the default study's is 420)")
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     if args.step == "explain":
         print(run_explain(args.out_dir, args.work))
     else:
         print(run_search(args.work, trials=args.trials, n_train=args.n_train, n_val=args.n_val,
-                         n_ref=args.n_ref, seed=args.seed))
+                         n_ref=args.n_ref, seed=args.seed, timeout=args.timeout))
 
 
 if __name__ == "__main__":
