@@ -15,12 +15,7 @@ from functools import partial
 
 import pytest
 import torch
-from lrp_zennit_helpers import (
-    COMPOSITES,
-    ExactMergeBatchNorm,
-    randomise_bn,
-    zennit_relevance,
-)
+from lrp_zennit_helpers import COMPOSITES, ExactMergeBatchNorm, randomise_bn, zennit_relevance
 from torch import nn
 from zennit.canonizers import AttributeCanonizer
 from zennit.layer import Sum
@@ -139,19 +134,41 @@ def test_timm_lite_parity_with_zennit(size: int) -> None:
 
 
 def _zennit(twin, x, targets, rules, lm):
-    """zennit_relevance with this file's canonizers (the helper picks them by model type)."""
-    import lrp_zennit_helpers as h
+    """Input and per-layer relevance from zennit with this file's canonizers; layers that get
+    a rule without being components (a family's `LayerMap.rule_only`) get their rule too."""
+    from lrp_zennit_helpers import _zennit_rule
+    from zennit.composites import (
+        LayerMapComposite,
+        MixedComposite,
+        NameMapComposite,
+        layer_map_base,
+    )
 
-    original = h.MixedComposite
+    from pxopt.lrp.config import RuleConfig
 
-    def mixed(composites, canonizers):  # swap in the Lite canonizers
-        return original(composites, canonizers=[ExactMergeBatchNorm(), _LiteBlockCanonizer()])
-
-    h.MixedComposite = mixed
-    try:
-        return zennit_relevance(twin, x, targets, rules, lm)
-    finally:
-        h.MixedComposite = original
+    cfg = RuleConfig.coerce(rules)
+    entries = [(la.name, la.group) for la in lm] + list(getattr(lm, "rule_only", {}).items())
+    name_map = [((n,), _zennit_rule(cfg.rule_for(n, g))) for n, g in entries]
+    composite = MixedComposite([NameMapComposite(name_map), LayerMapComposite(layer_map_base())],
+                               canonizers=[ExactMergeBatchNorm(), _LiteBlockCanonizer()])
+    comps: dict[str, torch.Tensor] = {}
+    modules = dict(twin.named_modules())
+    handles = []
+    with composite.context(twin) as hooked:
+        for la in lm:
+            def hook(m, i, o, name=la.name):
+                o.register_hook(lambda g: comps.__setitem__(name, g.sum((2, 3)) if g.ndim > 2 else g))
+            handles.append(modules[la.name].register_forward_hook(hook))
+        try:
+            xx = x.clone().requires_grad_(True)
+            out = hooked(xx)
+            seed = torch.zeros_like(out)
+            seed[torch.arange(len(targets)), torch.tensor(targets)] = 1.0
+            (rel,) = torch.autograd.grad(out, xx, seed)
+        finally:
+            for h in handles:
+                h.remove()
+    return rel, comps
 
 
 def test_lite_conservation_bias_free() -> None:
