@@ -8,10 +8,13 @@ collection, which favours zennit). Peak memory: `torch.cuda.max_memory_allocated
 CUDA; on CPU the peak increase of the process RSS during the call, sampled every 2 ms
 from /proc/self/statm (an approximation: the allocator may reuse freed memory).
 
-    python benchmarks/lrp_cnn.py                 # full: resnet50, vgg16; batch 8, 32; 224x224
+    python benchmarks/lrp_cnn.py                 # full: resnet50, vgg16, mobilenet_v3_large,
+                                                 # efficientnet_b0; batch 8, 32; 224x224
     python benchmarks/lrp_cnn.py --quick         # 1 repeat, batch 8 only
     python benchmarks/lrp_cnn.py --models resnet50 --batches 8 --repeats 3
     python benchmarks/lrp_cnn.py --device cuda --warmup 2 --repeats 5 --out /tmp/lrp_cnn_gpu.md
+    python benchmarks/lrp_cnn.py --models convnext_tiny --batches 8 --composites epsilon \
+        --out benchmarks/results/lrp_cnn_convnext.md   # no zennit row: zennit has no LayerNorm rule
 
 On CUDA every method runs under the same cuDNN settings (`--cudnn-benchmark` sets
 `torch.backends.cudnn.benchmark` once, before any model runs), and the results file
@@ -162,6 +165,12 @@ def make_model(name: str, device: torch.device) -> nn.Module:
     return model.eval().to(device)
 
 
+def zennit_covers(model: nn.Module) -> bool:
+    """zennit has canonisers for ResNet and VGG only (none for ConvNeXt's LayerNorm, no rule for
+    squeeze-excitation gates)."""
+    return isinstance(model, torchvision.models.ResNet | torchvision.models.VGG)
+
+
 def zennit_attributor(model: nn.Module, rules: dict, layer_map):  # noqa: ANN201
     import zennit.rules as zr
     from zennit.composites import (
@@ -236,7 +245,7 @@ def run(args: argparse.Namespace,
                 px = measure(pxopt_lrp, device, args.repeats, args.warmup, fwd_bwd)
                 row = {**base, "method": f"pxopt {comp}", **px}
                 msg = f"  {comp}: pxopt {px['time']:.3f}s ({px['vs_fb']:.2f}x fwd+bwd)"
-                if not args.no_zennit:
+                if not args.no_zennit and zennit_covers(model):
                     composite = zennit_attributor(model, rules, lm)
 
                     def zennit_lrp(composite: object = composite, model: nn.Module = model,
@@ -300,7 +309,8 @@ def write(rows: list[dict], args: argparse.Namespace, threads: int | None, path:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--models", nargs="+", default=["resnet50", "vgg16"])
+    p.add_argument("--models", nargs="+",
+                   default=["resnet50", "vgg16", "mobilenet_v3_large", "efficientnet_b0"])
     p.add_argument("--batches", nargs="+", type=int, default=[8, 32])
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--composites", nargs="+", default=list(COMPOSITES), choices=list(COMPOSITES))

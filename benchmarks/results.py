@@ -48,6 +48,7 @@ import typer
 from pxopt.criteria import CRITERIA as LIBRARY_CRITERIA
 from pxopt.criteria import LAYER_MEAN_NORMALISED
 from pxopt.data import TensorSet, make_task
+from pxopt.data.heldout import split_per_class as split_per_class
 from pxopt.device import configure_threads, resolve_device
 from pxopt.errors import ConfigError
 from pxopt.evaluate import curve_area
@@ -138,19 +139,8 @@ class Settings:
 
 
 # -- data: one test-set draw split into a search part and a held-out part ----------------------
-def split_per_class(validation: TensorSet, n_first: int) -> tuple[TensorSet, TensorSet]:
-    """First `n_first` images of every class vs the rest: two disjoint validation sets."""
-    first: list[torch.Tensor] = []
-    rest: list[torch.Tensor] = []
-    for c in torch.unique(validation.labels).tolist():
-        idx = torch.nonzero(validation.labels == c).flatten()
-        if len(idx) <= n_first:
-            raise ConfigError(f"class {c} has {len(idx)} validation images; {n_first} + at least 1 needed")
-        first.append(idx[:n_first])
-        rest.append(idx[n_first:])
-    a, b = torch.cat(first), torch.cat(rest)
-    return (TensorSet(validation.images[a], validation.labels[a]),
-            TensorSet(validation.images[b], validation.labels[b]))
+# (the split is the library's, `make_task(n_heldout=...)`, the same one `pxopt search` keeps;
+# `split_per_class` is re-exported for the other benchmarks)
 
 
 @dataclass
@@ -172,17 +162,18 @@ class Setting:
 
 
 def build_setting(model_key: str, kind: str, n_classes: int, loaded: Any, s: Settings) -> Setting:
-    """Draw the task once (seed 0) and split its validation images into search / held-out."""
+    """Draw the task once (seed 0) with its held-out split (`make_task(n_heldout=...)`)."""
     from pxopt.layers import discover_layers
 
     n_search, n_eval = per_class(s.val_search, n_classes), per_class(s.val_eval, n_classes)
-    first = make_task(DATASET, classes=n_classes, n_ref=s.n_ref, n_val=n_search + n_eval,
+    first = make_task(DATASET, classes=n_classes, n_ref=s.n_ref, n_val=n_search, n_heldout=n_eval * n_classes,
                       seed=0, transform=loaded.transform, num_model_classes=loaded.num_classes)
-    search_val, held_out = split_per_class(first.validation, n_search)
+    if first.heldout is None or first.info["heldout_per_class"] < n_eval:
+        raise ConfigError(f"{DATASET} has fewer than {n_search} + {n_eval} validation images per class")
     info = dict(first.info, validation_split=f"search: first {n_search}/class of the seed-0 draw")
-    search_task = dataclasses.replace(first, validation=search_val, n_val=n_search, info=info)
+    search_task = dataclasses.replace(first, info=info, heldout=None)
     return Setting(model_key, kind, n_classes, loaded, discover_layers(loaded.model), list(first.classes),
-                   search_task, held_out)
+                   search_task, first.heldout)
 
 
 def eval_task(setting: Setting, seed: int, s: Settings) -> Any:

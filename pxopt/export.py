@@ -3,7 +3,9 @@
 Format `pxopt.export/1`: everything needed to re-apply the configuration to the same
 model and task (`pxopt prune --config`) and to check the result against the stored curve,
 including the grouping that turned layers into rule groups (`grouping`, and the groups it
-made, `layer_groups`, when the study recorded them).
+made, `layer_groups`, when the study recorded them), and `heldout`: the trial's and the
+all-epsilon baseline's curves on the study's held-out images beside their search-split
+areas (`pxopt.search.heldout.heldout_summary`), or `{"note": why there are none}`.
 Imports are validated field by field before use; nothing is ever unpickled.
 
 `area` is `pxopt.evaluate.AREA_DEFINITION`, named in `area_definition`. Files of older
@@ -67,9 +69,18 @@ def pick_trial(study: optuna.Study, number: int | None = None) -> optuna.trial.F
     raise ConfigError(f"study {study.study_name!r} has no trial {number} (it has {len(study.trials)})")
 
 
-def export_trial(study: optuna.Study, number: int | None = None) -> dict[str, Any]:
-    """Trial -> `pxopt.export/1` dict (validated)."""
+def export_trial(study: optuna.Study, number: int | None = None,
+                 heldout: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Trial -> `pxopt.export/1` dict (validated).
+
+    `heldout`: the trial's held-out summary; None: the one stored in the study, if any
+    (nothing is loaded here: `pxopt export` evaluates what is missing).
+    """
+    from pxopt.search.heldout import heldout_summary
+
     trial = pick_trial(study, number)
+    if heldout is None:
+        heldout = heldout_summary(study, trial)
     spec = study.user_attrs.get("pxopt.spec", {})
     attrs = trial.user_attrs
     curve = attrs["curve"]
@@ -100,6 +111,7 @@ def export_trial(study: optuna.Study, number: int | None = None) -> dict[str, An
         "area_definition": AREA_DEFINITION,
         "top_pr": float(curve["top_pr"]),
         "seeds": attrs.get("seeds", {}),
+        "heldout": heldout,
         "versions": attrs.get("versions") or library_versions(),
         "exported": datetime.now(UTC).isoformat(timespec="seconds"),
     }
@@ -150,7 +162,27 @@ def validate_export(data: Any) -> dict[str, Any]:
     elif abs(float(data["area"]) - area) > 1e-6:
         raise ConfigError(f"area: {data['area']} is not the mean accuracy of the curve ({area:.6f})")
     _validate_rules(data["rules"])
+    if data.get("heldout") is not None:
+        _validate_heldout(data["heldout"])
     return data
+
+
+def _validate_heldout(held: Any) -> None:
+    """`heldout`: a note, or rows whose curves and areas agree (files before it: absent)."""
+    if not isinstance(held, dict):
+        raise ConfigError("heldout: expected an object")
+    for name, row in (held.get("rows") or {}).items():
+        try:
+            for kind in ("search", "heldout"):
+                curve = row[f"{kind}_curve"]
+                rates = check_rates(curve["rates"])
+                accuracies = [float(a) for a in curve["accuracies"]]
+                if len(rates) != len(accuracies) or not all(0.0 <= a <= 1.0 for a in accuracies):
+                    raise ValueError("accuracies must match the rates and lie in [0, 1]")
+                if abs(float(row[f"{kind}_area"]) - curve_area(rates, accuracies)) > 1e-6:
+                    raise ValueError(f"{kind}_area is not the mean accuracy of {kind}_curve")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"heldout.rows.{name}: {exc}") from exc
 
 
 def _validate_rules(rules: dict[str, Any]) -> None:

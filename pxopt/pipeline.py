@@ -50,6 +50,7 @@ class Pipeline:
     _cache: OrderedDict[str, ComponentScores] = field(default_factory=OrderedDict, repr=False)
     _val_batches: list | None = field(default=None, repr=False)
     _ref_batches: list | None = field(default=None, repr=False)
+    _heldout_batches: list | None = field(default=None, repr=False)
 
     def _cap(self) -> Any:
         from pxopt.prune import Cap
@@ -67,6 +68,12 @@ class Pipeline:
         if self._val_batches is None:
             self._val_batches = list(self.task.validation_batches(self.batch_size, self.device))
         return self._val_batches
+
+    def heldout_batches(self) -> list:
+        """The task's held-out batches (`Task.heldout`), on the device, loaded on first use."""
+        if self._heldout_batches is None:
+            self._heldout_batches = list(self.task.heldout_batches(self.batch_size, self.device))
+        return self._heldout_batches
 
     # -- construction -------------------------------------------------------------------
     @classmethod
@@ -98,6 +105,7 @@ class Pipeline:
             transform=loaded.transform,
             num_model_classes=loaded.num_classes,
             allow_download=allow_download,
+            n_heldout=spec.n_heldout,
         )
         return cls(
             model=loaded.model,
@@ -169,9 +177,11 @@ class Pipeline:
         on_rate: OnRate | None = None,
         *,
         rates: list[float] | None = None,
+        heldout: bool = False,
     ) -> Any:
         """Accuracy-vs-rate curve of the task when pruning by `scores` aggregated as `ranking`
-        (`pxopt.scores.RANKINGS`; None: the scores' default, the reference's aggregation)."""
+        (`pxopt.scores.RANKINGS`; None: the scores' default, the reference's aggregation),
+        on the validation set or, with `heldout`, on the held-out set no search sees."""
         from pxopt.evaluate import accuracy_curve
 
         start = time.perf_counter()
@@ -188,7 +198,7 @@ class Pipeline:
                 on_rate=on_rate,
                 cap=self._cap(),
                 batch_size=self.batch_size,
-                batches=self.validation_batches(),
+                batches=self.heldout_batches() if heldout else self.validation_batches(),
             )
         finally:
             self.last_timings["curve_s"] = time.perf_counter() - start
@@ -242,7 +252,7 @@ class Pipeline:
     # -- facts used by reports ----------------------------------------------------------
     def count_macs(self) -> tuple[float, dict[str, float]]:
         """MACs of one image's forward pass: total, and per component of each prunable layer."""
-        prunable = {layer.module: layer for layer in self.layer_map if layer.kind in self.kinds}
+        prunable = {layer.module: layer for layer in self.layer_map.prunable(self.kinds)}
         total = [0.0]
         per_component: dict[str, float] = {}
 
@@ -282,7 +292,7 @@ class Pipeline:
             "pxopt.total_macs": total,
             "pxopt.layer_macs": per_component,
             "pxopt.layer_sizes": {
-                layer.name: int(layer.n_components) for layer in self.layer_map if layer.kind in self.kinds
+                layer.name: int(layer.n_components) for layer in self.layer_map.prunable(self.kinds)
             },
             # which layers each rule group holds, and how they were grouped
             "pxopt.grouping": self.layer_map.describe_grouping(),

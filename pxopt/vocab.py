@@ -61,6 +61,11 @@ DEFAULT_RANKINGS: dict[str, tuple[str, ...]] = {"cnn": ("abs", "signed"), "vit":
 # ---- pruning rates ----------------------------------------------------------------------
 DEFAULT_RATES: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(20))
 
+# ---- held-out split ----------------------------------------------------------------------
+#: Held-out images per task when a study does not say (fewer where the dataset has fewer;
+#: 0: none): `pxopt.data.heldout`, evaluated by `pxopt.search.heldout`.
+DEFAULT_N_HELDOUT = 300
+
 # on_rate(index, rate, accuracy): called after each rate of a curve; may raise (e.g.
 # optuna.TrialPruned) to stop the curve.
 OnRate = Callable[[int, float, float], None]

@@ -59,21 +59,31 @@ class FakeEvaluator:
 
 
 class _FakeTask:
-    """Three classes, six 8x8 reference images (heatmaps of the report)."""
+    """Three classes, six 8x8 reference images (heatmaps of the report), and a held-out
+    split of `n_heldout` (per task, as `make_task` records it) when asked for one."""
 
     classes = [0, 1, 2]
     class_names = ["zero", "one", "two"]
+    dataset = "fake"
 
-    def __init__(self) -> None:
+    def __init__(self, n_heldout: int = 0, seed: int = 0, n_val: int | None = 4) -> None:
         import torch
 
         from pxopt.data.tensorset import TensorSet
 
         g = torch.Generator().manual_seed(0)
         self.reference = TensorSet(torch.rand(6, 1, 8, 8, generator=g), torch.tensor([0, 1, 2, 0, 1, 2]))
+        self.seed, self.n_val = seed, n_val
+        self.info: dict = {}
+        self.heldout = None
+        if n_heldout:
+            per = max(1, n_heldout // 3)
+            self.heldout = TensorSet(torch.zeros(3 * per, 1, 8, 8), torch.tensor([0, 1, 2] * per))
+            self.info = {"n_heldout": n_heldout, "heldout_per_class": per, "n_heldout_images": 3 * per,
+                         "heldout_hash": f"fake-{seed}-{per}"}
 
     def describe(self) -> dict:
-        return {"dataset": "fake", "classes": [0, 1, 2]}
+        return {"dataset": "fake", "classes": [0, 1, 2], **self.info}
 
 
 def tiny_linear_model():
@@ -98,12 +108,14 @@ class FakePipeline:
     """Stands in for `pxopt.pipeline.Pipeline` in CLI tests (no model, no data)."""
 
     family = "cnn"
+    heldout_calls_total = 0  # over all instances (the CLI loads its own)
 
     def __init__(self, spec) -> None:
         self.spec = spec
         self.rates = list(spec.rates)
         self.evaluator = FakeEvaluator(self.rates)
-        self.task = _FakeTask()
+        self.task = _FakeTask(getattr(spec, "n_heldout", 0), spec.task_seed, spec.n_val)
+        self.heldout_calls = 0  # held-out curves computed (the study stores them)
         self.model = tiny_linear_model()
         self.components = "conv" if spec.components == "auto" else spec.components  # a CNN
 
@@ -127,8 +139,16 @@ class FakePipeline:
     def scores(self, rules):
         return _Scores(rules)
 
-    def curve(self, scores, ranking=None, on_rate=None):
-        return self.evaluator(scores.rules, ranking, on_rate)
+    def curve(self, scores, ranking=None, on_rate=None, *, heldout: bool = False):
+        curve = self.evaluator(scores.rules, ranking, on_rate)
+        if not heldout:
+            return curve
+        self.heldout_calls += 1
+        FakePipeline.heldout_calls_total += 1
+        # other images: a little lower, and less so for all-epsilon (the rules "over-fit")
+        drop = 0.9 if any(g["rule"] != "epsilon" for g in scores.rules["groups"].values()) else 0.97
+        acc = [a * drop for a in curve.accuracies]
+        return FakeCurve(curve.rates, acc, curve.area * drop, curve.top_pr)
 
     def criterion_scores(self, name: str):
         quality = {"random": "alphabeta", "weight": "zplus"}.get(name, "epsilon")

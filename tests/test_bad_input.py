@@ -145,13 +145,12 @@ ROWS: list[Row] = [
                                         "--classes", "3", "--n-ref", "2", "--n-val", "4", "--trials", "6"],
         r"study 'good' was created for model 'builtin:tiny', not 'file:.*good\.pth@builtin:fmnist-resnet'",
         fake=False),
-    Row("model-densenet-unsupported", ["search", "--storage", "{db}", "--study", "dn",
-                                       "--model", "file:{dir}/densenet121.pth@torchvision:densenet121",
-                                       "--data", "{dir}/imgs", "--class-names", "a,b", "--n-ref", "1",
-                                       "--n-val", "1", "--rates", "0,0.5"],
-        r"layer 'features\.denseblock1\.denselayer2\.norm1' \(BatchNorm2d, 96 features\) is registered "
-        r"right after 'features\.denseblock1\.denselayer1\.conv2' \(Conv2d, 32 outputs\) but cannot "
-        r"normalise its output", fake=False),
+    Row("model-regnet-unsupported", ["search", "--storage", "{db}", "--study", "rn",
+                                     "--model", "file:{dir}/regnet.pth@torchvision:regnet_x_400mf",
+                                     "--data", "{dir}/imgs", "--class-names", "a,b", "--n-ref", "1",
+                                     "--n-val", "1", "--rates", "0,0.5"],
+        r"operation 'add' after layer 'trunk_output\.block\d\.block\d-\d+\.f\.c\.0' in the model's "
+        r"forward is not inside a layer with an LRP rule", fake=False),
     Row("epsilon-too-small-nan", ["search", "--storage", "{db}", "--spec", "{dir}/tinyeps.toml",
                                   "--no-report", "--out-dir", "{dir}/out"],
         r"^NonFiniteRelevanceError: relevances became NaN or infinite", kind="failed-trial", fake=False),
@@ -165,8 +164,8 @@ def _real_files(tmp: Path) -> None:
 
     `zeroed.pth` has one conv layer with zero weights (as after heavy pruning): its
     pre-activations are exactly 0, so only the epsilon stabiliser keeps LRP finite there.
-    `densenet121.pth`: torchvision densenet121 without pretrained weights (an unsupported
-    family: BatchNorm before its conv).
+    `regnet.pth`: torchvision regnet_x_400mf without pretrained weights (an unsupported
+    family: its residual addition has no rule).
     """
     import numpy as np
     import torch
@@ -182,7 +181,7 @@ def _real_files(tmp: Path) -> None:
         model.layer2[0].conv1.weight.zero_()
     torch.save(model.state_dict(), tmp / "zeroed.pth")
     torch.save(fmnist_vgg().state_dict(), tmp / "vgg.pth")
-    torch.save(torchvision.models.densenet121(weights=None).state_dict(), tmp / "densenet121.pth")
+    torch.save(torchvision.models.regnet_x_400mf(weights=None).state_dict(), tmp / "regnet.pth")
     torch.save(FmnistResNet(), tmp / "pickled.pth")  # the whole module, pickled: code, not weights
     (tmp / "corrupt.pth").write_bytes(b"PK\x03\x04 not a checkpoint" * 10)
     rng = np.random.default_rng(0)

@@ -30,6 +30,8 @@ def test_default_study_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     result = runner.invoke(app, ["search"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "study:" in result.output and "best:" in result.output and "report:" in result.output
+    assert "held-out: 300 images the search never saw (30 per class)" in result.output
+    assert "all-epsilon (trial 0)" in result.output  # beside the best, search split and held-out
     db = tmp_path / "studies" / "default.db"
     url = f"sqlite:///{db}"
     study = optuna.load_study(study_name="default", storage=url)

@@ -1,4 +1,4 @@
-"""discover_layers: forward order, groups, classifier layers, extension registry."""
+"""discover_layers: forward order, groups, classifier layers, the family registry."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import torch
 import torchvision
 from torch import nn
 
-from pxopt import layers as layers_mod
 from pxopt.errors import ConfigError, UnsupportedLayerError
-from pxopt.layers import Layer, LayerMap, discover_layers, register_discoverer
+from pxopt.families import Family, register_family, unregister_family
+from pxopt.layers import Layer, LayerMap, discover_layers
 
 
 def test_resnet18_groups() -> None:
@@ -72,15 +72,24 @@ def test_no_layers_raises() -> None:
         discover_layers(nn.Sequential(nn.ReLU()))
 
 
-def test_registered_discoverer_wins(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(layers_mod, "_DISCOVERERS", [])
+def test_registered_family_wins() -> None:
     marker = nn.Linear(2, 2)
 
-    @register_discoverer
-    def only_markers(model: nn.Module, bounds: tuple[float, float]) -> LayerMap | None:
-        if model is not marker:
-            return None
-        return LayerMap([Layer("", model, "head", "fc", 2, 0)])
+    class Markers(Family):
+        name = "test-markers"
+        priority = 1000
 
-    assert discover_layers(marker)[0].kind == "head"
-    assert discover_layers(torchvision.models.resnet18())[0].name == "conv1"
+        def matches(self, model: nn.Module) -> bool:
+            return model is marker
+
+        def layer_map(self, model: nn.Module, boundaries: tuple[float, float], *,
+                      grouping: str, example_input: torch.Tensor | None) -> LayerMap:
+            return LayerMap([Layer("", model, "head", "fc", 2, 0)])
+
+    register_family(Markers())
+    try:
+        assert discover_layers(marker)[0].kind == "head"
+        assert discover_layers(torchvision.models.resnet18())[0].name == "conv1"
+    finally:
+        unregister_family("test-markers")
+    assert discover_layers(marker)[0].kind == "linear"

@@ -220,12 +220,25 @@ def test_batchnorm_not_after_its_conv_is_refused() -> None:
         explain(_BnFirst(), torch.randn(1, 3, 8, 8), [0], None)
 
 
-def test_densenet_is_refused_naming_both_modules() -> None:
-    """DenseNet normalises each layer's input (BatchNorm before the conv): the BatchNorm
+class _DenseFeatures(nn.Module):
+    """DenseNet's feature stack under another root: not the DenseNet family's model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = torchvision.models.densenet121(weights=None).features
+        self.fc = nn.Linear(1024, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x).mean((2, 3)))
+
+
+def test_pre_activation_batchnorm_outside_its_family_is_refused_naming_both_modules() -> None:
+    """DenseNet normalises each layer's input (BatchNorm before the conv): only the DenseNet
+    family (pxopt/families/densenet.py) declares those BatchNorms; elsewhere the BatchNorm
     registered after a conv belongs to the next layer, with other channels (issue 13.7)."""
     from pxopt.lrp import check_explainable
 
-    model = torchvision.models.densenet121(weights=None).eval()
+    model = _DenseFeatures().eval()
     x = torch.randn(1, 3, 32, 32)
     expected = (r"'features\.denseblock1\.denselayer2\.norm1' \(BatchNorm2d, 96 features\) is registered "
                 r"right after 'features\.denseblock1\.denselayer1\.conv2' \(Conv2d, 32 outputs\)")

@@ -202,11 +202,13 @@ def test_cli_refuses_a_distilled_vit_checkpoint_in_one_line(
     assert "head_dist" in lines[0] and "VisionTransformerDistilled" in lines[0], lines[0]
 
 
-@pytest.mark.parametrize("name,where", [("vit_relpos_base_patch16_224", r"'blocks\.0\.norm1'"),
-                                        ("vit_base_patch16_rope_reg1_gap_256", r"'rope'")])
-def test_other_transformer_classes_are_refused_on_the_cnn_path(name: str, where: str) -> None:
-    """timm transformers that are not a `VisionTransformer` (RelPos, Eva) take the CNN path,
-    whose engine refuses their first leaf without a rule."""
+@pytest.mark.parametrize("name,where", [
+    ("vit_relpos_base_patch16_224", r"VisionTransformerRelPos: no supported model family.*'blocks\.0\.attn'"),
+    ("vit_base_patch16_rope_reg1_gap_256", r"Eva: no supported model family.*'blocks\.0\.attn'")])
+def test_other_transformer_classes_are_refused_by_family(name: str, where: str) -> None:
+    """timm transformers that are not a `VisionTransformer` (RelPos, Eva) match no family:
+    `family_of` refuses them naming the class and its first attention module (they no longer
+    take the CNN path, whose engine refused their first leaf without a rule)."""
     model = timm.create_model(name, pretrained=False, img_size=32, depth=2).eval()
     with pytest.raises(UnsupportedLayerError, match=where):
         explain(model, torch.randn(1, 3, 32, 32), [1])

@@ -49,7 +49,7 @@ def test_report_is_self_contained(study, tmp_path: Path) -> None:
     path = write_report(study, tmp_path / "r.html")
     text = path.read_text()
     assert "<script src=\"http" not in text and "cdn.plot.ly" not in text.split("</script>")[-1]
-    assert len(re.findall(r'id="fig-', text)) == 5
+    assert len(re.findall(r'id="fig-', text)) == 6 and 'id="fig-heldout"' in text
     assert "Heatmaps: not drawn" in text  # says why, instead of leaving them out silently
 
 
@@ -123,7 +123,7 @@ def test_report_heatmaps(study, tmp_path: Path) -> None:
     assert list(maps.relevance)[1] == "all-epsilon"
     assert list(maps.relevance)[0].startswith(f"best rules (trial {study.best_trial.number}")
     text = write_report(study, tmp_path / "h.html", heatmaps=maps).read_text()
-    assert len(re.findall(r'id="fig-', text)) == 6 and 'id="fig-heatmaps"' in text
+    assert len(re.findall(r'id="fig-', text)) == 7 and 'id="fig-heatmaps"' in text
     assert "Heatmaps: not drawn" not in text
     from pxopt.report.heatmaps import BWR, heatmap_figure
 
@@ -214,7 +214,7 @@ def test_report_renders_in_headless_chromium(study, tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     dom = proc.stdout
     # every figure drew its SVG (plotly adds one .main-svg per plot layer)
-    for fig_id in ("history", "importances", "curves", "heatmaps", "per_layer", "area_vs_macs"):
+    for fig_id in ("history", "importances", "curves", "heldout", "heatmaps", "per_layer", "area_vs_macs"):
         block = dom.split(f'id="fig-{fig_id}"', 1)[1][:200_000]
         assert "main-svg" in block, f"figure {fig_id} did not render"
     # Chromium logs every console message (console.error, uncaught exceptions) as

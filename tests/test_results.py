@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pxopt.data import TensorSet
-from pxopt.errors import ConfigError
+from pxopt.errors import ConfigError, DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,7 +44,7 @@ def test_split_per_class_is_disjoint_and_balanced() -> None:
 
 def test_split_per_class_refuses_too_few_images() -> None:
     labels = torch.tensor([0, 0, 1])
-    with pytest.raises(ConfigError, match="class 1"):
+    with pytest.raises(DataError, match="class 1"):
         R.split_per_class(TensorSet(torch.zeros(3, 1, 1, 1), labels), 1)
 
 

@@ -19,15 +19,21 @@ def register(app: typer.Typer) -> None:
         trial: int | None = typer.Option(None, "--trial", help="Trial number (default: the best)."),
         out: Path = typer.Option(Path("best.json"), "--out", "-o", help="Output JSON file."),
         out_dir: Path = typer.Option(Path("studies"), "--out-dir", help="Where studies live."),
+        device: str | None = typer.Option(None, "--device", help="Device of a held-out evaluation not stored yet."),
     ) -> None:
-        """Write the best (or a chosen) trial as pxopt.export/1 JSON."""
+        """Write the best (or a chosen) trial as pxopt.export/1 JSON, with its held-out curve."""
         from pxopt.cli._study import load_study
-        from pxopt.export import export_trial, write_export
+        from pxopt.export import export_trial, pick_trial, write_export
+        from pxopt.search.heldout import study_pipeline, summary_lines, try_heldout_summary
 
         st, _ = load_study(study, storage, out_dir)
-        data = export_trial(st, trial)
+        chosen = pick_trial(st, trial)
+        held = try_heldout_summary(st, chosen, load=lambda: study_pipeline(st, device))
+        data = export_trial(st, trial, heldout=held)
         path = write_export(data, out)
         typer.echo(f"trial {data['trial']} (area {data['area']:.4f}, Top-PR {data['top_pr']:.2f}) -> {path}")
+        for line in summary_lines(held):
+            typer.echo(line)
 
     @app.command("prune")
     def prune(
@@ -62,6 +68,7 @@ def register(app: typer.Typer) -> None:
             n_ref=task["n_ref"], n_val=task["n_val"], task_seed=task["seed"], batch_size=task["batch_size"],
             components=exp["components"], rates=sorted({0.0, rate}), device=device or "auto",
             grouping=exp["grouping"],  # the rule groups the configuration was found with
+            n_heldout=0,  # (the validation images are the same with or without a held-out split)
         ).validated()
         pipeline = Pipeline.from_spec(spec, allow_download=allow_download)
         scores = pipeline.scores(exp["rules"])

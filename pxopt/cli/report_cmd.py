@@ -25,20 +25,33 @@ def register(app: typer.Typer) -> None:
                                                           "loads the study's model and data)."),
         device: str | None = typer.Option(None, "--device", help="Device of the heatmaps: auto, cpu, cuda ..."),
     ) -> None:
-        """Write one self-contained HTML report of a study."""
+        """Write one self-contained HTML report of a study (with its held-out figure)."""
         from pxopt.cli._study import load_study
         from pxopt.report import write_report
         from pxopt.report.heatmaps import try_study_heatmaps
+        from pxopt.search.heldout import study_pipeline, summary_lines, try_heldout_summary
 
         st, _ = load_study(study, storage, out_dir)
         extra = None
         if baselines is not None:
             extra = _read_baselines(baselines)
-        maps, note = try_study_heatmaps(st, n_images=heatmaps, device=device)
+        loaded: dict[str, object] = {}
+
+        def load() -> object:  # at most once: the held-out evaluation and the heatmaps share it
+            loaded["pipeline"] = study_pipeline(st, device)
+            return loaded["pipeline"]
+
+        try:
+            held = try_heldout_summary(st, st.best_trial, load=load)
+        except ValueError:  # no completed trial
+            held = {"note": "no completed trial yet"}
+        for line in summary_lines(held):
+            typer.echo(line)
+        maps, note = try_study_heatmaps(st, loaded.get("pipeline"), n_images=heatmaps, device=device)
         if note and heatmaps > 0:
             typer.echo(f"heatmaps {note}", err=True)
         path = write_report(st, out or out_dir / f"{st.study_name}-report.html", rate=rate, extra_curves=extra,
-                            heatmaps=maps, heatmaps_note=note)
+                            heatmaps=maps, heatmaps_note=note, heldout=held)
         typer.echo(f"report: {path}")
 
     @app.command("dashboard")
@@ -87,7 +100,7 @@ def register(app: typer.Typer) -> None:
 
         names = check_criteria(criteria.split(","), what="--criteria")
         spec = load_spec(spec_path, model=model, data=data, classes=classes, n_ref=n_ref, n_val=n_val,
-                         components=components, rates=parse_rates(rates), device=device)
+                         components=components, rates=parse_rates(rates), device=device, n_heldout=0)
         require_data(spec, data_given=data is not None, spec_path=spec_path)
         pipeline = Pipeline.from_spec(spec, allow_download=allow_download)
         from pxopt.report.figures import curve_styles

@@ -151,6 +151,9 @@ def register(app: typer.Typer) -> None:
         class_names: str | None = typer.Option(None, "--class-names", help="Comma-separated class names."),
         n_ref: int | None = typer.Option(None, "--n-ref", help="Reference images per class."),
         n_val: int | None = typer.Option(None, "--n-val", help="Validation images per class."),
+        n_heldout: int | None = typer.Option(
+            None, "--n-heldout", help="Held-out images per task the search never sees, evaluated at the end "
+            "(default 300, fewer if the data has fewer; 0: none). A resumed study keeps its own."),
         trials: int | None = typer.Option(None, "--trials", help="Finished trials the study should hold."),
         timeout: float | None = typer.Option(None, "--timeout", help="Stop starting trials after S seconds."),
         storage: str | None = typer.Option(None, "--storage", help="SQLite path or SQLAlchemy URL."),
@@ -172,6 +175,7 @@ def register(app: typer.Typer) -> None:
         from pxopt.pipeline import Pipeline
         from pxopt.report import write_report
         from pxopt.search import run_search
+        from pxopt.search.heldout import resume_spec, summary_lines, try_heldout_summary
         from pxopt.search.pool import resume_command
         from pxopt.search.storage import check_reachable
 
@@ -179,12 +183,15 @@ def register(app: typer.Typer) -> None:
             raise ConfigError("give either --classes or --class-names, not both")
         chosen = [c.strip() for c in class_names.split(",") if c.strip()] if class_names else classes
         spec = load_spec(
-            spec_path, model=model, data=data, classes=chosen, n_ref=n_ref, n_val=n_val,
+            spec_path, model=model, data=data, classes=chosen, n_ref=n_ref, n_val=n_val, n_heldout=n_heldout,
             trials=trials, timeout=timeout, storage=storage, name=study, device=device,
             seed=seed, components=components, rates=parse_rates(rates),
         )
         url = spec.storage_url(out_dir)
         check_reachable(url)  # a database server fails fast; a SQLite file is made only after the model loads
+        spec, heldout_note = resume_spec(spec, url)  # a resumed study keeps its held-out images
+        if heldout_note:
+            console.print(heldout_note, markup=False, highlight=False)
         if workers < 1:
             raise ConfigError(f"--workers must be >= 1, got {workers}")
         require_data(spec, data_given=data is not None, spec_path=spec_path)
@@ -216,12 +223,17 @@ def register(app: typer.Typer) -> None:
             typer.echo("no completed trial: nothing to export")
             return
         out_dir.mkdir(parents=True, exist_ok=True)
-        best_path = write_export(export_trial(st), out_dir / f"{spec.name}-best.json")
+        with console.status("evaluating the best trial and all-epsilon on the held-out images"):
+            heldout = try_heldout_summary(st, best, pipeline=pipeline)
+        best_path = write_export(export_trial(st, heldout=heldout), out_dir / f"{spec.name}-best.json")
         typer.echo(f"best:   trial {best.number}, area {best.value:.4f}, "
                    f"Top-PR {best.user_attrs['curve']['top_pr']:.2f} -> {best_path}")
+        for line in summary_lines(heldout):
+            typer.echo(line)
         if report:
             from pxopt.report.heatmaps import try_study_heatmaps
 
             maps, note = try_study_heatmaps(st, pipeline)
-            report_path = write_report(st, out_dir / f"{spec.name}-report.html", heatmaps=maps, heatmaps_note=note)
+            report_path = write_report(st, out_dir / f"{spec.name}-report.html", heatmaps=maps, heatmaps_note=note,
+                                       heldout=heldout)
             typer.echo(f"report: {report_path}")

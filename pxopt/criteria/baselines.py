@@ -24,7 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from pxopt.criteria.sites import Site, assert_finite, make_sites, target_logits, to_grad_input
-from pxopt.errors import ConfigError, UnsupportedLayerError
+from pxopt.errors import ConfigError
+from pxopt.families import heads_family
 from pxopt.scores import ComponentScores
 
 Batches = list[tuple[Tensor, Tensor]]
@@ -72,14 +73,10 @@ def _head_rows(n_sections: int, section: int, heads: int, hd: int, device: torch
     return section * heads * hd + torch.arange(heads, device=device)[:, None] * hd + torch.arange(hd, device=device)
 
 
-def _head_weight(module: nn.Module, name: str, p: int) -> Tensor:
-    """Per head: sum of |w|^p over its q, k and v rows of the input projection."""
-    if isinstance(module, nn.MultiheadAttention) and module._qkv_same_embed_dim:
-        w, h = module.in_proj_weight, module.num_heads
-    elif isinstance(getattr(module, "qkv", None), nn.Linear) and getattr(module, "num_heads", 0):
-        w, h = module.qkv.weight, module.num_heads
-    else:
-        raise UnsupportedLayerError(f"weight criterion: cannot find the q/k/v rows of heads in {name}")
+def _head_weight(layer: Any, p: int) -> Tensor:
+    """Per head: sum of |w|^p over its q, k and v rows of the input projection (where the
+    attention keeps it is the family's answer, `Family.head_projection`)."""
+    w, h = heads_family(layer).head_projection(layer)
     hd = w.shape[0] // (3 * h)
     per_row = w.detach().abs().pow(p).sum(1)
     return sum(per_row[_head_rows(3, s, h, hd, w.device)].sum(1) for s in range(3))
@@ -98,7 +95,7 @@ def weight_scores(layers: list[Any], *, p: int = 1) -> ComponentScores:
     vals: dict[str, Tensor] = {}
     for la in layers:
         if la.kind == "heads":
-            vals[la.name] = _head_weight(la.module, la.name, p)
+            vals[la.name] = _head_weight(la, p)
         else:
             w = la.module.weight.detach()
             vals[la.name] = w.abs().pow(p).reshape(w.shape[0], -1).sum(1)

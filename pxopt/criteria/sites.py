@@ -5,9 +5,9 @@ that may return a replacement (used by integrated gradients to scale it):
 - conv: the conv output (batch, C, H, W), components on dim 1;
 - linear / mlp: the output (batch, [tokens,] F), components on the last dim;
 - heads: the concatenated head outputs before the output projection, viewed as
-  (batch, tokens, heads, head_dim): a forward pre-hook on timm's `attn.proj`, or an
-  explicit forward for torchvision's fused `nn.MultiheadAttention` (self-attention,
-  batch_first, no masks: what torchvision's ViT uses).
+  (batch, tokens, heads, head_dim), read where the model's family says
+  (`Family.read_heads`: a forward pre-hook on timm's `attn.proj`, an explicit forward of
+  torchvision's fused `nn.MultiheadAttention`, ...).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pxopt.errors import UnsupportedLayerError
+from pxopt.families import heads_family
 
 Callback = Callable[[Tensor], Tensor | None]
 
@@ -42,6 +42,7 @@ class Site:
     n: int
     module: nn.Module
     num_heads: int = 0
+    family: Any = None  # the model's family (`Layer.family`); found from the module if None
 
     def per_component(self, t: Tensor) -> Tensor:
         """(batch, n): sum over everything but batch and component (space, tokens, head dims)."""
@@ -61,56 +62,17 @@ class Site:
         if self.kind in ("conv", "linear", "mlp"):
             h = mod.register_forward_hook(lambda m, a, out: fn(out))
             return _Handle(h.remove)
-        if isinstance(mod, nn.MultiheadAttention):
-            return _patch_mha(mod, fn, self.name)
-        proj = getattr(mod, "proj", None)
-        if isinstance(proj, nn.Module):
-            def pre(m: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
-                new = fn(args[0])
-                return None if new is None else (new, *args[1:])
-
-            h = proj.register_forward_pre_hook(pre)
-            return _Handle(h.remove)
-        raise UnsupportedLayerError(
-            f"cannot read head outputs of {self.name} ({type(mod).__name__}): expected timm Attention"
-            " (attn.proj) or nn.MultiheadAttention"
-        )
-
-
-def _patch_mha(mha: nn.MultiheadAttention, fn: Callback, name: str) -> _Handle:
-    if not (mha.batch_first and mha._qkv_same_embed_dim):
-        raise UnsupportedLayerError(
-            f"{name}: only batch_first self-attention with a fused in_proj is supported for head criteria"
-        )
-    h, e = mha.num_heads, mha.embed_dim
-    hd = e // h
-
-    def forward(query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
-                need_weights: bool = True, attn_mask: Tensor | None = None,
-                average_attn_weights: bool = True, is_causal: bool = False) -> tuple[Tensor, None]:
-        if key is not query or value is not query or key_padding_mask is not None or attn_mask is not None:
-            raise UnsupportedLayerError(f"{name}: head criteria need plain self-attention without masks")
-        b, n, _ = query.shape
-        qkv = F.linear(query, mha.in_proj_weight, mha.in_proj_bias)
-        q, k, v = qkv.reshape(b, n, 3, h, hd).permute(2, 0, 3, 1, 4).unbind(0)
-        o = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=is_causal)
-        o = o.transpose(1, 2).reshape(b, n, e)
-        new = fn(o)
-        o = o if new is None else new
-        return F.linear(o, mha.out_proj.weight, mha.out_proj.bias), None
-
-    mha.forward = forward  # instance attribute shadows the class method; removed on undo
-
-    def undo() -> None:
-        if "forward" in mha.__dict__:
-            del mha.__dict__["forward"]
-
-    return _Handle(undo)
+        family = self.family if self.family is not None else heads_family(self)
+        return _Handle(family.read_heads(self, fn))
 
 
 def make_sites(layers: list[Any]) -> list[Site]:
     out = []
     for layer in layers:
+        family = getattr(layer, "family", None)
+        if family is not None:  # the family may read its components elsewhere
+            out.append(family.site(layer))
+            continue
         heads = getattr(layer.module, "num_heads", 0) if layer.kind == "heads" else 0
         out.append(Site(layer.name, layer.kind, int(layer.n_components), layer.module, int(heads)))
     return out

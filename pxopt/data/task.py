@@ -1,4 +1,5 @@
-"""A task: a dataset restricted to some classes, with a reference and a validation set.
+"""A task: a dataset restricted to some classes, with a reference and a validation set,
+and optionally a held-out set (`pxopt.data.heldout`) that no search objective sees.
 
 Everything is drawn from one seed and recorded in `Task.describe()`, so a study can be
 re-run on exactly the same images.
@@ -19,6 +20,7 @@ import torch
 from PIL import Image
 
 from pxopt.data.folders import decode_image, image_folder
+from pxopt.data.heldout import heldout_per_class, split_indices_per_class
 from pxopt.data.sources import Dataset, Split, open_dataset
 from pxopt.data.tensorset import TensorSet
 from pxopt.errors import DataError
@@ -41,6 +43,7 @@ class Task:
     n_ref: int
     n_val: int | None
     info: dict[str, Any] = field(default_factory=dict)
+    heldout: TensorSet | None = None  # never seen by a search objective (None: no held-out split)
 
     def reference_batches(
         self, batch_size: int, device: str | torch.device | None = None
@@ -51,6 +54,13 @@ class Task:
         self, batch_size: int, device: str | torch.device | None = None
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self.validation.batches(batch_size, device)
+
+    def heldout_batches(
+        self, batch_size: int, device: str | torch.device | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.heldout is None:
+            raise DataError("this task has no held-out split (n_heldout = 0)")
+        return self.heldout.batches(batch_size, device)
 
     def describe(self) -> dict[str, Any]:
         """JSON-serialisable record of how the task was drawn."""
@@ -238,6 +248,7 @@ def make_task(
     num_model_classes: int | None = None,
     on_bad_image: BadImagePolicy = "skip",
     allow_download: bool = False,
+    n_heldout: int = 0,
 ) -> Task:
     """Draw a task from a dataset.
 
@@ -247,6 +258,10 @@ def make_task(
     class (None: all). With a single split (a plain class-folder tree) the validation set
     is drawn from the images not used as reference. transform: PIL image -> tensor (the
     model's preprocessing; an `apply_batch(uint8 tensor)` attribute is used when present).
+    n_heldout: held-out images per task (split evenly over the classes; fewer where the
+    validation split has fewer images left; 0: none; none either with n_val None), drawn as
+    the tail of each class's validation draw, so the validation images are those of the
+    same task without them.
     """
     if n_ref < 1:
         raise DataError(f"n_ref must be >= 1, got {n_ref}")
@@ -272,12 +287,23 @@ def make_task(
         )
     loader = _Loader(transform, on_bad_image)
     rng = np.random.default_rng(seed)
-    _check_size(ref_split, val_split, chosen, n_ref, n_val)
+    # n_val None (all): every validation image is the objective's; none is left to hold out
+    left = 0 if n_val is None else _left_for_heldout(val_split, chosen, n_val, n_ref if val_split is ref_split else 0)
+    n_held = heldout_per_class(n_heldout, len(chosen), left)
+    _check_size(ref_split, val_split, chosen, n_ref, n_val, n_held)
     ref_idx, reference = _draw(ref_split, chosen, ds.class_names, n_ref, rng, loader, "reference")
     exclude = set(ref_idx) if val_split is ref_split else None
     val_idx, validation = _draw(
-        val_split, chosen, ds.class_names, n_val, rng, loader, "validation", exclude
+        val_split, chosen, ds.class_names, None if n_val is None else n_val + n_held, rng, loader,
+        "validation", exclude,
     )
+    heldout, held_idx = None, []
+    if n_held:
+        head, tail = split_indices_per_class(validation.labels, n_last=n_held)
+        held_idx = [val_idx[i] for i in tail.tolist()]
+        val_idx = [val_idx[i] for i in head.tolist()]
+        heldout = TensorSet(validation.images[tail].contiguous(), validation.labels[tail])
+        validation = TensorSet(validation.images[head].contiguous(), validation.labels[head])
     digest = hashlib.sha256(json.dumps([ref_idx, val_idx]).encode()).hexdigest()[:16]
     info = {
         "source": ds.source,
@@ -289,6 +315,13 @@ def make_task(
         "skipped_images": len(loader.skipped),
         "skipped_examples": loader.skipped[:5],
     }
+    if n_heldout:  # (absent from tasks without one: their record is that of older pxopt versions)
+        info.update({
+            "n_heldout": n_heldout,
+            "heldout_per_class": n_held,
+            "n_heldout_images": len(held_idx),
+            "heldout_hash": hashlib.sha256(json.dumps(held_idx).encode()).hexdigest()[:16] if held_idx else None,
+        })  # fmt: skip
     return Task(
         dataset=ds.name,
         classes=chosen,
@@ -299,16 +332,25 @@ def make_task(
         n_ref=n_ref,
         n_val=n_val,
         info=info,
+        heldout=heldout,
     )
 
 
-def _check_size(ref: Split, val: Split, classes: list[int], n_ref: int, n_val: int | None) -> None:
+def _left_for_heldout(split: Split, classes: list[int], n_val: int, n_ref: int) -> int:
+    """Images per class the held-out set may take: the fewest any class has beyond its
+    reference (same split) and validation images."""
+    counts = torch.bincount(split.labels, minlength=max(classes) + 1)
+    return max(0, min(int(counts[c]) for c in classes) - n_ref - n_val)
+
+
+def _check_size(ref: Split, val: Split, classes: list[int], n_ref: int, n_val: int | None,
+                n_held: int = 0) -> None:
     """Refuse tasks whose tensors would not fit comfortably in memory (full ImageNet val)."""
     if ref.paths is None:
         return
     counts = torch.bincount(val.labels, minlength=max(classes) + 1)
     n_val_total = sum(int(counts[c]) for c in classes) if n_val is None else n_val * len(classes)
-    n = n_ref * len(classes) + n_val_total
+    n = n_ref * len(classes) + n_val_total + (0 if n_val is None else n_held * len(classes))
     est = n * 3 * 224 * 224 * 4
     if est > _MAX_BYTES:
         raise DataError(

@@ -1,8 +1,10 @@
 """The LRP engine: rule configuration, rules as autograd functions, explanations.
 
-`explain` and `component_relevance` (CNNs) live in `pxopt.lrp.explain`; the rule
-functions other engines reuse live in `pxopt.lrp.rules`; the configuration format in
-`pxopt.lrp.config`.
+`explain` and `component_relevance` live in `pxopt.lrp.explain` and hand the model to its
+family (`pxopt.families.family_of`), which picks the engine: `pxopt.lrp.cnn` (module rules)
+or `pxopt.lrp.vit` (AttnLRP). The `Explanation` type is in the leaf `pxopt.lrp.explanation`;
+the rule functions other engines reuse live in `pxopt.lrp.rules`; the configuration format
+in `pxopt.lrp.config`.
 """
 
 from pxopt.lrp.config import RuleConfig, RuleSpec

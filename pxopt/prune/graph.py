@@ -54,9 +54,16 @@ def _bn_by_order(model: nn.Module, name: str, out_features: int) -> tuple[str | 
     return None, None
 
 
+class _BNLeafTracer(torch.fx.Tracer):
+    """BatchNorm subclasses (timm's BatchNormAct2d: BatchNorm + activation) stay leaves."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, _BN) or super().is_leaf_module(m, qualname)
+
+
 def _trace(parent: nn.Module) -> torch.fx.GraphModule | None:
     try:
-        return torch.fx.symbolic_trace(parent)
+        return torch.fx.GraphModule(parent, _BNLeafTracer().trace(parent))
     except Exception:  # any tracing failure means: no graph knowledge here
         return None
 

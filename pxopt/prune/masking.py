@@ -1,6 +1,8 @@
 """Masks applied in place and undone bit-exactly.
 
-A pruned component's parameters are zeroed so that its output is exactly zero:
+A pruned component's parameters are zeroed so that its output is exactly zero; which
+slices those are is the model family's answer (`Family.mask_targets`, built from
+`pxopt.prune.targets`):
 - conv / hidden linear / MLP fc1: the weight row and bias, and the channel's BatchNorm
   weight and bias when one follows (so BN's shift cannot leak a constant);
 - attention head: the head's rows of the value projection and their bias, so the head's
@@ -11,105 +13,36 @@ every parameter bit-identical.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from pxopt.errors import ConfigError, UnsupportedLayerError
+from pxopt.errors import ConfigError
+from pxopt.families import family_of, heads_family
+from pxopt.families.base import Target
 from pxopt.prune._layers import prunable_layers
-from pxopt.prune.graph import find_following
 
-IndexMap = Callable[[torch.Tensor], torch.Tensor]
-
-
-@dataclass
-class _Target:
-    """One tensor slice that must be zero for a component to be silent."""
-
-    tensor: torch.Tensor
-    dim: int
-    index_map: IndexMap
+_Target = Target  # the older name
 
 
-def _identity(idx: torch.Tensor) -> torch.Tensor:
-    return idx
+def head_value_targets(module: nn.Module, name: str = "") -> tuple[list[Target], int, int]:
+    """Value-projection rows per head of an attention module, from the family that knows it
+    (`Family.head_targets`). Returns (targets, num_heads, head_dim)."""
+    from pxopt.layermap import Layer
+
+    layer = Layer(name, module, "heads", "", 0, 0)
+    return heads_family(layer).head_targets(layer)
 
 
-def _head_rows(offset: int, head_dim: int) -> IndexMap:
-    def rows(heads: torch.Tensor) -> torch.Tensor:
-        base = offset + heads.unsqueeze(1) * head_dim
-        return (base + torch.arange(head_dim, device=heads.device)).flatten()
-
-    return rows
-
-
-def head_value_targets(module: nn.Module, name: str = "") -> tuple[list[_Target], int, int]:
-    """Value-projection rows per head for timm `Attention` and `nn.MultiheadAttention`.
-
-    Returns (targets, num_heads, head_dim).
-    """
-    if isinstance(module, nn.MultiheadAttention):
-        e, h = module.embed_dim, module.num_heads
-        hd = e // h
-        tg: list[_Target] = []
-        if module._qkv_same_embed_dim:
-            tg.append(_Target(module.in_proj_weight, 0, _head_rows(2 * e, hd)))
-        else:
-            tg.append(_Target(module.v_proj_weight, 0, _head_rows(0, hd)))
-        if module.in_proj_bias is not None:
-            tg.append(_Target(module.in_proj_bias, 0, _head_rows(2 * e, hd)))
-        return tg, h, hd
-    qkv = getattr(module, "qkv", None)
-    h = getattr(module, "num_heads", None)
-    if isinstance(qkv, nn.Linear) and h:
-        dim = qkv.out_features // 3
-        hd = getattr(module, "head_dim", dim // h)
-        tg = [_Target(qkv.weight, 0, _head_rows(2 * h * hd, hd))]
-        if qkv.bias is not None:
-            tg.append(_Target(qkv.bias, 0, _head_rows(2 * h * hd, hd)))
-        v_bias = getattr(module, "v_bias", None)
-        if isinstance(v_bias, torch.Tensor):
-            tg.append(_Target(v_bias, 0, _head_rows(0, hd)))
-        return tg, h, hd
-    v_proj = getattr(module, "v_proj", None)
-    if isinstance(v_proj, nn.Linear) and h:
-        hd = v_proj.out_features // h
-        tg = [_Target(v_proj.weight, 0, _head_rows(0, hd))]
-        if v_proj.bias is not None:
-            tg.append(_Target(v_proj.bias, 0, _head_rows(0, hd)))
-        return tg, h, hd
-    raise UnsupportedLayerError(
-        f"cannot mask heads of {name or type(module).__name__} ({type(module).__name__}):"
-        " expected timm Attention (qkv), nn.MultiheadAttention or a module with v_proj and num_heads"
-    )
-
-
-def component_targets(model: nn.Module, layer: Any) -> list[_Target]:
-    """Tensors to zero so that `layer`'s components output exactly zero."""
-    mod = layer.module
-    if layer.kind == "heads":
-        return head_value_targets(mod, layer.name)[0]
-    if not isinstance(mod, (nn.Conv2d, nn.Linear)):
-        raise UnsupportedLayerError(
-            f"cannot mask {layer.name} ({type(mod).__name__}) as kind {layer.kind!r}: expected Conv2d or Linear"
-        )
-    tg = [_Target(mod.weight, 0, _identity)]
-    if mod.bias is not None:
-        tg.append(_Target(mod.bias, 0, _identity))
-    fol = find_following(model, layer.name, layer.n_components)
-    if fol.bn is not None:
-        if fol.bn.weight is not None:
-            tg.append(_Target(fol.bn.weight, 0, _identity))
-        if fol.bn.bias is not None:
-            tg.append(_Target(fol.bn.bias, 0, _identity))
-        if fol.bn.weight is None and fol.bn.bias is None:
-            # Non-affine BN: its output is -mean/std for a zero channel; pin it to zero by
-            # making mean 0 (the running mean is a buffer and restored like a parameter).
-            tg.append(_Target(fol.bn.running_mean, 0, _identity))
-    return tg
+def component_targets(model: nn.Module, layer: Any) -> list[Target]:
+    """Tensors to zero so that `layer`'s components output exactly zero (the family's
+    `mask_targets`: channels of conv / linear layers, value rows of attention heads)."""
+    family = getattr(layer, "family", None)
+    if family is None:  # a hand-made layer map: heads by their module, channels by the model
+        family = heads_family(layer) if layer.kind == "heads" else family_of(model)
+    return family.mask_targets(model, layer)
 
 
 class Masker:

@@ -15,7 +15,9 @@ a ResNet stage, ...), Torch-Pruning can only remove a channel from all of them a
   layers and remove as many as the group's layers prune on average (the structure gets
   smaller, but the selection differs from the masked model's).
 Attention heads are left masked (zeroed value rows), not removed: removing heads changes
-`num_heads` in ways Torch-Pruning's replayable history does not record.
+`num_heads` in ways Torch-Pruning's replayable history does not record (`Family.removable`
+says which layers Torch-Pruning may shrink; `Family.physical_options` what its dependency
+graph must be told).
 Where a layer would lose every channel, one (zeroed) channel is kept.
 """
 
@@ -34,7 +36,8 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from pxopt.errors import CheckpointError, ConfigError
+from pxopt.errors import CheckpointError, ConfigError, UnsupportedLayerError
+from pxopt.families import family_of
 from pxopt.prune._layers import prunable_layers
 from pxopt.prune.masking import component_targets
 
@@ -137,18 +140,26 @@ def _device_of(model: nn.Module) -> torch.device:
 
 
 def _build_graph(model: nn.Module, example_inputs: torch.Tensor) -> tp.DependencyGraph:
-    """Torch-Pruning traces the autograd graph, so parameters must require grad while it does."""
+    """Torch-Pruning traces the autograd graph, so parameters must require grad while it does.
+    The model's family may add options (`Family.physical_options`: unwrapped parameters,
+    customised pruners); a model no family knows gets none."""
+    try:
+        options = family_of(model).physical_options(model)
+    except UnsupportedLayerError:
+        options = {}
     for p in model.parameters():
         p.requires_grad_(True)
     with torch.enable_grad(), torch.inference_mode(False), warnings.catch_warnings():
         # ViT cls_token / pos_embed: only the embedding width would touch them, never pruned here.
         warnings.filterwarnings("ignore", message="Unwrapped parameters")
-        return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
+        return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, **options)
 
 
-def _coupling(dg: tp.DependencyGraph, layers: list[Any], by_module: dict[nn.Module, str]
-              ) -> tuple[list[list[str]], set[str]]:
-    """Clusters of prunable layers sharing output channels; and clusters with foreign writers."""
+def _coupling(dg: tp.DependencyGraph, layers: list[Any], by_module: dict[nn.Module, str],
+              tied: Mapping[nn.Module, str] | None = None) -> tuple[list[list[str]], set[str]]:
+    """Clusters of prunable layers sharing output channels; and clusters with foreign writers
+    (modules in `tied` are followers of the layer, never foreign writers)."""
+    tied = tied or {}
     parent = {la.name: la.name for la in layers}
 
     def find(a: str) -> str:
@@ -165,7 +176,7 @@ def _coupling(dg: tp.DependencyGraph, layers: list[Any], by_module: dict[nn.Modu
         group = dg.get_pruning_group(la.module, fns[0], idxs=[0])
         for item in group:
             mod, handler = item.dep.target.module, item.dep.handler
-            if not _is_out_fn(handler) or mod is la.module:
+            if not _is_out_fn(handler) or mod is la.module or mod in tied:
                 continue
             other = by_module.get(mod)
             if other is None:
@@ -216,7 +227,12 @@ def physical_prune(
              for la in layers}
 
     dg = _build_graph(work, example_inputs)
-    clusters, tainted = _coupling(dg, [la for la in layers if la.kind != "heads"], by_module)
+    family = family_of(model)
+    kept_masked = {la.name for la in layers if not family.removable(la.layer)}  # e.g. heads
+    # modules tied to a component (a depthwise conv after a MobileNet expansion): followers
+    tied = {mods[n]: n for n in getattr(layer_map, "tied", ()) if n in mods}
+    clusters, tainted = _coupling(dg, [la for la in layers if la.name not in kept_masked], by_module,
+                                  tied)
     removed: dict[str, list[int]] = {}
     masked: dict[str, list[int]] = {}
     for names_c in clusters:
@@ -244,7 +260,7 @@ def physical_prune(
             left = masks[n] & ~remove
             masked[n] = left.nonzero().flatten().tolist()
     for la in layers:
-        if la.kind == "heads":
+        if la.name in kept_masked:
             removed[la.name] = []
             masked[la.name] = masks[la.name].nonzero().flatten().tolist()
     # Zero what stays masked, at its index in the slimmer layer.
@@ -296,6 +312,10 @@ class _Rebound:
     @property
     def kind(self) -> str:
         return self.layer.kind
+
+    @property
+    def family(self) -> Any:
+        return getattr(self.layer, "family", None)
 
 
 def by_name(layers: list[_Rebound], name: str) -> _Rebound:

@@ -7,8 +7,11 @@ A masked channel is exactly zero after its layer (and BatchNorm), so it need not
 - scatter: any other pruned conv / linear (e.g. a ResNet block's last conv, whose output
   joins the residual sum) computes only its kept channels and a forward hook writes them
   into a zero tensor of the full width (exact: the dropped channels are zeros anyway);
-- heads: timm `Attention` (plain: no gate, no scale-norm) runs with only its kept heads
-  (q/k/v rows and output-projection columns sliced, `num_heads` / `attn_dim` set).
+- heads: where the model's family can slice its attention (`Family.slice_heads`; timm
+  `Attention` without gate or scale-norm: q/k/v rows and output-projection columns sliced,
+  `num_heads` / `attn_dim` set), it runs with only its kept heads.
+- plans: a family that knows how channels travel through its own structure (DenseNet's
+  concatenations) slices them itself (`Family.slice_plan`); its layers leave the cases above.
 Results agree with the masked model up to float summation order. The original Parameter
 objects and attributes are put back on `undo`, so nothing is copied back and masks stay valid.
 """
@@ -22,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pxopt.families import heads_family
 from pxopt.prune._layers import prunable_layers
 from pxopt.prune.graph import find_following
 
@@ -62,23 +66,25 @@ class _Out:
     bn: nn.Module | None
 
 
-def _plain_timm_attention(mod: nn.Module) -> bool:
-    return (isinstance(getattr(mod, "qkv", None), nn.Linear) and isinstance(getattr(mod, "proj", None), nn.Linear)
-            and hasattr(mod, "attn_dim") and getattr(mod, "gate", None) is None
-            and isinstance(getattr(mod, "norm", nn.Identity()), nn.Identity)
-            and getattr(mod, "q_bias", None) is None)
-
-
 class Slicer:
     """Swaps in sliced weights for the current masks; `undo` restores the originals exactly."""
 
     def __init__(self, model: nn.Module, layer_map: Iterable[Any], kinds: str | Sequence[str] | None = None):
         self.pairs: list[_Pair] = []
         self.outs: list[_Out] = []
-        self.heads: list[tuple[str, nn.Module]] = []
-        for layer in prunable_layers(layer_map, kinds):
-            if layer.kind == "heads" and _plain_timm_attention(layer.module):
-                self.heads.append((layer.name, layer.module))
+        self.heads: list[tuple[str, Any, Any]] = []  # (name, layer, family)
+        layers = prunable_layers(layer_map, kinds)
+        family = next((la.family for la in layers if getattr(la, "family", None) is not None), None)
+        plan = family.slice_plan(model, {la.name for la in layers}) if family is not None else None
+        self.plans = [plan] if plan is not None else []
+        planned = {n for p in self.plans for n in p.names}
+        for layer in layers:
+            if layer.name in planned:
+                continue
+            if layer.kind == "heads":
+                family = heads_family(layer)  # the layer's own, or the one knowing its module
+                if family.slice_heads(layer, torch.arange(int(layer.n_components))) is not None:
+                    self.heads.append((layer.name, layer, family))
             if layer.kind not in ("conv", "linear", "mlp"):
                 continue
             if not isinstance(layer.module, (nn.Conv2d, nn.Linear)):
@@ -98,7 +104,8 @@ class Slicer:
     @property
     def sliceable(self) -> list[str]:
         """Names of the layers whose pruned channels are sliced out during evaluation."""
-        return [p.name for p in self.pairs] + [o.name for o in self.outs] + [h[0] for h in self.heads]
+        return [p.name for p in self.pairs] + [o.name for o in self.outs] + [h[0] for h in self.heads] + \
+            [n for p in self.plans for n in p.names]
 
     def apply(self, pruned: Mapping[str, torch.Tensor]) -> None:
         """Slice out the pruned channels of every sliceable layer (masks must already be applied)."""
@@ -139,22 +146,22 @@ class Slicer:
             last = o.bn if o.bn is not None else o.producer
             dim = 1 if isinstance(o.producer, nn.Conv2d) else -1
             self._hooks.append(last.register_forward_hook(_scatter(keep, int(mask.numel()), dim)))
-        for name, attn in self.heads:
+        for slice_plan in self.plans:
+            for e in slice_plan.edits(pruned):
+                add(e.module, e.store, e.attr, e.dim, e.index)
+        for name, layer, family in self.heads:
             mask = pruned.get(name)
             if mask is None or not bool(mask.any()):
                 continue
             kept = (~mask.to("cpu", torch.bool)).nonzero().flatten()
             if kept.numel() == 0:
                 kept = torch.zeros(1, dtype=torch.long)
-            h, hd = int(attn.num_heads), int(attn.head_dim)
-            cols = (kept[:, None] * hd + torch.arange(hd)).flatten().to(attn.qkv.weight.device)
-            rows = torch.cat([cols + s * h * hd for s in range(3)])
-            add(attn.qkv, "_parameters", "weight", 0, rows)
-            add(attn.qkv, "_parameters", "bias", 0, rows)
-            add(attn.proj, "_parameters", "weight", 1, cols)
-            for attr, val in (("num_heads", int(kept.numel())), ("attn_dim", int(kept.numel()) * hd)):
-                self._attrs.append((attn, attr, attn.__dict__.get(attr, _MISSING)))
-                setattr(attn, attr, val)
+            plan = family.slice_heads(layer, kept)  # the family knows its attention's layout
+            for e in plan.edits:
+                add(e.module, e.store, e.attr, e.dim, e.index)
+            for mod, attr, val in plan.attrs:
+                self._attrs.append((mod, attr, mod.__dict__.get(attr, _MISSING)))
+                setattr(mod, attr, val)
         with torch.no_grad():
             for (mid, store, attr), steps in ops.items():
                 mod = mods[mid]

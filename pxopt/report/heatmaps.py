@@ -199,7 +199,7 @@ def study_pipeline(study: Any, device: str | None = None) -> Any:
         raise ConfigError("the study stores no pxopt spec (it was not made by pxopt search)")
     names = {f.name for f in dataclasses.fields(StudySpec)}
     values = {k: v for k, v in stored.items() if k in names}
-    spec = StudySpec(**{**values, "n_val": 1}).validated()
+    spec = StudySpec(**{**values, "n_val": 1, "n_heldout": 0}).validated()
     return Pipeline.from_spec(spec, device=device)
 
 

@@ -31,8 +31,8 @@ def trial_counts(study: optuna.Study) -> str:
     return ", ".join(parts) or "none"
 
 
-def _summary(study: optuna.Study) -> str:
-    """A short HTML table: trial counts, best area and rules, baselines."""
+def _summary(study: optuna.Study, heldout: Mapping[str, Any] | None = None) -> str:
+    """A short HTML table: trial counts, best area and rules, baselines, held-out areas."""
     rows = [f"<tr><th>trials</th><td>{html.escape(trial_counts(study))}</td></tr>"]
     spec = study.user_attrs.get("pxopt.spec", {})
     for key in ("model", "data", "classes", "components"):
@@ -53,7 +53,22 @@ def _summary(study: optuna.Study) -> str:
     for name, trial in baseline_trials(study).items():
         rows.append(f"<tr><th>baseline {html.escape(name)}</th><td>trial {trial.number}: area {trial_area(trial):.4f}"
                     "</td></tr>")
+    if heldout is not None:
+        from pxopt.report.heldout import heldout_rows
+
+        rows.append(heldout_rows(dict(heldout)))
     return "<table>" + "".join(rows) + "</table>"
+
+
+def _stored_heldout(study: optuna.Study) -> dict[str, Any]:
+    """The best trial's held-out summary as far as the study stores it."""
+    from pxopt.search.heldout import heldout_summary
+
+    try:
+        best = study.best_trial
+    except ValueError:
+        return {"note": "no completed trial yet"}
+    return heldout_summary(study, best)
 
 
 def write_report(
@@ -64,13 +79,23 @@ def write_report(
     extra_curves: Mapping[str, Mapping[str, Any]] | None = None,
     heatmaps: Heatmaps | None = None,
     heatmaps_note: str | None = None,
+    heldout: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write the study's figures and summary into one HTML file; returns its path.
+
+    heldout: the best trial's held-out summary (`pxopt.search.heldout.heldout_summary`);
+    None: what the study stores (no model is loaded here), or the reason there is none.
 
     heatmaps: input relevance of reference images (`pxopt.report.heatmaps.study_heatmaps`,
     which needs the model and data); without them, `heatmaps_note` says why there are none.
     """
     figures = dict(study_figures(study, rate=rate, extra_curves=extra_curves))
+    if heldout is None:
+        heldout = _stored_heldout(study)
+    from pxopt.report.heldout import heldout_figure
+
+    figures = {**{k: v for k, v in figures.items() if k == "curves"}, "heldout": heldout_figure(dict(heldout)),
+               **{k: v for k, v in figures.items() if k != "curves"}}
     if heatmaps is not None:
         from pxopt.report.heatmaps import heatmap_figure
 
@@ -96,7 +121,7 @@ def write_report(
         "<style>body{font-family:sans-serif;margin:2em;max-width:1200px}"
         "th{text-align:left;padding-right:1em;vertical-align:top}code{font-size:85%}"
         "pre{margin:0}.note{color:#555}</style>"
-        f"</head><body><h1>{title}</h1>{_summary(study)}"
+        f"</head><body><h1>{title}</h1>{_summary(study, heldout)}"
         + "".join(f"<section>{p}</section>" for p in parts)
         + "</body></html>\n"
     )

@@ -24,7 +24,8 @@ MIN_LAYERS = 2
 def prunable_layers(layer_map: Iterable, components: str) -> list[str]:
     """Names of the layers whose components `components` prunes (never the classifier)."""
     kinds = set(COMPONENTS[components])
-    return [layer.name for layer in layer_map if layer.kind in kinds and layer.kind != "head"]
+    return [layer.name for layer in layer_map
+            if layer.kind in kinds and layer.kind != "head" and getattr(layer, "prunable", True)]
 
 
 def resolve_components(requested: str, layer_map: Iterable, model: str = "the model") -> str:

@@ -18,6 +18,7 @@ from pxopt.vocab import (
     AUTO_COMPONENTS,
     COMPONENTS,
     DEFAULT_GROUPING,
+    DEFAULT_N_HELDOUT,
     DEFAULT_RATES,
     GROUPINGS,
     LEGACY_GROUPING,
@@ -33,7 +34,7 @@ STUDIES_DIR = Path("studies")
 _TABLES: dict[str, tuple[str, ...]] = {
     "study": ("name", "trials", "timeout", "seed", "storage", "baselines"),
     "model": ("model", "device", "threads"),
-    "task": ("data", "classes", "n_ref", "n_val", "task_seed", "batch_size"),
+    "task": ("data", "classes", "n_ref", "n_val", "n_heldout", "task_seed", "batch_size"),
     "prune": ("components", "rates", "cap", "grouping"),
     "sampler": ("sampler",),
     "pruner": ("pruner",),
@@ -52,6 +53,9 @@ class StudySpec:
     classes: int | list[int] | list[str] | None = None
     n_ref: int = 10
     n_val: int | None = 50
+    # held-out images per task, never seen by the objective (pxopt.search.heldout; 0: none).
+    # Not part of the identity: the validation images are the same with any held-out size.
+    n_heldout: int = DEFAULT_N_HELDOUT
     task_seed: int = 0
     batch_size: int = 128
     components: str = AUTO_COMPONENTS  # or a key of COMPONENTS
@@ -131,6 +135,8 @@ class StudySpec:
                 raise ConfigError(f"task.{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.n_val is not None and (not isinstance(self.n_val, int) or self.n_val < 1):
             raise ConfigError(f"task.n_val must be a positive integer, got {self.n_val!r}")
+        if not isinstance(self.n_heldout, int) or isinstance(self.n_heldout, bool) or self.n_heldout < 0:
+            raise ConfigError(f"task.n_heldout must be an integer >= 0 (0: no held-out split), got {self.n_heldout!r}")
         if self.trials is not None and (not isinstance(self.trials, int) or self.trials < 1):
             raise ConfigError(f"study.trials must be a positive integer, got {self.trials!r}")
         if self.timeout is not None and not (float(self.timeout) > 0):

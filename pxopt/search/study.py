@@ -9,6 +9,7 @@ budget, seed their samplers apart and survive crashes and Ctrl-C.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -199,7 +200,8 @@ class SpecFactory:
             if pipeline is None:
                 from pxopt.pipeline import Pipeline
 
-                pipeline = Pipeline.from_spec(spec, device=ctx.device)
+                # (no held-out images: the main process evaluates them; the validation set is the same)
+                pipeline = Pipeline.from_spec(dataclasses.replace(spec, n_heldout=0), device=ctx.device)
             evaluate, timings = pipeline.evaluate, pipeline.timings
         offset = ctx.n_trials_before + 1000 * ctx.index
         seeds = {"study": spec.seed, "sampler": spec.seed + offset, "task": spec.task_seed, "worker": ctx.index}
@@ -247,7 +249,8 @@ def run_search(
     error before any worker starts and a built-in model trains once. `evaluate` (with
     `space` or `family`, and `timings`) replaces the pipeline, in this process only.
     `study_attrs` (default: the pipeline's, with its weights fingerprint) are stored with
-    the study and checked on resume. A trial that fails (bad rule parameters, NaN,
+    the study and checked on resume, and so is the pipeline's held-out split
+    (`pxopt.search.heldout`; a resumed study keeps the size it was made with). A trial that fails (bad rule parameters, NaN,
     out of memory) fails alone with its `fail_reason`; the study goes on. `progress(n)`
     gets the finished-trial count, first what the study already holds. After Ctrl-C the
     result is `interrupted` and `resume_hint` has been logged.
@@ -262,6 +265,9 @@ def run_search(
     if evaluate is None:
         if pipeline is None:
             from pxopt.pipeline import Pipeline
+            from pxopt.search.heldout import resume_spec
+
+            spec, _ = resume_spec(spec, url)  # a resumed study keeps its held-out split
 
             pipeline = Pipeline.from_spec(spec, device="cpu" if workers > 1 else None)
             pipeline.check_explainable()  # unsupported model: one error now, not a failed trial each
@@ -272,6 +278,10 @@ def run_search(
     space = space or SearchSpace.build(spec.space, family=family)
     study = open_study(spec, url)
     pin_study_attrs(study, study_attrs or {})
+    if pipeline is not None:
+        from pxopt.search.heldout import record_split
+
+        record_split(study, pipeline.task)  # the images `pxopt.search.heldout` evaluates on
     space.check_resumable(study.get_trials(deepcopy=False))
     if spec.baselines:
         enqueue_baselines(study, space, limit=spec.trials)
