@@ -90,7 +90,7 @@ def is_imagenet_model(model: str) -> bool:
         pretrained_cfg(parsed.name, parsed.tag)
     elif parsed.kind == "file" and parsed.arch is not None:
         parsed = parsed.arch
-    return parsed.kind in ("torchvision", "timm")
+    return parsed.kind in ("torchvision", "timm", "package")
 
 
 def require_data(spec, *, data_given: bool, spec_path: Path | None) -> None:

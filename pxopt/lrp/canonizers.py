@@ -10,6 +10,10 @@ afterwards):
   and the BatchNorm itself becomes the identity for that time.
 - element-wise activations: Pass; average pools: Norm; max pools, Flatten, Dropout (eval),
   Identity, permutes: the plain gradient (winner takes all for max pools).
+- TensorFlow "SAME" convs (timm's Conv2dSame in tf_efficientnet_* / tf_mobilenetv3_*,
+  asymmetric padding for stride 2; `register_same_conv`): the Conv2d rule with the padding
+  inside the linear map (`LinearOp.same`), as zennit sees the module's own forward; the
+  padded zeros get no relevance, as with a conv's built-in padding.
 - LayerNorm (channels last, and the NCHW LayerNorm2d of ConvNeXt-style models): AttnLRP's
   LayerNorm rule (`pxopt.lrp.rules.LayerNormFn`: the standard deviation held constant, so
   relevance flows through the centring and the affine map as through a linear layer);
@@ -137,14 +141,39 @@ def layer_norm_dim(module: nn.Module, name: str = "") -> int:
     return dim
 
 
+#: Conv2d subclasses whose forward is TensorFlow "SAME" padding, then nn.Conv2d's.
+_SAME_CONVS: set[type] = set()
+
+
+def register_same_conv(cls: type) -> None:
+    """Conv2d subclass `cls` = TensorFlow "SAME" padding, then nn.Conv2d's forward."""
+    _SAME_CONVS.add(cls)
+
+
+def is_same_padded(module: nn.Module) -> bool:
+    """A registered TensorFlow-"SAME" conv (exact type)."""
+    return type(module) in _SAME_CONVS
+
+
+try:
+    from timm.layers import Conv2dSame as _TimmConv2dSame
+
+    register_same_conv(_TimmConv2dSame)
+except ImportError:  # pragma: no cover
+    pass
+
+
 def treatment_of(module: nn.Module) -> str | None:
     """The treatment of a leaf module, or None when it has none.
 
     A subclass counts only when it keeps its base's forward: timm's StdConv2d is a Conv2d
     whose forward standardises the weight, so the Conv2d rule (raw weight) would be wrong.
+    Registered "SAME" convs (exact types) are the exception: their padding is in the op.
     """
     from pxopt.families import leaf_treatment_table
 
+    if type(module) in _SAME_CONVS:
+        return LINEAR
     forward = type(module).forward
     for types, treatment in [*leaf_treatment_table(), *_TREATMENTS]:
         if any(isinstance(module, t) and forward is t.forward for t in types):

@@ -112,7 +112,7 @@ def _op_of(module: nn.Module) -> LinearOp:
             raise UnsupportedLayerError(
                 f"Conv2d with padding_mode={module.padding_mode!r} has no LRP rule")
         return conv2d_op(module.stride, module.padding, module.dilation, module.groups,
-                         module.weight.shape)
+                         module.weight.shape, same=cz.is_same_padded(module))
     return LinearOp("linear")
 
 

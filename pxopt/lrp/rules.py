@@ -74,7 +74,11 @@ def _axpy_(y: Tensor, x: Tensor, k: Tensor | float) -> Tensor:
 class LinearOp:
     """A linear map y = op(x, W) (bias excluded) and its transpose, for one layer type.
 
-    `kind` is "linear" (channels last, any leading dims) or "conv2d" (NCHW).
+    `kind` is "linear" (channels last, any leading dims) or "conv2d" (NCHW). `same`: the
+    conv pads its input like TensorFlow's "SAME" (timm's Conv2dSame: output size
+    ceil(input / stride), the odd pixel of padding at the bottom / right) instead of
+    `padding`; the padding is part of the linear map, so rules see the unpadded input
+    (ZBox bounds and Flat's ones are padded with zeros, as zennit does via the forward).
     """
 
     kind: str = "linear"
@@ -82,10 +86,20 @@ class LinearOp:
     padding: tuple[int, int] = (0, 0)
     dilation: tuple[int, int] = (1, 1)
     groups: int = 1
+    same: bool = False
+
+    def same_pads(self, x: Tensor, w: Tensor) -> list[int]:
+        """F.pad amounts (left, right, top, bottom) of TensorFlow "SAME" padding."""
+        tot = [max((-(-i // s) - 1) * s + (k - 1) * d + 1 - i, 0)
+               for i, k, s, d in zip(x.shape[-2:], w.shape[-2:], self.stride, self.dilation,
+                                     strict=True)]
+        return [tot[1] // 2, tot[1] - tot[1] // 2, tot[0] // 2, tot[0] - tot[0] // 2]
 
     def forward(self, x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
         if self.kind == "linear":
             return F.linear(x, w, b)
+        if self.same:
+            x = F.pad(x, self.same_pads(x, w))
         return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
 
     def transpose(self, w: Tensor, g: Tensor, x: Tensor) -> Tensor:
@@ -97,10 +111,15 @@ class LinearOp:
         """
         if self.kind == "linear":
             return g.matmul(w)
-        return torch.ops.aten.convolution_backward(
-            g, x, w, None, list(self.stride), list(self.padding), list(self.dilation),
+        pads = self.same_pads(x, w) if self.same else None
+        xp = F.pad(x, pads) if pads else x
+        out = torch.ops.aten.convolution_backward(
+            g, xp, w, None, list(self.stride), list(self.padding), list(self.dilation),
             False, [0, 0], self.groups, (True, False, False),
         )[0]
+        if pads:  # the padded border's share is dropped: those inputs are constant zeros
+            out = out[..., pads[2]:out.shape[-2] - pads[3], pads[0]:out.shape[-1] - pads[1]]
+        return out
 
     def bias(self, b: Tensor, ndim: int) -> Tensor:
         """Bias shaped to broadcast against an output of `ndim` dimensions."""
@@ -146,8 +165,9 @@ class LinearOp:
 
 
 def conv2d_op(stride: Any = 1, padding: Any = 0, dilation: Any = 1, groups: int = 1,
-              weight_shape: Sequence[int] | None = None) -> LinearOp:
-    """A conv2d LinearOp; string padding ('valid'/'same') is turned into explicit ints."""
+              weight_shape: Sequence[int] | None = None, *, same: bool = False) -> LinearOp:
+    """A conv2d LinearOp; string padding ('valid'/'same') is turned into explicit ints.
+    `same`: TensorFlow "SAME" padding computed per input (see LinearOp), on top of `padding`."""
 
     def pair(v: Any) -> tuple[int, int]:
         return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
@@ -164,7 +184,7 @@ def conv2d_op(stride: Any = 1, padding: Any = 0, dilation: Any = 1, groups: int 
             padding = (tot[0] // 2, tot[1] // 2)
         else:
             raise ConfigError(f"unsupported conv padding {padding!r}")
-    return LinearOp("conv2d", pair(stride), pair(padding), dil, int(groups))
+    return LinearOp("conv2d", pair(stride), pair(padding), dil, int(groups), same)
 
 
 # ---------------------------------------------------------------------------------------

