@@ -109,7 +109,8 @@ def family_lines() -> list[str]:
     """One line per registered model family: name, kind, what it covers."""
     from pxopt.families import families
 
-    return [f"  {f.name:<20} {f.kind:<4} {f.summary}" for f in families()]
+    width = max((len(f.name) for f in families()), default=0)
+    return [f"  {f.name:<{width}} {f.kind:<4} {f.summary}" for f in families()]
 
 
 def describe_supported() -> str:
