@@ -180,6 +180,7 @@ CONSERVED = [
     "timm:mobilenetv2_050",
     pytest.param("efficientnet_b0", marks=pytest.mark.slow),
     pytest.param("timm:efficientnet_b0", marks=pytest.mark.slow),
+    "timm:tf_efficientnet_lite0",  # the Lite0 of `package:efficientnet_lite0` (TF "same" padding)
 ]
 
 
@@ -275,6 +276,7 @@ PRUNED = [
     "timm:mobilenetv2_050",
     pytest.param("efficientnet_b0", marks=pytest.mark.slow),
     pytest.param("timm:efficientnet_b0", marks=pytest.mark.slow),
+    "timm:tf_efficientnet_lite0",  # the Lite0 of `package:efficientnet_lite0` (TF "same" padding)
 ]
 
 
