@@ -208,16 +208,24 @@ def zennit_relevance(model: nn.Module, x: torch.Tensor, targets: list[int], rule
     composite = MixedComposite(
         [NameMapComposite(name_map), LayerMapComposite(layer_map_base())], canonizers=canonizers
     )
+    return zennit_attribute(composite, model, lm.names(), x, targets)
+
+
+def zennit_attribute(composite, model: nn.Module, names: list[str], x: torch.Tensor,  # noqa: ANN001
+                     targets: list[int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Input relevance of `model` under a zennit `composite`, seeded with one-hot `targets`, and
+    the relevance at the output of each module in `names`, summed per channel (per-layer
+    relevance as pxopt records it)."""
     comps: dict[str, torch.Tensor] = {}
     modules = dict(model.named_modules())
     handles = []
     with composite.context(model) as hooked:
-        for layer in lm:
-            def hook(m, i, o, name=layer.name):
-                def grab(g):
+        for name in names:
+            def hook(m, i, o, name=name):  # noqa: ANN001
+                def grab(g):  # noqa: ANN001
                     comps[name] = g.sum(tuple(range(2, g.ndim))) if g.ndim > 2 else g
                 o.register_hook(grab)
-            handles.append(modules[layer.name].register_forward_hook(hook))
+            handles.append(modules[name].register_forward_hook(hook))
         try:
             xx = x.clone().requires_grad_(True)
             out = hooked(xx)

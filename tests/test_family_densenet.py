@@ -11,7 +11,7 @@ import pytest
 import torch
 import torchvision
 import zennit.rules as zr
-from lrp_zennit_helpers import COMPOSITES, _zennit_rule, randomise_bn
+from lrp_zennit_helpers import COMPOSITES, _zennit_rule, randomise_bn, zennit_attribute
 from torch import nn
 from zennit.canonizers import MergeBatchNorm
 from zennit.composites import LayerMapComposite, MixedComposite, NameMapComposite, layer_map_base
@@ -135,26 +135,7 @@ def _zennit_densenet(model: nn.Module, x: torch.Tensor, targets: list[int], rule
               if type(m).__name__ == "_DenseLayer"]
     composite = MixedComposite([NameMapComposite(name_map), LayerMapComposite(layer_map_base())],
                                canonizers=[_PairsMerge(pairs)])
-    comps: dict[str, torch.Tensor] = {}
-    modules = dict(seq.named_modules())
-    handles = []
-    with composite.context(seq) as hooked:
-        for layer in lm:
-            def hook(m, i, o, name=layer.name):
-                def grab(g):
-                    comps[name] = g.sum(tuple(range(2, g.ndim))) if g.ndim > 2 else g
-                o.register_hook(grab)
-            handles.append(modules[layer.name].register_forward_hook(hook))
-        try:
-            xx = x.clone().requires_grad_(True)
-            out = hooked(xx)
-            seed = torch.zeros_like(out)
-            seed[torch.arange(len(targets)), torch.tensor(targets)] = 1.0
-            (rel,) = torch.autograd.grad(out, xx, seed)
-        finally:
-            for h in handles:
-                h.remove()
-    return rel, comps
+    return zennit_attribute(composite, seq, lm.names(), x, targets)
 
 
 @pytest.mark.parametrize("composite", sorted(COMPOSITES))

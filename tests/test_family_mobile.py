@@ -17,7 +17,13 @@ import timm
 import torch
 import torchvision
 import zennit.rules as zr
-from lrp_zennit_helpers import COMPOSITES, ExactMergeBatchNorm, _zennit_rule, randomise_bn
+from lrp_zennit_helpers import (
+    COMPOSITES,
+    ExactMergeBatchNorm,
+    _zennit_rule,
+    randomise_bn,
+    zennit_attribute,
+)
 from torch import nn
 from zennit.canonizers import AttributeCanonizer
 from zennit.composites import LayerMapComposite, MixedComposite, NameMapComposite, layer_map_base
@@ -110,23 +116,7 @@ def _zennit(model, x, targets, rules, lm):
     name_map = [((n,), _zennit_rule(cfg.rule_for(n, g))) for n, g in entries]
     composite = MixedComposite([NameMapComposite(name_map), LayerMapComposite(layer_map_base())],
                                canonizers=[ExactMergeBatchNorm(), _MbV2Canonizer()])
-    comps, handles = {}, []
-    modules = dict(model.named_modules())
-    with composite.context(model) as hooked:
-        for la in lm:
-            def hook(m, i, o, name=la.name):
-                o.register_hook(lambda g: comps.__setitem__(name, g.sum((2, 3)) if g.ndim > 2 else g))
-            handles.append(modules[la.name].register_forward_hook(hook))
-        try:
-            xx = x.clone().requires_grad_(True)
-            out = hooked(xx)
-            seed = torch.zeros_like(out)
-            seed[torch.arange(len(targets)), torch.tensor(targets)] = 1.0
-            (rel,) = torch.autograd.grad(out, xx, seed)
-        finally:
-            for h in handles:
-                h.remove()
-    return rel, comps
+    return zennit_attribute(composite, model, [la.name for la in lm], x, targets)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -15,7 +15,13 @@ from functools import partial
 
 import pytest
 import torch
-from lrp_zennit_helpers import COMPOSITES, ExactMergeBatchNorm, randomise_bn, zennit_relevance
+from lrp_zennit_helpers import (
+    COMPOSITES,
+    ExactMergeBatchNorm,
+    randomise_bn,
+    zennit_attribute,
+    zennit_relevance,
+)
 from torch import nn
 from zennit.canonizers import AttributeCanonizer
 from zennit.layer import Sum
@@ -151,24 +157,7 @@ def _zennit(twin, x, targets, rules, lm):
     name_map = [((n,), _zennit_rule(cfg.rule_for(n, g))) for n, g in entries]
     composite = MixedComposite([NameMapComposite(name_map), LayerMapComposite(layer_map_base())],
                                canonizers=[ExactMergeBatchNorm(), _LiteBlockCanonizer()])
-    comps: dict[str, torch.Tensor] = {}
-    modules = dict(twin.named_modules())
-    handles = []
-    with composite.context(twin) as hooked:
-        for la in lm:
-            def hook(m, i, o, name=la.name):
-                o.register_hook(lambda g: comps.__setitem__(name, g.sum((2, 3)) if g.ndim > 2 else g))
-            handles.append(modules[la.name].register_forward_hook(hook))
-        try:
-            xx = x.clone().requires_grad_(True)
-            out = hooked(xx)
-            seed = torch.zeros_like(out)
-            seed[torch.arange(len(targets)), torch.tensor(targets)] = 1.0
-            (rel,) = torch.autograd.grad(out, xx, seed)
-        finally:
-            for h in handles:
-                h.remove()
-    return rel, comps
+    return zennit_attribute(composite, twin, [la.name for la in lm], x, targets)
 
 
 def test_lite_conservation_bias_free() -> None:
