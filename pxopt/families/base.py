@@ -282,3 +282,16 @@ class Family:
         """Extra keyword arguments for Torch-Pruning's `DependencyGraph.build_dependency`
         (e.g. `unwrapped_parameters` for a layer scale, `customized_pruners`). Default: none."""
         return {}
+
+
+class ResNetStagesFamily(Family):
+    """A family whose stages are a ResNet's `layer1 .. layerN` children (torchvision's and
+    timm's ResNets): stem + layer1 low, the last layer high (`pxopt.layermap.resnet_stages`),
+    resolution stages where a model lacks them."""
+
+    def stage_groups(self, model: nn.Module, names: list[str],
+                     example_input: Tensor | None) -> StageSplit | None:
+        from pxopt.layermap import resnet_stages
+
+        split = resnet_stages(model, names)
+        return ("resnet", split) if split is not None else super().stage_groups(model, names, example_input)

@@ -16,8 +16,7 @@ from typing import ClassVar
 from torch import Tensor, nn
 
 from pxopt.families import register_family
-from pxopt.families.base import BlockForward, Family, StageSplit
-from pxopt.layermap import resnet_stages
+from pxopt.families.base import BlockForward, ResNetStagesFamily
 from pxopt.lrp.rules import lrp_sum
 
 
@@ -46,7 +45,7 @@ def _bottleneck(self: nn.Module, x: Tensor) -> Tensor:
     return self.act3(_tail(self, x, shortcut))
 
 
-class TimmResNet(Family):
+class TimmResNet(ResNetStagesFamily):
     name: ClassVar[str] = "timm-resnet"
     kind: ClassVar[str] = "cnn"
     priority: ClassVar[int] = 10
@@ -58,11 +57,6 @@ class TimmResNet(Family):
         except ImportError:  # pragma: no cover
             return False
         return isinstance(model, ResNet)
-
-    def stage_groups(self, model: nn.Module, names: list[str],
-                     example_input: Tensor | None) -> StageSplit | None:
-        split = resnet_stages(model, names)
-        return ("resnet", split) if split is not None else super().stage_groups(model, names, example_input)
 
     def block_forwards(self) -> Mapping[type, BlockForward]:
         try:

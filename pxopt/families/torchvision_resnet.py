@@ -16,8 +16,7 @@ from typing import ClassVar
 from torch import Tensor, nn
 
 from pxopt.families import register_family
-from pxopt.families.base import BlockForward, Family, StageSplit
-from pxopt.layermap import resnet_stages
+from pxopt.families.base import BlockForward, ResNetStagesFamily
 from pxopt.lrp.rules import lrp_sum
 
 
@@ -40,7 +39,7 @@ def _bottleneck(self: nn.Module, x: Tensor) -> Tensor:
     return self.relu(lrp_sum(out, identity))
 
 
-class TorchvisionResNet(Family):
+class TorchvisionResNet(ResNetStagesFamily):
     name: ClassVar[str] = "torchvision-resnet"
     kind: ClassVar[str] = "cnn"
     priority: ClassVar[int] = 10
@@ -52,11 +51,6 @@ class TorchvisionResNet(Family):
         except ImportError:  # pragma: no cover
             return False
         return isinstance(model, ResNet)
-
-    def stage_groups(self, model: nn.Module, names: list[str],
-                     example_input: Tensor | None) -> StageSplit | None:
-        split = resnet_stages(model, names)
-        return ("resnet", split) if split is not None else super().stage_groups(model, names, example_input)
 
     def block_forwards(self) -> Mapping[type, BlockForward]:
         from torchvision.models.resnet import BasicBlock, Bottleneck
