@@ -326,6 +326,58 @@ def _window_bias(rel: Tensor, mask: Tensor | None, windows: int, heads: int, n: 
     return bias.expand(windows // nw, nw, heads, n, n).reshape(windows, heads, n, n)
 
 
+@dataclass
+class _TvWindows:
+    """Geometry of one call of torchvision's shifted-window attention: the input's size, its
+    padded size, the window size and the shift in force (both as torchvision adjusts them)."""
+
+    b: int
+    h: int
+    w: int
+    ph: int
+    pw: int
+    ws: list[int]
+    shift: list[int]
+
+    @property
+    def count(self) -> int:
+        return (self.ph // self.ws[0]) * (self.pw // self.ws[1])
+
+    def bias(self, attn: nn.Module, heads: int, n: int, like: Tensor) -> Tensor:
+        """The relative position bias plus the shift mask, as `_window_bias` lays them out."""
+        mask = _tv_shift_mask(self.ph, self.pw, self.ws, self.shift, like) if sum(self.shift) > 0 else None
+        return _window_bias(attn.get_relative_position_bias().to(like.dtype), mask,
+                            self.b * self.count, heads, n)
+
+    def merge(self, out: Tensor) -> Tensor:
+        """(batch·windows, N, C) back to (batch, H, W, C): undo the partition, shift and pad."""
+        ws, c = self.ws, out.shape[-1]
+        out = out.view(self.b, self.ph // ws[0], self.pw // ws[1], ws[0], ws[1], c)
+        out = out.permute(0, 1, 3, 2, 4, 5).reshape(self.b, self.ph, self.pw, c)
+        if sum(self.shift) > 0:
+            out = torch.roll(out, shifts=(self.shift[0], self.shift[1]), dims=(1, 2))
+        return out[:, :self.h, :self.w, :].contiguous()
+
+
+def _tv_partition(attn: nn.Module, x: Tensor) -> tuple[Tensor, _TvWindows]:
+    """torchvision's pad, shift and window partition of (batch, H, W, C) (the steps of its
+    `shifted_window_attention`): the windows as (batch·windows, N, C) and their geometry."""
+    ws, shift = list(attn.window_size), list(attn.shift_size)
+    b, h_, w_, c = x.shape
+    pad_r, pad_b = (ws[1] - w_ % ws[1]) % ws[1], (ws[0] - h_ % ws[0]) % ws[0]
+    x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
+    _, ph, pw, _ = x.shape
+    if ws[0] >= ph:
+        shift[0] = 0
+    if ws[1] >= pw:
+        shift[1] = 0
+    if sum(shift) > 0:
+        x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+    g = _TvWindows(b, h_, w_, ph, pw, ws, shift)
+    x = x.view(b, ph // ws[0], ws[0], pw // ws[1], ws[1], c).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(b * g.count, ws[0] * ws[1], c), g
+
+
 class _HeadRecorder:
     """Turns per-window head relevance (batch·nW, heads, N) into (batch, heads, nW·N)."""
 
@@ -354,32 +406,13 @@ def _patch_tv_attention(blk: SwinBlock, rules: ViTRules, rec: Callable[[Tensor],
                        attn.proj.bias)
 
     def forward(x: Tensor) -> Tensor:  # torchvision's shifted_window_attention, eval mode
-        ws, shift = list(attn.window_size), list(attn.shift_size)
-        b, h_, w_, c = x.shape
-        pad_r, pad_b = (ws[1] - w_ % ws[1]) % ws[1], (ws[0] - h_ % ws[0]) % ws[0]
-        x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
-        _, ph, pw, _ = x.shape
-        if ws[0] >= ph:
-            shift[0] = 0
-        if ws[1] >= pw:
-            shift[1] = 0
-        if sum(shift) > 0:
-            x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
-        nw = (ph // ws[0]) * (pw // ws[1])
-        x = x.view(b, ph // ws[0], ws[0], pw // ws[1], ws[1], c).permute(0, 1, 3, 2, 4, 5)
-        x = x.reshape(b * nw, ws[0] * ws[1], c)
-        n = x.shape[1]
+        x, g = _tv_partition(attn, x)
+        n, c = x.shape[1], x.shape[2]
         q, k, v = qkv(x)
-        mask = _tv_shift_mask(ph, pw, ws, shift, x.detach()) if sum(shift) > 0 else None
-        bias = _window_bias(attn.get_relative_position_bias().to(x.dtype), mask, b * nw, heads, n)
+        bias = g.bias(attn, heads, n, x.detach())
         out = ops.biased_attention(q, k, v, hd ** -0.5, bias, rules.softmax, eps=rules.matmul_eps,
                                    fused=rules.fused, record=rec)
-        out = proj(out.transpose(1, 2).reshape(b * nw, n, c))
-        out = out.view(b, ph // ws[0], pw // ws[1], ws[0], ws[1], c).permute(0, 1, 3, 2, 4, 5)
-        out = out.reshape(b, ph, pw, c)
-        if sum(shift) > 0:
-            out = torch.roll(out, shifts=(shift[0], shift[1]), dims=(1, 2))
-        return out[:, :h_, :w_, :].contiguous()
+        return g.merge(proj(out.transpose(1, 2).reshape(x.shape[0], n, c)))
 
     set_forward(attn, forward, saved)
 
@@ -559,26 +592,12 @@ def _tv_plain_forward(attn: nn.Module, x: Tensor, hd: int,
     """torchvision's shifted-window attention in eval mode with the head width `hd` given
     (its own code takes input width / num_heads, wrong once heads are sliced); `fn` may read
     or replace the head outputs, (batch, tokens of all windows, heads · hd)."""
-    ws, shift = list(attn.window_size), list(attn.shift_size)
     heads = attn.num_heads
-    b, h_, w_, c = x.shape
-    pad_r, pad_b = (ws[1] - w_ % ws[1]) % ws[1], (ws[0] - h_ % ws[0]) % ws[0]
-    x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
-    _, ph, pw, _ = x.shape
-    if ws[0] >= ph:
-        shift[0] = 0
-    if ws[1] >= pw:
-        shift[1] = 0
-    if sum(shift) > 0:
-        x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
-    nw = (ph // ws[0]) * (pw // ws[1])
-    x = x.view(b, ph // ws[0], ws[0], pw // ws[1], ws[1], c).permute(0, 1, 3, 2, 4, 5)
-    x = x.reshape(b * nw, ws[0] * ws[1], c)
-    n = x.shape[1]
+    x, g = _tv_partition(attn, x)
+    b, nw, n = g.b, g.count, x.shape[1]
     q, k, v = F.linear(x, attn.qkv.weight, attn.qkv.bias).reshape(
         b * nw, n, 3, heads, hd).permute(2, 0, 3, 1, 4)
-    mask = _tv_shift_mask(ph, pw, ws, shift, x.detach()) if sum(shift) > 0 else None
-    bias = _window_bias(attn.get_relative_position_bias().to(x.dtype), mask, b * nw, heads, n)
+    bias = g.bias(attn, heads, n, x.detach())
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=hd ** -0.5)
     if fn is not None:
         o = o.transpose(1, 2).reshape(b, nw * n, heads * hd)  # windows of one image together
@@ -586,12 +605,7 @@ def _tv_plain_forward(attn: nn.Module, x: Tensor, hd: int,
         o = (o if new is None else new).reshape(b * nw, n, heads * hd)
     else:
         o = o.transpose(1, 2).reshape(b * nw, n, heads * hd)
-    out = F.linear(o, attn.proj.weight, attn.proj.bias)
-    out = out.view(b, ph // ws[0], pw // ws[1], ws[0], ws[1], c).permute(0, 1, 3, 2, 4, 5)
-    out = out.reshape(b, ph, pw, c)
-    if sum(shift) > 0:
-        out = torch.roll(out, shifts=(shift[0], shift[1]), dims=(1, 2))
-    return out[:, :h_, :w_, :].contiguous()
+    return g.merge(F.linear(o, attn.proj.weight, attn.proj.bias))
 
 
 def _read_timm_heads(attn: nn.Module, fn: Callable[[Tensor], Tensor | None],
