@@ -59,7 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pxopt.errors import NonFiniteRelevanceError, UnsupportedLayerError
+from pxopt.errors import UnsupportedLayerError
 from pxopt.families import register_family
 from pxopt.families.base import Family
 from pxopt.layermap import Layer, LayerMap, stage_groups
@@ -75,12 +75,13 @@ from pxopt.lrp.vit import (
     _patch_act,
     _start_gradient,
     conv_rule,
+    finish_explanation,
     linear_rule,
     patch_linear,
     qkv_fn,
     set_forward,
 )
-from pxopt.lrp.vit_structure import block_group
+from pxopt.lrp.vit_structure import ViTBlock, block_group
 from pxopt.scores import ComponentScores, ScoreAccumulator, default_ranking
 
 NAME = "swin"
@@ -187,22 +188,11 @@ def check_swin(model: nn.Module) -> str:
 
 
 @dataclass
-class SwinBlock:
-    """One Swin block: its window attention and MLP, its stage and group."""
+class SwinBlock(ViTBlock):
+    """One Swin block: a transformer block (its window attention and MLP; `index` among all
+    blocks) with the stage it belongs to."""
 
-    name: str
-    module: nn.Module
-    index: int  # among all blocks
-    stage: int
-    group: str
-    attn_name: str
-    attn: nn.Module
-    fc1_name: str
-    fc1: nn.Linear
-    act: nn.Module
-    fc2_name: str
-    fc2: nn.Linear
-    num_heads: int
+    stage: int = 0
 
 
 @dataclass
@@ -268,8 +258,8 @@ def swin_structure(model: nn.Module, boundaries: tuple[float, float] = (0.25, 0.
             raise _refuse(f"{name}.mlp", act, "has an activation without a rule")
         if family == "timm":
             _BLOCK_OF[b.attn] = b
-        blocks.append(SwinBlock(name, b, i, s, group, f"{name}.attn", b.attn, fc1_name, fc1, act,
-                                fc2_name, fc2, int(b.attn.num_heads)))
+        blocks.append(SwinBlock(name, b, i, group, f"{name}.attn", b.attn, fc1_name, fc1, act,
+                                fc2_name, fc2, int(b.attn.num_heads), stage=s))
     by_stage = {b.stage: b.group for b in blocks}
     merge_groups = [(n, m, by_stage.get(s, "mid")) for n, m, s in merges]
     return SwinStructure(family, pe_name, pe, blocks, merge_groups, head_name, n_stages)
@@ -518,16 +508,7 @@ def _explain(model: nn.Module, inputs: Tensor, targets: Any, vr: ViTRules, start
                 components[name] = store[name]
     if "head" in kinds:
         components[st.head_name] = _seed(out, targets, start)
-    total = relevance.sum() + sum((c.sum() for c in components.values()), relevance.new_zeros(()))
-    total = total + sum((c.sum() for c in rec.token_abs.values()), relevance.new_zeros(()))
-    if not bool(torch.isfinite(total)):
-        raise NonFiniteRelevanceError(
-            "relevances became NaN or infinite: raise epsilon / the stabiliser, or check the "
-            "model's outputs")
-    token_abs = {n: rec.token_abs[n] for n in components if n in rec.token_abs}
-    per_token = None if rec.tokens is None else \
-        {n: rec.tokens[n] for n in components if n in rec.tokens}
-    return Explanation(relevance.detach(), components, out.detach(), token_abs, per_token)
+    return finish_explanation(relevance, components, out, rec)
 
 
 def explain_swin(model: nn.Module, inputs: Tensor, targets: Any = None, rules: Any = None, *,

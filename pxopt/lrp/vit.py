@@ -394,6 +394,13 @@ def _explain(model: nn.Module, inputs: Tensor, targets: Any, vr: ViTRules, start
                 components[name] = store[name]
     if "head" in kinds and struct.head_names:
         components[struct.head_names[-1]] = _seed(out, targets, start)
+    return finish_explanation(relevance, components, out, rec)
+
+
+def finish_explanation(relevance: Tensor, components: dict[str, Tensor], out: Tensor,
+                       rec: Recording) -> Explanation:
+    """The `Explanation` of a transformer's LRP pass, refused (NonFiniteRelevanceError) when any
+    relevance is NaN or infinite: one finiteness check over everything recorded."""
     total = relevance.sum() + sum((c.sum() for c in components.values()), relevance.new_zeros(()))
     total = total + sum((c.sum() for c in rec.token_abs.values()), relevance.new_zeros(()))
     if not bool(torch.isfinite(total)):
