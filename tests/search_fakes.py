@@ -153,3 +153,15 @@ class FakePipeline:
     def criterion_scores(self, name: str):
         quality = {"random": "alphabeta", "weight": "zplus"}.get(name, "epsilon")
         return _Scores({"groups": {"low": {"rule": quality, "epsilon": 1e-6}}})
+
+
+
+def run_cli(args: list[str]) -> str:
+    """Invoke `pxopt args`, assert it exited 0, return its output."""
+    from typer.testing import CliRunner
+
+    from pxopt.cli import app
+
+    result = CliRunner().invoke(app, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output

@@ -8,24 +8,11 @@ from pathlib import Path
 import optuna
 import optuna_dashboard
 import pytest
-from search_fakes import FakePipeline
-from typer.testing import CliRunner
+from search_fakes import run_cli
 
-import pxopt.pipeline
-from pxopt.cli import app, main
+from pxopt.cli import main
 
-
-@pytest.fixture()
-def fake(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    monkeypatch.setattr(pxopt.pipeline.Pipeline, "from_spec", FakePipeline.from_spec)
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
-def _run(args: list[str]) -> str:
-    result = CliRunner().invoke(app, args, catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return result.output
+_run = run_cli
 
 
 def _error(args: list[str], capsys: pytest.CaptureFixture) -> str:

@@ -12,11 +12,8 @@ from types import SimpleNamespace
 import optuna
 import pytest
 import torch
-from search_fakes import FakePipeline, tiny_linear_model
-from typer.testing import CliRunner
+from search_fakes import FakePipeline, run_cli, tiny_linear_model
 
-import pxopt.pipeline
-from pxopt.cli import app
 from pxopt.data import make_task
 from pxopt.data.heldout import split_per_class
 from pxopt.data.sources import Dataset, Split
@@ -104,17 +101,7 @@ def test_results_benchmark_uses_the_library_split() -> None:
 
 
 # -- in a study, through the CLI (fake pipeline: no model) ------------------------------------
-@pytest.fixture()
-def fake(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    monkeypatch.setattr(pxopt.pipeline.Pipeline, "from_spec", FakePipeline.from_spec)
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
-def _run(args: list[str]) -> str:
-    result = CliRunner().invoke(app, args, catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return result.output
+_run = run_cli
 
 
 SEARCH = ["search", "--model", "builtin:tiny", "--study", "h", "--rates", "0:1:0.25"]

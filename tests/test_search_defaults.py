@@ -31,13 +31,6 @@ from pxopt.search.spec import StudySpec
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture()
-def fake(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    monkeypatch.setattr(pxopt.pipeline.Pipeline, "from_spec", FakePipeline.from_spec)
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
 def _error(args: list[str], capsys: pytest.CaptureFixture) -> str:
     with pytest.raises(SystemExit) as exc:
         main(args)
