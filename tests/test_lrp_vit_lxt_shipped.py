@@ -112,11 +112,12 @@ def run_pxopt(model: nn.Module, x: torch.Tensor, t: torch.Tensor, cfg: dict,
     monkeypatch.setattr(tv_family, "attention_core", keep_core)
     handles = [blk.mlp[1].register_forward_hook(keep_gelu) for blk in model.encoder.layers]
     try:
-        expl = explain_vit(model, x, t, cfg, start="logit")
+        expl = explain_vit(model, x, t, cfg, start="logit", tokens=True)
     finally:
         for h in handles:
             h.remove()
     return {"input": expl.input, "output": expl.output, "components": expl.components,
+            "tokens": expl.tokens, "token_abs": expl.token_abs,
             "heads": [(h * h.grad).sum(-1).detach() for h in heads],
             "mlp": [(g * g.grad).detach() for g in gelu]}
 
@@ -145,6 +146,18 @@ def test_heads_and_neurons_equal_lxt_as_shipped(tmp_path: Path,
     names = [f"encoder.layers.encoder_layer_{i}.{s}" for i in range(n)
              for s in ("self_attention", "mlp.0")]
     assert list(got["components"]) == names
+
+    # the scores pxopt ranks by, from its own recorders (not the hooks above), against lxt:
+    # a head's per-query relevance is half lxt's head output relevance (CP-LRP: the uniform
+    # rule's share), a neuron's is lxt's relevance at the GELU output; then each aggregation
+    for i in range(n):
+        attn, fc1 = names[2 * i], names[2 * i + 1]
+        lxt_heads = 0.5 * ref["heads"][i].transpose(1, 2)  # (batch, queries, heads)
+        assert rel_err(got["tokens"][attn], lxt_heads) <= TOL, f"block {i}: head scores"
+        assert rel_err(got["tokens"][fc1], ref["mlp"][i]) <= TOL, f"block {i}: neuron scores"
+        for name, lxt_tokens in ((attn, lxt_heads), (fc1, ref["mlp"][i])):
+            assert rel_err(got["token_abs"][name], lxt_tokens.abs().sum(1)) <= TOL, name
+            assert rel_err(got["components"][name], lxt_tokens.sum(1)) <= TOL, name
 
     # pxopt's own choice (the group's rule on the attention projections) really differs
     own = run_pxopt(model, x, t, pxopt_config(model, lxt_projections=False), monkeypatch)
