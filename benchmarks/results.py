@@ -83,7 +83,10 @@ def model_spec(key: str) -> str:
 # Order of the table and legend: optimised LRP, then the library's criteria (pxopt.criteria
 # .CRITERIA, the one list of names) from LRP down to random, each normalised form beside its raw one.
 CRITERIA: tuple[str, ...] = ("optimised", *reversed(LIBRARY_CRITERIA))
-BASELINE_RANKING = "abs"  # components with the smallest |score| go first, as in the paper
+# Baseline criteria are ranked by their own default aggregation (`ComponentScores.select()`,
+# as `pxopt baselines` does): |score| (the smallest go first, as in the paper), and for the
+# LRP criteria on ViTs the reference's sum over tokens of |R| ("token-abs").
+BASELINE_RANKING = None
 
 
 @dataclass
@@ -220,7 +223,8 @@ def search(setting: Setting, s: Settings, log: Callable[[str], None]) -> dict[st
     # Studies of another budget or image count are different studies: keep them apart
     # ("-meanacc": the area as the mean accuracy; studies of the older trapezoid objective
     # cannot be resumed).
-    url = f"sqlite:///{(s.work_dir / f'{name}-r{len(s.rates)}-ref{s.n_ref}-meanacc.db').resolve()}"
+    # ("-stage": the stage grouping; studies of the former count split are kept apart too).
+    url = f"sqlite:///{(s.work_dir / f'{name}-r{len(s.rates)}-ref{s.n_ref}-meanacc-{spec.grouping}.db').resolve()}"
     pipe = pipeline_for(setting, setting.search_task, s)
     start = time.perf_counter()
 
@@ -234,7 +238,8 @@ def search(setting: Setting, s: Settings, log: Callable[[str], None]) -> dict[st
     patience = StopAfterNoImprovement(s.patience) if s.patience else None
     callbacks = [progress] if patience is None else [progress, patience]
     result = run_search(spec, pipe.evaluate, family=setting.loaded.family, storage_url=url,
-                        timings=pipe.timings, callbacks=callbacks)
+                        timings=pipe.timings, callbacks=callbacks,
+                        study_attrs={f"pxopt.{k}": v for k, v in grouping_record(setting.layer_map).items()})
     best = result.best_trial
     if best is None:
         raise RuntimeError(f"{setting.key}: the search finished no trial")
@@ -315,6 +320,7 @@ def evaluate_seed(setting: Setting, best: dict[str, Any], seed: int, s: Settings
             ranking = BASELINE_RANKING
         curve = pipe.curve(scores, ranking)
         out[name] = {
+            "ranking": scores.default_ranking if ranking is None else ranking,
             "area": float(curve.area),
             "top_pr": float(curve.top_pr),
             "accuracies": [float(a) for a in curve.accuracies],
@@ -388,6 +394,11 @@ def summarise(per_seed: dict[str, dict[str, Any]], criteria: Sequence[str]) -> d
     return summary
 
 
+def grouping_record(layer_map: Any) -> dict[str, Any]:
+    """The layer map's grouping ("stage" / "count", with the stage rule) and its groups."""
+    return {"grouping": layer_map.describe_grouping(), "layer_groups": layer_map.groups()}
+
+
 def run_setting(setting: Setting, s: Settings, record: dict[str, Any], save: Callable[[], None],
                 log: Callable[[str], None]) -> None:
     """Search, then evaluate on every seed, saving after each step."""
@@ -397,6 +408,8 @@ def run_setting(setting: Setting, s: Settings, record: dict[str, Any], save: Cal
         "n_classes": setting.n_classes, "classes": setting.classes,
         "class_names": list(setting.search_task.class_names),
         "layers": {la.name: int(la.n_components) for la in setting.layer_map.prunable((setting.kind,))},
+        # how the rule groups were formed, and the layers of each (as `pxopt export` records)
+        **grouping_record(setting.layer_map),
         "held_out_validation_images": len(setting.held_out),
         "per_seed": {}, "summary": {}, "complete": False,
     })
@@ -498,10 +511,12 @@ def markdown(results: dict[str, Any]) -> str:
             if se:
                 src = f"baseline `{se['baseline']}`" if se.get("baseline") else f"trial {se['trial']}"
                 area = se.get("search_area", se.get("search_area_normalised"))
+                grouping = (recs[k].get("grouping") or {}).get("grouping", "count (not recorded)")
                 search_lines.append(f"{_setting_label(recs[k])}: best = {src}, area {area:.3f}"
                                     f" on the search split ({se['n_complete']} complete / {se['n_pruned']} pruned / "
                                     f"{se['n_failed']} failed trials, {se['seconds']:.0f} s"
-                                    f"{', stopped early' if se.get('stopped_early') else ''})")
+                                    f"{', stopped early' if se.get('stopped_early') else ''}; "
+                                    f"groups by {grouping}, ranking {se.get('ranking', '?')})")
         if search_lines:
             lines += ["Search: " + "; ".join(search_lines) + ".", ""]
     lines += [f"Command: `{results['command']}`", "",

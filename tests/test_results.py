@@ -100,6 +100,48 @@ def test_settings_reject_unknown_model() -> None:
         R.Settings(models=("alexnet",)).validated()
 
 
+def test_baselines_rank_by_their_own_aggregation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each baseline is ranked as `pxopt baselines` ranks it (its scores' default: the
+    reference's "token-abs" for LRP criteria on ViT components, |score| otherwise), the
+    optimised rules by the searched ranking; each run records the aggregation it used."""
+    from types import SimpleNamespace
+
+    from pxopt.scores import ComponentScores
+
+    seen: list[tuple[str, str | None]] = []
+    one = {"fc1": torch.ones(2)}
+
+    class Pipe:
+        def scores(self, rules: dict) -> ComponentScores:
+            return ComponentScores(abs=one, signed=one, criterion="lrp", token_abs=one, default_ranking="token-abs")
+
+        def criterion_scores(self, name: str, **_: object) -> ComponentScores:
+            lrp = name in ("lrp-epsilon", "yeom-zplus")
+            return ComponentScores(abs=one, signed=one, criterion=name, token_abs=one if lrp else None,
+                                   default_ranking="token-abs" if lrp else "abs")
+
+        def curve(self, scores: ComponentScores, ranking: str | None) -> SimpleNamespace:
+            seen.append((scores.criterion, ranking))
+            return SimpleNamespace(area=0.5, top_pr=0.1, accuracies=[0.9, 0.1])
+
+    monkeypatch.setattr(R, "pipeline_for", lambda *_: Pipe())
+    monkeypatch.setattr(R, "eval_task", lambda *_: None)
+    s = R.Settings(criteria=("optimised", "lrp-epsilon", "yeom-zplus", "weight-norm"))
+    out = R.evaluate_seed(SimpleNamespace(kind="mlp"), {"rules": {}, "ranking": "signed"}, 1, s)
+    assert seen == [("lrp", "signed"), ("lrp-epsilon", None), ("yeom-zplus", None), ("weight-norm", None)]
+    assert {k: v["ranking"] for k, v in out.items()} == {
+        "optimised": "signed", "lrp-epsilon": "token-abs", "yeom-zplus": "token-abs", "weight-norm": "abs"}
+
+
+def test_settings_record_the_grouping() -> None:
+    from pxopt.layers import discover_layers
+    from pxopt.models.builtin.archs import FmnistResNet
+
+    rec = R.grouping_record(discover_layers(FmnistResNet()))
+    assert rec["grouping"] == {"grouping": "stage", "stage_rule": "resnet"}
+    assert rec["layer_groups"]["mid"] == ["layer2.0.conv1", "layer2.0.conv2", "layer2.0.downsample.0"]
+
+
 @pytest.mark.slow
 def test_reduced_run_on_builtin_resnet(tmp_path: Path) -> None:
     """Reduced form of the full run: real built-in ResNet, 2 trials, 2 seeds, one task."""
@@ -109,6 +151,7 @@ def test_reduced_run_on_builtin_resnet(tmp_path: Path) -> None:
     assert results["complete"], results["errors"]
     rec = results["settings"]["resnet-conv-3cls"]
     assert rec["search"]["n_trials"] >= 2
+    assert rec["grouping"]["grouping"] == "stage" and "layer2.0.conv1" in rec["layer_groups"]["mid"]
     assert rec["held_out_validation_images"] == 3 * 8
     assert sorted(rec["per_seed"]) == ["1", "2"]
     assert list(rec["summary"]) == list(R.CRITERIA)
