@@ -38,6 +38,7 @@ from torch import nn
 
 from pxopt.device import configure_threads, resolve_device
 from pxopt.lrp.vit import explain_vit
+from pxopt.vocab import GROUPS
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -88,7 +89,7 @@ def forward_backward(model: nn.Module, x: torch.Tensor, t: torch.Tensor) -> None
     (xg * grad).sum().item()
 
 
-LRP0 = {g: {"rule": "epsilon", "epsilon": 0.0} for g in ("input", "low", "mid", "high", "fc")}
+LRP0 = {g: {"rule": "epsilon", "epsilon": 0.0} for g in GROUPS}
 
 
 def pxopt_lrp(model: nn.Module, x: torch.Tensor, t: torch.Tensor, softmax: str,

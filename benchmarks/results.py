@@ -274,13 +274,13 @@ class StopAfterNoImprovement:
         self.stopped = False
 
     def trials_since_best(self, study: Any) -> int:
-        from optuna.trial import TrialState
+        from pxopt.search.workers import FINISHED
 
         try:
             best = study.best_trial.number
         except ValueError:  # no complete trial yet
             return 0
-        finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+        finished = study.get_trials(deepcopy=False, states=FINISHED)
         return sum(1 for t in finished if t.number > best)
 
     def __call__(self, study: Any, trial: Any) -> None:

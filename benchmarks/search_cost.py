@@ -22,6 +22,7 @@ import torch
 from optuna.trial import TrialState
 
 from pxopt.search.meta import library_versions
+from pxopt.search.workers import FINISHED
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -45,7 +46,7 @@ def run_default(spec_path: Path, trials: int | None, storage: Path) -> tuple[opt
 
 def summarise(study: optuna.Study) -> dict:
     """Per-trial phase times (complete and pruned trials) and the pruner's share."""
-    finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    finished = study.get_trials(deepcopy=False, states=FINISHED)
     rows = []
     for t in finished:
         tm = t.user_attrs.get("timings", {})

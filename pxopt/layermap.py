@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from pxopt.errors import ConfigError, UnsupportedLayerError
-from pxopt.vocab import DEFAULT_GROUPING, LAYER_KINDS
+from pxopt.vocab import DEFAULT_GROUPING, HIDDEN_GROUPS, LAYER_KINDS
 
 KINDS = LAYER_KINDS
 QUARTERS = (0.25, 0.75)  # the count split's default boundaries, and the ViT blocks' split
@@ -212,7 +212,7 @@ def stage_groups(n_stages: int) -> list[str]:
     """
     if n_stages >= 4:
         return [depth_group(i, n_stages, QUARTERS) for i in range(n_stages)]
-    return {3: ["low", "mid", "high"], 2: ["low", "high"]}.get(n_stages, [])
+    return {3: list(HIDDEN_GROUPS), 2: [HIDDEN_GROUPS[0], HIDDEN_GROUPS[-1]]}.get(n_stages, [])
 
 
 def resnet_stages(model: nn.Module, names: list[str]) -> dict[str, str] | None:

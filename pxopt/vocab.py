@@ -39,6 +39,11 @@ LEGACY_GROUPING = "count"
 # Layer kinds of a layer map; "head" is the classifier, never pruned.
 LAYER_KINDS: tuple[str, ...] = ("conv", "linear", "mlp", "heads", "head")
 PRUNABLE_KINDS: tuple[str, ...] = tuple(k for k in LAYER_KINDS if k != "head")
+# Kinds whose components are the output channels / neurons of a conv or linear layer (read
+# at the layer's output, sliced as weight rows); "heads" are read inside the attention.
+CHANNEL_KINDS: tuple[str, ...] = ("conv", "linear", "mlp")
+# What a transformer explanation records when no kinds are asked for.
+TRANSFORMER_KINDS: tuple[str, ...] = ("heads", "mlp")
 # A study's `components` -> the layer kinds whose components it prunes.
 COMPONENTS: dict[str, tuple[str, ...]] = {
     "conv": ("conv",),
@@ -85,11 +90,30 @@ def check_rates(rates: Any) -> list[float]:
         raise ConfigError(f"rates must be a list of numbers, got {rates!r}") from exc
     if not values:
         raise ConfigError("rates must contain at least one pruning rate")
-    if any(math.isnan(r) or not 0.0 <= r < 1.0 for r in values):
+    if not all(map(_in_rate_range, values)):
         raise ConfigError(f"rates must lie in [0, 1), got {values}")
     if any(b <= a for a, b in zip(values, values[1:], strict=False)):
         raise ConfigError(f"rates must be strictly increasing, got {values}")
     return values
+
+
+def _in_rate_range(rate: float) -> bool:
+    return not math.isnan(rate) and 0.0 <= rate < 1.0
+
+
+def check_rate(rate: Any, where: str = "rate") -> float:
+    """One pruning rate of a curve or an export, in [0, 1) like `check_rates`.
+
+    (`pxopt.prune.count_at` takes [0, 1]: the library may mask every component, e.g. to
+    measure how much a kind matters; a curve point or an exported model may not.)
+    """
+    try:
+        value = float(rate)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where} must be a number, got {rate!r}") from exc
+    if not _in_rate_range(value):
+        raise ConfigError(f"{where} must be in [0, 1), got {rate}")
+    return value
 
 
 def check_choice(value: Any, choices: Sequence[str], where: str) -> str:

@@ -96,11 +96,16 @@ def test_the_space_derives_its_ranges_from_the_registry() -> None:
 
 
 def test_each_list_is_defined_once() -> None:
+    import pxopt.criteria.sites
     import pxopt.evaluate
+    import pxopt.families.swin
+    import pxopt.layermap
     import pxopt.layers
     import pxopt.lrp.config
+    import pxopt.lrp.vit
     import pxopt.pipeline
     import pxopt.prune._layers
+    import pxopt.prune.slicing
     import pxopt.search.objective
     import pxopt.search.pool
     import pxopt.search.space
@@ -117,23 +122,33 @@ def test_each_list_is_defined_once() -> None:
     assert pxopt.evaluate.DEFAULT_RATES is vocab.DEFAULT_RATES is pxopt.search.spec.DEFAULT_RATES
     assert pxopt.search.objective.OnRate is vocab.OnRate is pxopt.evaluate.OnRate is pxopt.pipeline.OnRate
     assert pxopt.search.pool.FINISHED is pxopt.search.workers.FINISHED
-    # and no module spells one of them out again
+    assert pxopt.criteria.sites.CHANNEL_KINDS is vocab.CHANNEL_KINDS is pxopt.prune.slicing.CHANNEL_KINDS
+    assert pxopt.lrp.vit.TRANSFORMER_KINDS is vocab.TRANSFORMER_KINDS is pxopt.families.swin.TRANSFORMER_KINDS
+    assert pxopt.layermap.HIDDEN_GROUPS is vocab.HIDDEN_GROUPS is pxopt.families.swin.HIDDEN_GROUPS
+    # and no module of the package or of the benchmarks spells one of them out again:
+    # pattern -> the one file allowed to hold it
     copies = {
-        "groups": r"\"input\",\s*\"low\",\s*\"mid\",\s*\"high\",\s*\"fc\"",
-        "softmax rules": r"\"attnlrp\",\s*\"cp\",\s*\"zplus\"",
-        "searched rules": r"\"epsilon\",\s*\"gamma\",\s*\"alphabeta\",\s*\"zplus\"",
-        "finished states": r"TrialState\.COMPLETE,\s*TrialState\.PRUNED\)",
-        "on_rate type": r"Callable\[\[int,\s*float,\s*float\],\s*None\]",
-        "prunable kinds": r"\"conv\",\s*\"linear\",\s*\"mlp\",\s*\"heads\"",
-        "rankings": r"\(\"abs\",\s*\"signed\"\)",
+        "groups": (r"\"input\",\s*\"low\",\s*\"mid\",\s*\"high\",\s*\"fc\"", "vocab.py"),
+        "hidden groups": (r"[(\[{]\s*\"low\",\s*\"mid\",\s*\"high\"\s*[)\]}]", "vocab.py"),
+        "softmax rules": (r"\"attnlrp\",\s*\"cp\",\s*\"zplus\"", "registry.py"),
+        # the softmax rules the fused attention kernel serves: one decision, in one function
+        "fused softmax rules": (r"\"attnlrp\",\s*\"cp\"\)", "attention.py"),
+        "searched rules": (r"\"epsilon\",\s*\"gamma\",\s*\"alphabeta\",\s*\"zplus\"", "registry.py"),
+        "criteria": (r"\"random\",\s*\"weight\"", "__init__.py"),
+        "finished states": (r"TrialState\.COMPLETE,\s*TrialState\.PRUNED\)", "workers.py"),
+        "on_rate type": (r"Callable\[\[int,\s*float,\s*float\],\s*None\]", "vocab.py"),
+        "prunable kinds": (r"\"conv\",\s*\"linear\",\s*\"mlp\",\s*\"heads\"", "vocab.py"),
+        "channel kinds": (r"\(\"conv\",\s*\"linear\",\s*\"mlp\"\)", "vocab.py"),
+        "transformer kinds": (r"[({]\"heads\",\s*\"mlp\"[)}]", "vocab.py"),
+        "rankings": (r"\(\"abs\",\s*\"signed\"\)", "vocab.py"),
     }
-    owners = {"vocab.py", "registry.py", "workers.py"}  # workers.py: FINISHED
-    for path in sorted(PXOPT.rglob("*.py")):
-        if path.name in owners:
-            continue
+    files = [*sorted(PXOPT.rglob("*.py")), *sorted((PXOPT.parent / "benchmarks").glob("*.py"))]
+    assert len(files) > 50
+    for path in files:
         text = path.read_text(encoding="utf-8")
-        for what, pattern in copies.items():
-            assert not re.search(pattern, text), f"{path.relative_to(PXOPT)} defines the {what} again"
+        for what, (pattern, owner) in copies.items():
+            if path.name != owner or (what == "criteria" and path.parent.name != "criteria"):
+                assert not re.search(pattern, text), f"{path.relative_to(PXOPT.parent)} defines the {what} again"
 
 
 @pytest.mark.parametrize("rates", [[0.0, 0.5, 0.95], [0.3], (0.0, 0.999)])
@@ -161,3 +176,17 @@ def test_one_rate_check_everywhere(rates: object, message: str) -> None:
               "task": {k: None for k in ("data", "classes", "n_ref", "n_val", "seed", "batch_size")}}
     with pytest.raises(ConfigError, match=message):
         validate_export(export)
+
+
+def test_one_rate_of_a_curve_or_export_has_the_same_range() -> None:
+    assert vocab.check_rate(0.0) == 0.0 and vocab.check_rate("0.5", "--rate") == 0.5
+    for bad in (1.0, -0.1, math.nan):
+        with pytest.raises(ConfigError, match=r"--rate must be in \[0, 1\)"):
+            vocab.check_rate(bad, "--rate")
+        with pytest.raises(ConfigError, match=r"\[0, 1\)"):
+            vocab.check_rates([bad])
+    with pytest.raises(ConfigError, match="must be a number"):
+        vocab.check_rate("x")
+    import pxopt.cli.export_cmd
+
+    assert pxopt.cli.export_cmd.check_rate is vocab.check_rate

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from pxopt.cli._options import ALLOW_DOWNLOAD_HELP
-from pxopt.errors import ConfigError
+from pxopt.vocab import check_rate
 
 
 def register(app: typer.Typer) -> None:
@@ -59,8 +59,7 @@ def register(app: typer.Typer) -> None:
         from pxopt.search.spec import StudySpec
 
         exp = read_export(config)
-        if not 0.0 <= rate < 1.0:
-            raise ConfigError(f"--rate must be in [0, 1), got {rate}")
+        rate = check_rate(rate, "--rate")
         n_threads = latency_threads(threads)
         task = exp["task"]
         spec = StudySpec(

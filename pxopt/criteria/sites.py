@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pxopt.families import heads_family
+from pxopt.vocab import CHANNEL_KINDS
 
 Callback = Callable[[Tensor], Tensor | None]
 
@@ -59,7 +60,7 @@ class Site:
 
     def register(self, fn: Callback) -> _Handle:
         mod = self.module
-        if self.kind in ("conv", "linear", "mlp"):
+        if self.kind in CHANNEL_KINDS:
             h = mod.register_forward_hook(lambda m, a, out: fn(out))
             return _Handle(h.remove)
         family = self.family if self.family is not None else heads_family(self)

@@ -83,6 +83,7 @@ from pxopt.lrp.vit import (
 )
 from pxopt.lrp.vit_structure import ViTBlock, block_group
 from pxopt.scores import ComponentScores, ScoreAccumulator, default_ranking
+from pxopt.vocab import HIDDEN_GROUPS, TRANSFORMER_KINDS
 
 NAME = "swin"
 STAGE_RULE = "swin"
@@ -440,7 +441,7 @@ def explainable_swin(model: nn.Module, rules: ViTRules, recording: Recording | N
     A pre-hook on the model keeps the batch size of each forward: head relevance is
     regrouped from windows (all images' windows stacked) to images with it."""
     st = swin_structure(model)
-    want = kinds if kinds is not None else {"heads", "mlp"}
+    want = kinds if kinds is not None else set(TRANSFORMER_KINDS)
     batch = [0]
     saved: list = []
     hook = model.register_forward_pre_hook(lambda m, args: batch.__setitem__(0, int(args[0].shape[0])))
@@ -720,7 +721,7 @@ class SwinFamily(Family):
                      example_input: Tensor | None) -> tuple[str, dict[str, str]] | None:
         lm = discover_swin(model)
         assert lm is not None
-        groups = {la.name: la.group for la in lm if la.group in ("low", "mid", "high")}
+        groups = {la.name: la.group for la in lm if la.group in HIDDEN_GROUPS}
         return STAGE_RULE, {n: groups[n] for n in names if n in groups}
 
     def classifier_names(self, model: nn.Module) -> list[str]:

@@ -42,6 +42,7 @@ from pxopt.lrp.explanation import seed_relevance as _seed
 from pxopt.lrp.rules import LayerRule, LinearOp, conv2d_op, layer_backward
 from pxopt.lrp.vit_structure import ViTBlock, ViTStructure, block_group
 from pxopt.scores import ComponentScores, ScoreAccumulator, default_ranking
+from pxopt.vocab import TRANSFORMER_KINDS
 
 if TYPE_CHECKING:
     from pxopt.families.transformer import TransformerFamily
@@ -227,17 +228,10 @@ def set_forward(module: nn.Module, fn: Callable[..., Any], saved: list) -> None:
 
 def attention_core(q: Tensor, k: Tensor, v: Tensor, scale: float, rules: ViTRules,
                     record: Recorder | None) -> Tensor:
-    """softmax(q kᵀ · scale) v over (batch, heads, tokens, dim), rules on every op."""
-    eps = rules.matmul_eps
-    if eps == 0.0 and rules.softmax in ("attnlrp", "cp") and rules.fused:
-        return ops.fused_attention(q, k, v, scale, rules.softmax, record)
-    if rules.softmax == "cp":
-        with torch.no_grad():
-            a = torch.softmax((q * scale) @ k.transpose(-2, -1), dim=-1)
-        return ops.uniform_matmul(a, v, eps=eps, share_a=0.0, share_b=1.0, record=record)
-    logits = ops.uniform_matmul(q * scale, k.transpose(-2, -1), eps=eps)
-    a = ops.softmax(logits, rules.softmax)  # type: ignore[arg-type]
-    return ops.uniform_matmul(a, v, eps=eps, record=record)
+    """softmax(q kᵀ · scale) v over (batch, heads, tokens, dim), rules on every op
+    (`attention.biased_attention` without a bias: one implementation for ViT and Swin)."""
+    return ops.biased_attention(q, k, v, scale, None, rules.softmax, eps=rules.matmul_eps,
+                                fused=rules.fused, record=record)
 
 
 def qkv_fn(spec: RuleSpec, name: str, weight: Tensor, bias: Tensor | None, heads: int,
@@ -299,7 +293,7 @@ def explainable_vit(model: nn.Module, rules: ViTRules, recording: Recording | No
     the same for every family."""
     fam = family if family is not None else vit_family(model)
     struct = fam.checked_structure(model, boundaries)
-    want = kinds if kinds is not None else {"heads", "mlp"}
+    want = kinds if kinds is not None else set(TRANSFORMER_KINDS)
     saved: list = []
     try:
         for m in model.modules():
@@ -414,7 +408,7 @@ def finish_explanation(relevance: Tensor, components: dict[str, Tensor], out: Te
 
 
 def _kinds(kinds: Any) -> set[str]:
-    return set(kinds) if kinds is not None else {"heads", "mlp"}
+    return set(kinds if kinds is not None else TRANSFORMER_KINDS)
 
 
 def explain_vit(model: nn.Module, inputs: Tensor, targets: Any = None, rules: Any = None, *,

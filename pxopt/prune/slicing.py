@@ -28,6 +28,7 @@ from torch import nn
 from pxopt.families import heads_family
 from pxopt.prune._layers import prunable_layers
 from pxopt.prune.graph import find_following
+from pxopt.vocab import CHANNEL_KINDS
 
 _MISSING = object()
 
@@ -85,7 +86,7 @@ class Slicer:
                 family = heads_family(layer)  # the layer's own, or the one knowing its module
                 if family.slice_heads(layer, torch.arange(int(layer.n_components))) is not None:
                     self.heads.append((layer.name, layer, family))
-            if layer.kind not in ("conv", "linear", "mlp"):
+            if layer.kind not in CHANNEL_KINDS:
                 continue
             if not isinstance(layer.module, (nn.Conv2d, nn.Linear)):
                 continue
