@@ -236,6 +236,16 @@ def test_cli_accepts_every_library_criterion(monkeypatch: pytest.MonkeyPatch, tm
     assert res.exit_code == 0, res.output
     table = json.loads((tmp_path / "b" / "builtin-tiny-baselines.json").read_text())
     assert list(table["criteria"]) == list(CRITERIA)
+    # the report overlays every curve of the table, each normalised form beside its raw one
+    for args in (["search", "--model", "builtin:tiny", "--study", "s", "--trials", "2", "--no-report",
+                  "--rates", "0:1:0.5"],
+                 ["report", "--study", "s", "--out", "r.html", "--heatmaps", "0",
+                  "--baselines", "b/builtin-tiny-baselines.json"]):
+        res = CliRunner().invoke(app, args, catch_exceptions=False)
+        assert res.exit_code == 0, res.output
+    html = (tmp_path / "r.html").read_text()
+    for name, (raw, _) in LAYER_MEAN_NORMALISED.items():
+        assert f"criterion {name}: area" in html and f"criterion {raw}: area" in html, name
     with pytest.raises(ConfigError, match="--criteria: unknown criterion 'weight-l1'"):
         CliRunner().invoke(app, ["baselines", "--model", "builtin:tiny", "--criteria", "weight,weight-l1"],
                            catch_exceptions=False)
