@@ -28,6 +28,7 @@ import torch
 
 from pxopt.vocab import RANKINGS  # the one list, re-exported
 
+# For type checkers, which cannot read a tuple: tests/test_vocab.py keeps it equal to RANKINGS.
 Ranking = Literal["abs", "signed", "token-abs"]
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+import typing
 from pathlib import Path
 
 import optuna
@@ -106,6 +107,7 @@ def test_each_list_is_defined_once() -> None:
     import pxopt.pipeline
     import pxopt.prune._layers
     import pxopt.prune.slicing
+    import pxopt.scores
     import pxopt.search.objective
     import pxopt.search.pool
     import pxopt.search.space
@@ -122,6 +124,7 @@ def test_each_list_is_defined_once() -> None:
     assert pxopt.evaluate.DEFAULT_RATES is vocab.DEFAULT_RATES is pxopt.search.spec.DEFAULT_RATES
     assert pxopt.search.objective.OnRate is vocab.OnRate is pxopt.evaluate.OnRate is pxopt.pipeline.OnRate
     assert pxopt.search.pool.FINISHED is pxopt.search.workers.FINISHED
+    assert typing.get_args(pxopt.scores.Ranking) == vocab.RANKINGS  # the type checkers' copy
     assert pxopt.criteria.sites.CHANNEL_KINDS is vocab.CHANNEL_KINDS is pxopt.prune.slicing.CHANNEL_KINDS
     assert pxopt.lrp.vit.TRANSFORMER_KINDS is vocab.TRANSFORMER_KINDS is pxopt.families.swin.TRANSFORMER_KINDS
     assert pxopt.layermap.HIDDEN_GROUPS is vocab.HIDDEN_GROUPS is pxopt.families.swin.HIDDEN_GROUPS
