@@ -141,6 +141,25 @@ def test_progress_counts_a_resumed_study_and_optuna_stays_quiet(fake: Path, capf
     assert "Trial 3 finished" in text and "4/4" in text
 
 
+def test_progress_on_a_terminal_never_draws_zero_for_a_resumed_study(
+        fake: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a terminal gets every frame, the first one drawn as the bar starts: it must not say 0/N
+    import io
+
+    from rich.console import Console
+
+    import pxopt.cli.search_cmd as search_cmd
+
+    args = ["search", "--model", "builtin:tiny", "--study", "t", "--rates", "0:1:0.25", "--no-report"]
+    main([*args, "--trials", "3"])
+    screen = io.StringIO()
+    monkeypatch.setattr(search_cmd, "console", Console(file=screen, force_terminal=True, width=100))
+    main([*args, "--trials", "4"])
+    frames = screen.getvalue()
+    assert "3/4" in frames and "4/4" in frames
+    assert "0/4" not in frames, frames
+
+
 def test_progress_callback_starts_at_the_stored_count(fake: Path) -> None:
     from pxopt.search import run_search
 
