@@ -7,6 +7,7 @@ study, and no files left behind by a failed command.
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -209,7 +210,8 @@ def test_one_trial_budget_queues_one_baseline(fake: Path) -> None:
 def test_study_lock_files_are_git_ignored() -> None:
     if shutil.which("git") is None or not (REPO / ".git").exists():
         pytest.skip("not a git checkout")
-    for path in ("studies/default.db", "studies/default.db.lock", "studies/default.db-wal"):
+    readme_outputs = ("best.json", "pruned.pt", "pruned.pt2", "pruned.json", "heatmaps.png")
+    for path in ("studies/default.db", "studies/default.db.lock", "studies/default.db-wal", *readme_outputs):
         assert subprocess.run(["git", "check-ignore", "-q", path], cwd=REPO).returncode == 0, path
 
 
@@ -217,3 +219,13 @@ def test_make_test_fast_installs_the_test_tools_first() -> None:
     rules = (REPO / "Makefile").read_text().splitlines()
     target = next(line for line in rules if line.startswith("test-fast:"))
     assert "install-test" in target.split(":", 1)[1].split()
+
+
+def test_first_use_training_time_is_quoted_alike_everywhere() -> None:
+    # README, the default study and the notebook once said 5-8 min and ~2-3 min for the same
+    # training; they now quote one measurement (the ResNet's 2:47 on a fresh clone)
+    texts = {name: (REPO / name).read_text(encoding="utf-8")
+             for name in ("README.md", "studies/default.toml", "notebooks/quickstart.ipynb")}
+    for name, text in texts.items():
+        assert "2:47" in text, name
+        assert not re.search(r"\b(5-8|2-3) min", text), name
