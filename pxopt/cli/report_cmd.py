@@ -85,7 +85,8 @@ def register(app: typer.Typer) -> None:
         classes: int | None = typer.Option(None, "--classes", help="Number of classes (chosen by seed)."),
         n_ref: int | None = typer.Option(None, "--n-ref", help="Reference images per class."),
         n_val: int | None = typer.Option(None, "--n-val", help="Validation images per class."),
-        components: str | None = typer.Option(None, "--components", help="conv, mlp or heads."),
+        components: str | None = typer.Option(
+            None, "--components", help="conv, mlp, heads or auto (default: the model's: conv for CNNs, mlp for ViTs)."),
         rates: str | None = typer.Option(None, "--rates", help="'0,0.1,0.2' or 'start:stop:step'."),
         device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:1 ..."),
         criteria: str = typer.Option(",".join(CRITERIA), "--criteria", help="Comma-separated criteria."),
