@@ -211,7 +211,10 @@ def test_study_lock_files_are_git_ignored() -> None:
     if shutil.which("git") is None or not (REPO / ".git").exists():
         pytest.skip("not a git checkout")
     readme_outputs = ("best.json", "pruned.pt", "pruned.pt2", "pruned.json", "heatmaps.png")
-    for path in ("studies/default.db", "studies/default.db.lock", "studies/default.db-wal", *readme_outputs):
+    study_outputs = ("studies/default.db", "studies/default.db.lock", "studies/default.db-wal",
+                     "studies/default-report.html", "studies/default-best.json",
+                     "studies/default-baselines.json", "studies/default-baselines.html")
+    for path in (*study_outputs, *readme_outputs):
         assert subprocess.run(["git", "check-ignore", "-q", path], cwd=REPO).returncode == 0, path
 
 
