@@ -56,6 +56,20 @@ def test_auto_components_follow_the_layer_map() -> None:
     assert resolve_components("heads", _layer_map("fmnist-vit")) == "heads"
 
 
+def test_auto_components_on_torchvision_and_timm_vits() -> None:
+    # the other case: torchvision's vit_b_16 (here the same class, small) and timm's
+    import timm
+    from torchvision.models import VisionTransformer
+
+    for vit in (VisionTransformer(image_size=32, patch_size=16, num_layers=2, num_heads=2, hidden_dim=16,
+                                  mlp_dim=32, num_classes=3),
+                timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2, num_classes=3)):
+        layers = discover_layers(vit.eval())
+        assert resolve_components("auto", layers) == "mlp"
+        with pytest.raises(ConfigError, match="leave 1 layer"):
+            resolve_components("conv", layers)
+
+
 @pytest.mark.parametrize(("model", "components", "left"), [
     ("fmnist-vit", "conv", "only patch_embed.proj"),  # the old silent default on a ViT
     ("fmnist-resnet", "heads", "none"),
