@@ -56,15 +56,20 @@ def test_help_shows_flags_as_flags(name, cmd) -> None:
         assert not re.search(rf"{re.escape(p.opts[0])}\S*\s+(-\w\s+)?<", row), row
 
 
+#: Every command that loads a model (and so may meet a missing weights file, whose error
+#: ends "or pass --allow-download").
+LOADS_A_MODEL = {"search", "prune", "baselines", "train", "explain", "report", "export"}
+
+
 def test_allow_download_exists_where_advertised() -> None:
     from pxopt.models import describe_supported
 
     text = describe_supported()
     advertised = re.findall(r"`(?:pxopt )?(\w+)`", text[text.index("--allow-download") - 200:])
-    assert {"search", "prune", "baselines", "train"} <= set(advertised)
+    assert LOADS_A_MODEL <= set(advertised)
     have = {name.split()[-1] for name, cmd in _commands()
             if any("--allow-download" in p.opts for p in _options(cmd))}
-    assert {"search", "prune", "baselines", "train"} <= have
+    assert LOADS_A_MODEL <= have  # a weights error says "pass --allow-download" in any of them
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     commands = {name.split()[-1] for name, _ in _commands()}
     used = [m.group(1) for line in readme.splitlines() if "--allow-download" in line
@@ -91,6 +96,39 @@ def test_allow_download_reaches_the_model_loader(command, flag, tmp_path, monkey
     }[command] + (["--allow-download"] if flag else [])
     with pytest.raises(SystemExit) as info:
         main(args)
+    assert info.value.code == 2 and "stop here" in capsys.readouterr().err
+    assert seen == [flag]
+
+
+@pytest.mark.parametrize("flag", [False, True])
+def test_allow_download_reaches_the_loader_of_explain_report_export(flag, fake, monkeypatch, capsys) -> None:
+    import pxopt.models
+
+    main(["search", "--model", "builtin:tiny", "--study", "s", "--trials", "2", "--rates", "0:1:0.5",
+          "--no-report"])
+    seen = []
+
+    def fake_from_spec(cls, spec, **kwargs):
+        seen.append(kwargs.get("allow_download"))
+        raise ConfigError("stop here")
+
+    def fake_load_model(spec, **kwargs):
+        seen.append(kwargs.get("allow_download"))
+        raise ConfigError("stop here")
+
+    monkeypatch.setattr(pxopt.pipeline.Pipeline, "from_spec", classmethod(fake_from_spec))
+    monkeypatch.setattr(pxopt.models, "load_model", fake_load_model)
+    extra = ["--allow-download"] if flag else []
+    capsys.readouterr()
+    main(["report", "--study", "s", *extra])  # the heatmaps load the study's model
+    assert seen == [flag] and "heatmaps not drawn: stop here" in capsys.readouterr().err
+    seen.clear()
+    main(["export", "--study", "s", "--trial", "1", "-o", "t1.json", *extra])  # held-out not stored yet
+    assert seen == [flag] and "not evaluated: stop here" in capsys.readouterr().out
+    seen.clear()
+    (fake / "img.png").write_bytes(b"")
+    with pytest.raises(SystemExit) as info:
+        main(["explain", "--config", "t1.json", "--images", str(fake), *extra])
     assert info.value.code == 2 and "stop here" in capsys.readouterr().err
     assert seen == [flag]
 

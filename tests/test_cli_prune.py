@@ -79,16 +79,21 @@ def test_prune_physical_writes_a_program_that_loads_without_pxopt(exported: Path
     assert stats["before"]["q1_ms"] <= stats["before"]["median_ms"] <= stats["before"]["q3_ms"]
     assert "interleaved runs, 1 thread" in result.output
 
-    # a plain Python session (isolated mode, another folder) loads the program without pxopt
+    # a plain Python session (isolated mode, another folder) where pxopt cannot be imported at
+    # all (the editable install would otherwise still find it) loads the program
     x = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(3))
     torch.save(x, tmp_path / "x.pt")
     script = (
-        "import sys, torch\n"
+        "import sys\n"
+        "sys.modules['pxopt'] = None  # any import of pxopt raises ImportError\n"
+        "import torch\n"
         f"model = torch.export.load({str(program)!r}).module()\n"
         f"x = torch.load({str(tmp_path / 'x.pt')!r})\n"
         "with torch.no_grad():\n"
         f"    torch.save(model(x), {str(tmp_path / 'y.pt')!r})\n"
-        "assert 'pxopt' not in sys.modules, 'pxopt was imported'\n"
+        f"saved = torch.load({str(out)!r}, weights_only=True)  # the state dict beside it, too\n"
+        "assert saved['state_dict'] and saved['pruning']\n"
+        "assert sys.modules['pxopt'] is None, 'pxopt was imported'\n"
         "print('ok', [p for p in sys.path if 'wt' in p or 'work' in p])\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -105,6 +110,28 @@ def test_prune_physical_writes_a_program_that_loads_without_pxopt(exported: Path
         torch.testing.assert_close(rebuilt(x), y, rtol=1e-6, atol=1e-6)
     saved = torch.load(out, weights_only=True)
     assert saved["pxopt"]["physical_accuracy"] == record["physical_accuracy"]
+
+
+def test_readme_loading_lines_run_as_written(exported: Path, tmp_path: Path) -> None:
+    # the README's two lines, verbatim, in a session that cannot import pxopt, next to the
+    # files the README's own command writes (`pxopt prune ... --physical -o pruned.pt`)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### The pruned model", 1)[1]
+    assert "--physical -o pruned.pt" in section
+    snippet = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert len(snippet.strip().splitlines()) == 2, snippet
+    folder = tmp_path / "user"
+    folder.mkdir()
+    result = CliRunner().invoke(app, ["prune", "--config", str(exported), "--rate", "0.5", "--physical",
+                                      "-o", str(folder / "pruned.pt")], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    script = ("import sys\nsys.modules['pxopt'] = None\n" + snippet
+              + "print(tuple(model(torch.zeros(2, 1, 8, 8)).shape))\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-I", "-c", script], cwd=folder, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "(2, 3)"
 
 
 def test_prune_physical_out_pt2_and_threads(exported: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -7,6 +7,7 @@ study, and no files left behind by a failed command.
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -53,6 +54,20 @@ def test_auto_components_follow_the_layer_map() -> None:
     assert resolve_components("auto", _layer_map("fmnist-vgg")) == "conv"
     assert resolve_components("auto", _layer_map("fmnist-vit")) == "mlp"
     assert resolve_components("heads", _layer_map("fmnist-vit")) == "heads"
+
+
+def test_auto_components_on_torchvision_and_timm_vits() -> None:
+    # the other case: torchvision's vit_b_16 (here the same class, small) and timm's
+    import timm
+    from torchvision.models import VisionTransformer
+
+    for vit in (VisionTransformer(image_size=32, patch_size=16, num_layers=2, num_heads=2, hidden_dim=16,
+                                  mlp_dim=32, num_classes=3),
+                timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2, num_classes=3)):
+        layers = discover_layers(vit.eval())
+        assert resolve_components("auto", layers) == "mlp"
+        with pytest.raises(ConfigError, match="leave 1 layer"):
+            resolve_components("conv", layers)
 
 
 @pytest.mark.parametrize(("model", "components", "left"), [
@@ -141,6 +156,25 @@ def test_progress_counts_a_resumed_study_and_optuna_stays_quiet(fake: Path, capf
     assert "Trial 3 finished" in text and "4/4" in text
 
 
+def test_progress_on_a_terminal_never_draws_zero_for_a_resumed_study(
+        fake: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a terminal gets every frame, the first one drawn as the bar starts: it must not say 0/N
+    import io
+
+    from rich.console import Console
+
+    import pxopt.cli.search_cmd as search_cmd
+
+    args = ["search", "--model", "builtin:tiny", "--study", "t", "--rates", "0:1:0.25", "--no-report"]
+    main([*args, "--trials", "3"])
+    screen = io.StringIO()
+    monkeypatch.setattr(search_cmd, "console", Console(file=screen, force_terminal=True, width=100))
+    main([*args, "--trials", "4"])
+    frames = screen.getvalue()
+    assert "3/4" in frames and "4/4" in frames
+    assert "0/4" not in frames, frames
+
+
 def test_progress_callback_starts_at_the_stored_count(fake: Path) -> None:
     from pxopt.search import run_search
 
@@ -190,7 +224,11 @@ def test_one_trial_budget_queues_one_baseline(fake: Path) -> None:
 def test_study_lock_files_are_git_ignored() -> None:
     if shutil.which("git") is None or not (REPO / ".git").exists():
         pytest.skip("not a git checkout")
-    for path in ("studies/default.db", "studies/default.db.lock", "studies/default.db-wal"):
+    readme_outputs = ("best.json", "pruned.pt", "pruned.pt2", "pruned.json", "heatmaps.png")
+    study_outputs = ("studies/default.db", "studies/default.db.lock", "studies/default.db-wal",
+                     "studies/default-report.html", "studies/default-best.json",
+                     "studies/default-baselines.json", "studies/default-baselines.html")
+    for path in (*study_outputs, *readme_outputs):
         assert subprocess.run(["git", "check-ignore", "-q", path], cwd=REPO).returncode == 0, path
 
 
@@ -198,3 +236,17 @@ def test_make_test_fast_installs_the_test_tools_first() -> None:
     rules = (REPO / "Makefile").read_text().splitlines()
     target = next(line for line in rules if line.startswith("test-fast:"))
     assert "install-test" in target.split(":", 1)[1].split()
+
+
+def test_first_use_training_time_is_quoted_alike_everywhere() -> None:
+    # README, the default study and the notebook once said 5-8 min and ~2-3 min for the same
+    # training; they now quote one measurement, the README's
+    texts = {name: (REPO / name).read_text(encoding="utf-8")
+             for name in ("README.md", "studies/default.toml", "notebooks/quickstart.ipynb")}
+    readme = texts["README.md"]
+    first_use = readme[readme.index("`make search` trains the built-in Fashion-MNIST ResNet"):][:200]
+    measured = re.search(r"(\d+:\d\d) measured", first_use)
+    assert measured, first_use
+    for name, text in texts.items():
+        assert f"{measured.group(1)} measured" in text, name
+        assert not re.search(r"\b(5-8|2-3) min", text), name

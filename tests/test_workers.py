@@ -178,3 +178,28 @@ def test_a_user_error_in_a_worker_process_reaches_the_parent_as_one_line(tmp_pat
     with pytest.raises(DataError, match=r"^dataset folder '/nowhere' does not exist \(worker 0\)$"):
         run_workers(broken_data, plan, 2)
     assert optuna.load_study(study_name="e", storage=open_storage(url)).trials == []
+
+
+def test_no_private_optuna_function_or_module_is_used() -> None:
+    # issue #16 item 11: Optuna's public API only (fail_stale_trials, record_heartbeat, ...).
+    # Found from the syntax tree, so strings such as a logger's name do not count.
+    import ast
+
+    root = Path(__file__).resolve().parents[1] / "pxopt"
+    used = []
+    for path in sorted(root.rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("optuna"):
+                parts = node.module.split(".") + [a.name for a in node.names]
+                used += [f"{path.name}: from {node.module} import ..." for p in parts if p.startswith("_")][:1]
+            elif isinstance(node, ast.Import):
+                used += [f"{path.name}: import {a.name}" for a in node.names
+                         if a.name.startswith("optuna") and any(p.startswith("_") for p in a.name.split("."))]
+            elif isinstance(node, ast.Attribute) and node.attr.startswith("_"):
+                base = node.value
+                while isinstance(base, ast.Attribute):
+                    base = base.value
+                if isinstance(base, ast.Name) and base.id == "optuna":
+                    used.append(f"{path.name}:{node.lineno}: optuna...{node.attr}")
+    assert not used, used

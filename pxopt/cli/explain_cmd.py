@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from pxopt.cli._options import ALLOW_DOWNLOAD_HELP
 from pxopt.errors import ConfigError
 
 EPSILON = {"rule": "epsilon", "epsilon": 1e-6}
@@ -50,6 +51,7 @@ def register(app: typer.Typer) -> None:
                                      help="Draw all-epsilon beside the config's rules."),
         max_images: int = typer.Option(16, "--max-images", help="Use at most this many images (sorted by name)."),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 ..."),
+        allow_download: bool = typer.Option(False, "--allow-download", help=ALLOW_DOWNLOAD_HELP),
     ) -> None:
         """Heatmaps (input relevance) of your images under an exported rule set, beside all-epsilon.
 
@@ -69,7 +71,7 @@ def register(app: typer.Typer) -> None:
         if not spec:
             raise ConfigError(f"{config} holds rules only: give the model with --model")
         files = image_files(images, max_images)
-        loaded = load_model(spec, device=device)
+        loaded = load_model(spec, device=device, allow_download=allow_download)
         x = load_images(files, loaded.transform)
         if label is not None and not 0 <= label < loaded.num_classes:
             raise ConfigError(f"--label must be a class index in [0, {loaded.num_classes}), got {label}")

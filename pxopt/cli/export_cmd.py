@@ -20,6 +20,7 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(Path("best.json"), "--out", "-o", help="Output JSON file."),
         out_dir: Path = typer.Option(Path("studies"), "--out-dir", help="Where studies live."),
         device: str | None = typer.Option(None, "--device", help="Device of a held-out evaluation not stored yet."),
+        allow_download: bool = typer.Option(False, "--allow-download", help=ALLOW_DOWNLOAD_HELP),
     ) -> None:
         """Write the best (or a chosen) trial as pxopt.export/1 JSON, with its held-out curve."""
         from pxopt.cli._study import load_study
@@ -28,7 +29,7 @@ def register(app: typer.Typer) -> None:
 
         st, _ = load_study(study, storage, out_dir)
         chosen = pick_trial(st, trial)
-        held = try_heldout_summary(st, chosen, load=lambda: study_pipeline(st, device))
+        held = try_heldout_summary(st, chosen, load=lambda: study_pipeline(st, device, allow_download=allow_download))
         data = export_trial(st, trial, heldout=held)
         path = write_export(data, out)
         typer.echo(f"trial {data['trial']} (area {data['area']:.4f}, Top-PR {data['top_pr']:.2f}) -> {path}")

@@ -24,6 +24,7 @@ def register(app: typer.Typer) -> None:
         heatmaps: int = typer.Option(4, "--heatmaps", help="Reference images in the heatmap figure (0: none; "
                                                           "loads the study's model and data)."),
         device: str | None = typer.Option(None, "--device", help="Device of the heatmaps: auto, cpu, cuda ..."),
+        allow_download: bool = typer.Option(False, "--allow-download", help=ALLOW_DOWNLOAD_HELP),
     ) -> None:
         """Write one self-contained HTML report of a study (with its held-out figure)."""
         from pxopt.cli._study import load_study
@@ -38,7 +39,7 @@ def register(app: typer.Typer) -> None:
         loaded: dict[str, object] = {}
 
         def load() -> object:  # at most once: the held-out evaluation and the heatmaps share it
-            loaded["pipeline"] = study_pipeline(st, device)
+            loaded["pipeline"] = study_pipeline(st, device, allow_download=allow_download)
             return loaded["pipeline"]
 
         try:
@@ -47,7 +48,8 @@ def register(app: typer.Typer) -> None:
             held = {"note": "no completed trial yet"}
         for line in summary_lines(held):
             typer.echo(line)
-        maps, note = try_study_heatmaps(st, loaded.get("pipeline"), n_images=heatmaps, device=device)
+        maps, note = try_study_heatmaps(st, loaded.get("pipeline"), n_images=heatmaps, device=device,
+                                        allow_download=allow_download)
         if note and heatmaps > 0:
             typer.echo(f"heatmaps {note}", err=True)
         path = write_report(st, out or out_dir / f"{st.study_name}-report.html", rate=rate, extra_curves=extra,
@@ -83,7 +85,8 @@ def register(app: typer.Typer) -> None:
         classes: int | None = typer.Option(None, "--classes", help="Number of classes (chosen by seed)."),
         n_ref: int | None = typer.Option(None, "--n-ref", help="Reference images per class."),
         n_val: int | None = typer.Option(None, "--n-val", help="Validation images per class."),
-        components: str | None = typer.Option(None, "--components", help="conv, mlp or heads."),
+        components: str | None = typer.Option(
+            None, "--components", help="conv, mlp, heads or auto (default: the model's: conv for CNNs, mlp for ViTs)."),
         rates: str | None = typer.Option(None, "--rates", help="'0,0.1,0.2' or 'start:stop:step'."),
         device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:1 ..."),
         criteria: str = typer.Option(",".join(CRITERIA), "--criteria", help="Comma-separated criteria."),

@@ -207,10 +207,12 @@ def register(app: typer.Typer) -> None:
             TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
             TimeElapsedColumn(), console=console, transient=False,
         ) as progress:
-            bar = progress.add_task("finished trials", total=spec.trials)
+            # hidden until run_search reports what the study holds: no "0/N" frame on resume
+            bar = progress.add_task("finished trials", total=spec.trials, visible=False)
             result = run_search(
                 spec, workers=workers, pipeline=pipeline, storage_url=url, study_attrs=study_attrs,
-                progress=lambda n: progress.update(bar, completed=n), log=_log, resume_hint=resume_command(),
+                progress=lambda n: progress.update(bar, completed=n, visible=True), log=_log,
+                resume_hint=resume_command(),
             )
         st = result.study
         new = result.trials_after - result.trials_before

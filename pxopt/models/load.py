@@ -130,8 +130,9 @@ def describe_supported() -> str:
         "Model families (`pxopt.families`; a model no family matches is refused):",
         *family_lines(),
         "Weights load offline from $TORCH_HOME/hub/checkpoints (torchvision) and the Hugging",
-        "Face cache (timm); where the network is reachable, `pxopt search`, `prune`,",
-        "`baselines` and `train` take --allow-download to fetch missing weights.",
+        "Face cache (timm); where the network is reachable, every command that loads a model",
+        "(`pxopt search`, `prune`, `baselines`, `train`, `explain`, `report`, `export`) takes",
+        "--allow-download to fetch missing weights.",
         "",
         "Built-in models (small: minutes to train on a CPU; the default study uses them):",
     ]

@@ -183,7 +183,7 @@ def study_heatmaps(study: Any, pipeline: Any, n_images: int = 4) -> Heatmaps:
                             targets=labels.to(device), captions=captions, target="true class")
 
 
-def study_pipeline(study: Any, device: str | None = None) -> Any:
+def study_pipeline(study: Any, device: str | None = None, *, allow_download: bool = False) -> Any:
     """The study's model and reference images, loaded again from its spec (`pxopt.spec`).
 
     The validation set is cut to one image per class (the reference set is drawn first,
@@ -200,11 +200,12 @@ def study_pipeline(study: Any, device: str | None = None) -> Any:
     names = {f.name for f in dataclasses.fields(StudySpec)}
     values = {k: v for k, v in stored.items() if k in names}
     spec = StudySpec(**{**values, "n_val": 1, "n_heldout": 0}).validated()
-    return Pipeline.from_spec(spec, device=device)
+    return Pipeline.from_spec(spec, device=device, allow_download=allow_download)
 
 
 def try_study_heatmaps(study: Any, pipeline: Any | None = None, n_images: int = 4,
-                       device: str | None = None) -> tuple[Heatmaps | None, str | None]:
+                       device: str | None = None, *,
+                       allow_download: bool = False) -> tuple[Heatmaps | None, str | None]:
     """(heatmaps, None), or (None, why not) when the model, the data or the relevance fail.
 
     Without `pipeline` the study's model and task are loaded from its stored spec.
@@ -215,7 +216,7 @@ def try_study_heatmaps(study: Any, pipeline: Any | None = None, n_images: int = 
         return None, "not drawn (--heatmaps 0)"
     try:
         if pipeline is None:
-            pipeline = study_pipeline(study, device)
+            pipeline = study_pipeline(study, device, allow_download=allow_download)
         return study_heatmaps(study, pipeline, n_images), None
     except (PxoptError, MemoryError, torch.OutOfMemoryError) as exc:
         return None, f"not drawn: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"

@@ -114,7 +114,7 @@ def _curve(rec: Any) -> dict[str, Any]:
             "top_pr": float(rec["top_pr"])}
 
 
-def study_pipeline(study: optuna.Study, device: str | None = None) -> Any:
+def study_pipeline(study: optuna.Study, device: str | None = None, *, allow_download: bool = False) -> Any:
     """The study's model and task, with its recorded held-out split, from its stored spec."""
     from pxopt.errors import ConfigError
     from pxopt.pipeline import Pipeline
@@ -127,7 +127,7 @@ def study_pipeline(study: optuna.Study, device: str | None = None) -> Any:
     names = {f.name for f in dataclasses.fields(StudySpec)}
     values = {k: v for k, v in stored.items() if k in names}
     values["n_heldout"] = int((recorded_split(study) or {}).get("n_heldout", 0))
-    return Pipeline.from_spec(StudySpec(**values).validated(), device=device)
+    return Pipeline.from_spec(StudySpec(**values).validated(), device=device, allow_download=allow_download)
 
 
 def _baseline_config(study: optuna.Study, pipeline: Any) -> tuple[dict, str]:
