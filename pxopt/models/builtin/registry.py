@@ -108,7 +108,7 @@ BUILTINS: dict[str, BuiltinModel] = {
         BuiltinModel(
             "fmnist-vit12",
             archs.paper_vit,
-            Recipe(epochs=6, lr=1e-3, weight_decay=0.05),
+            Recipe(epochs=8, lr=1e-3, weight_decay=0.05),
             0.88,
             "timm VisionTransformer, depth 12, dim 192, 3 heads, MLP 768, patch 8 on 3x32x32 (5.4 M params)",
             {"patch_size": 8, "embed_dim": 192, "depth": 12, "num_heads": 3, "mlp_ratio": 4.0},
