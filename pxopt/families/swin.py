@@ -66,16 +66,14 @@ from pxopt.layermap import Layer, LayerMap, stage_groups
 from pxopt.lrp import attention as ops
 from pxopt.lrp import vit_check
 from pxopt.lrp.explanation import Explanation
-from pxopt.lrp.explanation import seed_relevance as _seed
 from pxopt.lrp.vit import (
     Recording,
     ViTRules,
     _frozen_eval,
     _kinds,
     _patch_act,
-    _start_gradient,
     conv_rule,
-    finish_explanation,
+    explanation_pass,
     linear_rule,
     patch_linear,
     qkv_fn,
@@ -207,6 +205,11 @@ class SwinStructure:
     merges: list[tuple[str, nn.Linear, str]]  # patch-merging reductions (name, layer, group)
     head_name: str
     n_stages: int
+
+    @property
+    def head_names(self) -> list[str]:
+        """The classifier as `ViTStructure` names it, so both run one explanation pass."""
+        return [self.head_name]
 
 
 def _stage_group(stage: int, n_stages: int) -> str:
@@ -492,24 +495,8 @@ def explainable_swin(model: nn.Module, rules: ViTRules, recording: Recording | N
 def _explain(model: nn.Module, inputs: Tensor, targets: Any, vr: ViTRules, start: str,
              kinds: set[str], tokens: bool = False) -> Explanation:
     rec = Recording(tokens={} if tokens else None)
-    x = inputs.detach()
-    if x.is_inference():
-        x = x.clone()
-    x.requires_grad_(True)
-    with explainable_swin(model, vr, rec, kinds=kinds) as st:
-        out = model(x)
-        (grad,) = torch.autograd.grad(out, x, _start_gradient(out, targets, start))
-    relevance = rec.input.get("input", x.detach() * grad)
-    components: dict[str, Tensor] = {}
-    if "conv" in kinds and st.patch_embed_name in rec.conv:
-        components[st.patch_embed_name] = rec.conv[st.patch_embed_name]
-    for blk in st.blocks:
-        for store, name in ((rec.heads, blk.attn_name), (rec.mlp, blk.fc1_name)):
-            if name in store:
-                components[name] = store[name]
-    if "head" in kinds:
-        components[st.head_name] = _seed(out, targets, start)
-    return finish_explanation(relevance, components, out, rec)
+    return explanation_pass(model, inputs, targets, start, kinds, rec,
+                            explainable_swin(model, vr, rec, kinds=kinds))
 
 
 def explain_swin(model: nn.Module, inputs: Tensor, targets: Any = None, rules: Any = None, *,

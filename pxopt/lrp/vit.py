@@ -23,7 +23,7 @@ engine's layer rules (relevance convention) are bridged by `_RelevanceRule`.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -369,12 +369,20 @@ def _explain(model: nn.Module, inputs: Tensor, targets: Any, vr: ViTRules, start
              kinds: set[str], mlp_outputs: bool, boundaries: tuple[float, float],
              tokens: bool = False, family: TransformerFamily | None = None) -> Explanation:
     rec = Recording(tokens={} if tokens else None)
+    return explanation_pass(model, inputs, targets, start, kinds, rec, explainable_vit(
+        model, vr, rec, kinds=kinds, mlp_outputs=mlp_outputs, boundaries=boundaries, family=family))
+
+
+def explanation_pass(model: nn.Module, inputs: Tensor, targets: Any, start: str, kinds: set[str],
+                     rec: Recording, explainable: AbstractContextManager[Any]) -> Explanation:
+    """One forward and one LRP backward under a transformer's `explainable` context (ViT or
+    Swin: it yields a structure with `patch_embed_name`, `blocks` and `head_names`), its
+    components collected in forward order. One pass for every transformer family."""
     x = inputs.detach()
     if x.is_inference():
         x = x.clone()
     x.requires_grad_(True)
-    with explainable_vit(model, vr, rec, kinds=kinds, mlp_outputs=mlp_outputs,
-                         boundaries=boundaries, family=family) as struct:
+    with explainable as struct:
         out = model(x)
         (grad,) = torch.autograd.grad(out, x, _start_gradient(out, targets, start))
     relevance = rec.input.get("input", x.detach() * grad)
