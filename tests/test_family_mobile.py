@@ -259,15 +259,7 @@ def test_unknown_blocks_are_refused() -> None:
 
 
 # ---- masking, slicing, physical removal ----------------------------------------------------
-PRUNED = [
-    "mobilenet_v2",
-    "mobilenet_v3_small",
-    "timm:mobilenetv3_small_050",
-    "timm:mobilenetv2_050",
-    pytest.param("efficientnet_b0", marks=pytest.mark.slow),
-    pytest.param("timm:efficientnet_b0", marks=pytest.mark.slow),
-    "timm:tf_efficientnet_lite0",  # the Lite0 of `package:efficientnet_lite0` (TF "same" padding)
-]
+PRUNED = ["mobilenet_v2", *CONSERVED]
 
 
 @pytest.mark.parametrize("name", PRUNED)
