@@ -45,6 +45,7 @@ import numpy as np
 import torch
 import typer
 
+from pxopt.cli.search_cmd import parse_rates
 from pxopt.criteria import CRITERIA as LIBRARY_CRITERIA
 from pxopt.criteria import LAYER_MEAN_NORMALISED
 from pxopt.data import TensorSet, make_task
@@ -107,6 +108,7 @@ class Settings:
     threads: int = 1
     device: str = "auto"
     criteria: tuple[str, ...] = CRITERIA
+    components: tuple[str, ...] = ()  # a subset of the family's kinds (empty: all of them)
     out_dir: Path = OUT_DIR
     work_dir: Path = Path(os.environ.get("PXOPT_RESULTS_WORK", Path.home() / ".cache" / "pxopt" / "results"))
 
@@ -133,6 +135,12 @@ class Settings:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if any(k < 2 or k > 10 for k in self.tasks):
             raise ConfigError(f"tasks are class counts between 2 and 10, got {list(self.tasks)}")
+        known_kinds = sorted({k for kinds in COMPONENTS_BY_FAMILY.values() for k in kinds})
+        odd = sorted(set(self.components) - set(known_kinds))
+        if odd:
+            raise ConfigError(f"unknown component kind {odd[0]!r}; choose from {', '.join(known_kinds)}")
+        if len(self.rates) < 2 or any(not 0 <= r < 1 for r in self.rates) or sorted(self.rates) != list(self.rates):
+            raise ConfigError(f"rates must be an increasing grid in [0, 1) with at least 2 points, got {self.rates}")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -682,7 +690,10 @@ def run(s: Settings, *, command: str, log: Callable[[str], None] = print,
         spec = model_spec(model_key)
         log(f"loading {spec} ...")
         loaded = load(spec)
-        kinds = COMPONENTS_BY_FAMILY[loaded.family]
+        kinds = [k for k in COMPONENTS_BY_FAMILY[loaded.family] if not s.components or k in s.components]
+        if not kinds:
+            raise ConfigError(f"{spec} has none of the components {list(s.components)} "
+                              f"(it has {', '.join(COMPONENTS_BY_FAMILY[loaded.family])})")
         for n_classes in s.tasks:
             for kind in kinds:
                 setting = build_setting(model_key, kind, n_classes, loaded, s)
@@ -717,6 +728,10 @@ def main(
     val_search: int = typer.Option(None, help="Search validation images per task (default 200)."),
     val_eval: int = typer.Option(None, help="Held-out validation images per task (default 300)."),
     rate_step: float = typer.Option(None, help="Pruning-rate grid step (default 0.05: 0..0.95)."),
+    rates: str = typer.Option(None, help="Explicit comma-separated rate grid, e.g. to reach 0.99 where "
+                                         "curves separate late (overrides --rate-step)."),
+    components: str = typer.Option(None, help="Comma-separated component kinds to evaluate (conv, heads, "
+                                              "mlp; default: all of each model's family)."),
     ig_steps: int = typer.Option(None, help="Integrated-gradients steps (default 16)."),
     threads: int = typer.Option(1, help="torch CPU threads."),
     device: str = typer.Option("auto", help="auto | cpu | cuda[:N]."),
@@ -732,18 +747,25 @@ def main(
         write_outputs(json.loads(path.read_text()), out_dir, png=png)
         print(f"re-rendered from {path}")
         return
-    rates = None if rate_step is None else [round(rate_step * i, 4) for i in range(int(round(1 / rate_step)))]
+    grid = None if rate_step is None else [round(rate_step * i, 4) for i in range(int(round(1 / rate_step)))]
     overrides = dict(trials=trials, patience=patience, seeds=seeds, n_ref=n_ref, val_search=val_search, val_eval=val_eval,
-                     rates=rates, ig_steps=ig_steps,
+                     rates=grid, ig_steps=ig_steps,
+                     components=None if components is None else tuple(c.strip() for c in components.split(",") if c.strip()),
                      models=tuple(m.strip() for m in models.split(",") if m.strip()),
                      tasks=tuple(int(t) for t in tasks.split(",") if t.strip()),
                      threads=threads, device=device, out_dir=out_dir, work_dir=work_dir)
-    if quick:
-        s = Settings.quick(**overrides)
-    else:
-        s = dataclasses.replace(Settings(), **{k: v for k, v in overrides.items() if v is not None}).validated()
-    command = "python benchmarks/results.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    run(s, command=command.strip(), png=png, scale=scale)
+    try:
+        if rates is not None:
+            overrides["rates"] = parse_rates(rates)
+        if quick:
+            s = Settings.quick(**overrides)
+        else:
+            s = dataclasses.replace(Settings(), **{k: v for k, v in overrides.items() if v is not None}).validated()
+        command = "python benchmarks/results.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        run(s, command=command.strip(), png=png, scale=scale)
+    except ConfigError as exc:  # a one-line reason, not a traceback
+        print(f"error: {exc}", file=sys.stderr)
+        raise typer.Exit(2) from None
 
 
 if __name__ == "__main__":

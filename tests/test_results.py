@@ -242,3 +242,40 @@ def test_models_accept_any_builtin_name() -> None:
     names = R.builtin_names()
     assert R.Settings(models=tuple(names)).validated().models == tuple(names)
     assert R.Settings().trials >= 100 and R.Settings().patience == 50 and R.Settings().val_eval >= 300
+
+
+def test_cli_runs_only_the_components_asked_on_an_explicit_grid(tmp_path: Path) -> None:
+    """`--components heads --rates ...`: one kind of a ViT, on the grid given (e.g. one reaching 0.99)."""
+    from typer.testing import CliRunner
+
+    args = ["--models", "vit", "--tasks", "3", "--components", "heads", "--rates", "0,0.3,0.6,0.9,0.99",
+            "--quick", "--trials", "2", "--seeds", "2", "--val-search", "9", "--val-eval", "12",
+            "--out-dir", str(tmp_path / "out"), "--work-dir", str(tmp_path / "work"), "--no-png"]
+    result = CliRunner().invoke(R.app, args)
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "out" / "paper_comparison.json").read_text())
+    assert list(saved["settings"]) == ["vit-heads-3cls"]
+    assert saved["settings_used"]["rates"] == [0.0, 0.3, 0.6, 0.9, 0.99]
+    assert saved["settings_used"]["components"] == ["heads"]
+    assert len(saved["settings"]["vit-heads-3cls"]["summary"]["random"]["curve_mean"]) == 5
+
+
+@pytest.mark.parametrize(
+    ("args", "reason"),
+    [
+        (["--components", "filters"], "unknown component kind 'filters'"),
+        (["--rates", "0,0.5,0.3"], "increasing grid"),
+        (["--rates", "0,0.5,1.0"], "increasing grid"),
+        (["--rates", "0,a"], "--rates: expected"),
+        (["--models", "vit", "--components", "conv"], "has none of the components ['conv']"),
+    ],
+)
+def test_cli_refuses_bad_components_and_grids_in_one_line(tmp_path: Path, args: list[str], reason: str) -> None:
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(R.app, [*args, "--quick", "--out-dir", str(tmp_path), "--work-dir",
+                                        str(tmp_path / "w"), "--no-png"])
+    assert result.exit_code == 2
+    lines = [ln for ln in result.output.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and reason in lines[0], result.output
+    assert "Traceback" not in result.output
