@@ -279,3 +279,17 @@ def test_cli_refuses_bad_components_and_grids_in_one_line(tmp_path: Path, args: 
     lines = [ln for ln in result.output.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and reason in lines[0], result.output
     assert "Traceback" not in result.output
+
+
+def test_patience_stops_a_pxopt_search(tmp_path: Path) -> None:
+    """The callback must stop `run_search` itself (not only a plain `study.optimize`)."""
+    from search_fakes import FakeEvaluator
+
+    from pxopt.search import StudySpec, run_search
+
+    spec = StudySpec(name="p", storage=str(tmp_path / "s.db"), trials=40, seed=1, sampler={"name": "random"},
+                     pruner={"name": "none"}).validated()
+    patience = R.StopAfterNoImprovement(5)
+    study = run_search(spec, FakeEvaluator(spec.rates), callbacks=[patience]).study
+    assert patience.stopped
+    assert len(study.trials) == study.best_trial.number + 1 + 5 < 40

@@ -125,3 +125,21 @@ def test_bad_spec_files(tmp_path: Path, text: str, field: str) -> None:
 
 def test_default_rates() -> None:
     assert DEFAULT_RATES[0] == 0.0 and DEFAULT_RATES[-1] == 0.95 and len(DEFAULT_RATES) == 20
+
+
+def test_a_callback_that_calls_study_stop_ends_the_search(tmp_path: Path) -> None:
+    """`study.stop()` in a callback (early stopping) ends the search as in plain Optuna,
+    though the worker runs `optimize` one trial at a time."""
+    spec = _spec(tmp_path, trials=20, sampler={"name": "random"}, pruner={"name": "none"})
+    seen: list[int] = []
+
+    def stop_after_five(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        seen.append(trial.number)
+        if len(seen) == 5:
+            study.stop()
+
+    result = run_search(spec, FakeEvaluator(spec.rates), callbacks=[stop_after_five])
+    assert len(result.study.trials) == 5 and seen == [0, 1, 2, 3, 4]
+    # resuming the same study runs on (a stop ends one run, not the study)
+    more = run_search(spec, FakeEvaluator(spec.rates))
+    assert len(more.study.trials) == 20

@@ -311,6 +311,8 @@ def run_worker(
                     raise KeyboardInterrupt
                 if progress is not None:
                     progress(count_trials(study, FINISHED))
+                if _stop_requested(study):
+                    return True
                 last = storage.get_trial(current[-1]) if current else None
                 failures = failures + 1 if last is not None and last.state == TrialState.FAIL else 0
                 if failures >= MAX_CONSECUTIVE_FAILURES:
@@ -324,6 +326,16 @@ def run_worker(
             for trial_id in current:
                 _requeue_interrupted(study, trial_id)
             return False
+
+
+def _stop_requested(study: optuna.Study) -> bool:
+    """Whether a callback or the objective called `study.stop()` during the last trial.
+
+    The loop runs `study.optimize` one trial at a time, and each call clears Optuna's stop
+    flag, so a stop (an early-stopping callback, say) would otherwise be lost and the
+    search run to its budget. Optuna has no public accessor for the flag.
+    """
+    return bool(getattr(study, "_stop_flag", False))
 
 
 def stderr_log(message: str) -> None:
