@@ -1,0 +1,76 @@
+"""benchmarks/protocol_summary.py: rows, verdicts and files from protocol runs on disk."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("pxopt_bench_protocol_summary", ROOT / "benchmarks" / "protocol_summary.py")
+S = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(S)
+
+
+def _criterion(area: float, se: float, top_pr: float, n: int) -> dict:
+    return {"area_mean": area, "area_se": se, "top_pr_mean": top_pr, "top_pr_se": 0.0, "n_seeds": n}
+
+
+def _run(folder: Path, key: str, *, model: str, kind: str, n_classes: int, opt: float, eps: float,
+         ci: list[float], seeds: int, planned: int, n_trials: int, budget: int, stopped: bool) -> None:
+    summary = {"optimised": _criterion(opt, 0.001, 0.7, seeds), "lrp-epsilon": _criterion(eps, 0.002, 0.65, seeds),
+               "taylor": _criterion(opt - 0.01, 0.001, 0.6, seeds), "random": _criterion(0.3, 0.05, 0.1, seeds)}
+    run = {
+        "scale": "test", "settings_used": {"trials": budget, "seeds": planned, "rates": [0.0, 0.5, 0.9], "n_ref": 10,
+                                           "val_search": 200, "val_eval": 300, "patience": 50},
+        "settings": {key: {
+            "model": model, "components": kind, "n_classes": n_classes, "complete": seeds == planned,
+            "summary": summary,
+            "search": {"n_trials": n_trials, "n_complete": 5, "n_pruned": n_trials - 5, "stopped_early": stopped,
+                       "trial": 1, "baseline": "faithful" if kind == "heads" else None, "search_area": opt + 0.01},
+            "paired": {"area": {"mean_diff": opt - eps, "ci95": ci, "t_p": 0.01, "n_positive": seeds},
+                       "top_pr": {"mean_diff": 0.05, "ci95": [0.0, 0.1]}},
+        }},
+    }
+    folder.mkdir(parents=True)
+    (folder / "paper_comparison.json").write_text(json.dumps(run))
+
+
+def test_rows_verdicts_and_files(tmp_path: Path) -> None:
+    res = tmp_path / "results"
+    _run(res / "protocol_big", "fmnist-resnet50-conv-10cls", model="fmnist-resnet50", kind="conv", n_classes=10,
+         opt=0.80, eps=0.78, ci=[0.01, 0.03], seeds=5, planned=5, n_trials=100, budget=100, stopped=True)
+    _run(res / "protocol_vit", "fmnist-vit12-heads-10cls", model="fmnist-vit12", kind="heads", n_classes=10,
+         opt=0.84, eps=0.845, ci=[-0.02, 0.01], seeds=5, planned=5, n_trials=60, budget=100, stopped=True)
+    _run(res / "protocol_small", "resnet-conv-10cls", model="resnet", kind="conv", n_classes=10,
+         opt=0.5, eps=0.55, ci=[-0.08, -0.02], seeds=5, planned=5, n_trials=30, budget=30, stopped=False)
+    _run(res / "protocol_partial", "fmnist-vit12-mlp-10cls", model="fmnist-vit12", kind="mlp", n_classes=10,
+         opt=0.87, eps=0.87, ci=[math.nan, math.nan], seeds=1, planned=5, n_trials=100, budget=100, stopped=False)
+    rows = S.collect(res)
+    assert [r["setting"] for r in rows] == ["fmnist-resnet50-conv-10cls", "fmnist-vit12-heads-10cls",
+                                            "fmnist-vit12-mlp-10cls", "resnet-conv-10cls"]  # paper-scale first
+    assert [S.verdict(r) for r in rows] == ["**wins**", "tie", "-", "**loses**"]
+    assert rows[0]["strongest_other"] == "taylor"  # random is not a contender
+    assert [r["setting"] for r in S.collect(res, min_trials=100)] == rows_100(rows)
+
+    out = tmp_path / "out"
+    S.write(rows, out, "cmd")
+    md = (out / "protocol_summary.md").read_text()
+    assert "patience not honoured*" in md  # ran its whole budget although it recorded a stop
+    assert "60 (5 / 55, stopped early)" in md
+    assert "(incomplete: 1 of 5 seeds)" in md and "nan" not in md
+    assert "baseline `faithful`" in md
+    html = (out / "protocol_summary.html").read_text()
+    assert "fmnist-resnet50 channels, 10 cl." in html and "fmnist-vit12 MLP" not in html  # no interval, no point
+
+
+def rows_100(rows: list[dict]) -> list[str]:
+    return [r["setting"] for r in rows if r["trial_budget"] >= 100]
+
+
+def test_no_runs_is_a_one_line_error(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(S.app, ["--results-dir", str(tmp_path), "--out-dir", str(tmp_path)])
+    assert result.exit_code == 1 and "error: no protocol run" in result.output
