@@ -61,6 +61,8 @@ def _row(path: Path, run: dict[str, Any], key: str, rec: dict[str, Any]) -> dict
         "n_complete": search["n_complete"], "n_pruned": search["n_pruned"], "stopped_early": search["stopped_early"],
         "rates": [used["rates"][0], used["rates"][-1], len(used["rates"])],
         "n_ref": used["n_ref"], "val_search": used["val_search"], "val_eval": used["val_eval"],
+        "complete_areas": search.get("complete_areas"),
+        "all_epsilon_search_area": (search.get("baseline_areas") or {}).get("all-epsilon"),
         "best_trial": search["trial"], "best_baseline": search.get("baseline"), "search_area": search["search_area"],
         "optimised": summary["optimised"]["area_mean"], "optimised_se": summary["optimised"]["area_se"],
         "epsilon": summary["lrp-epsilon"]["area_mean"], "epsilon_se": summary["lrp-epsilon"]["area_se"],
@@ -105,6 +107,11 @@ def table(rows: list[dict[str, Any]]) -> str:
         diff = (f"{r['diff']:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}], p {_fmt_p(r['diff_t_p'])}"
                 if verdict(r) != "-" else "-" if r["diff"] is None else f"{r['diff']:+.3f}")
         named = f"baseline `{r['best_baseline']}`" if r["best_baseline"] else f"trial {r['best_trial']}"
+        named += f" ({r['search_area']:.3f}"
+        if r["complete_areas"] and r["all_epsilon_search_area"] is not None:  # recorded since this script exists
+            named += (f"; complete trials {r['complete_areas']['min']:.3f}-{r['complete_areas']['max']:.3f}, "
+                      f"all-ε {r['all_epsilon_search_area']:.3f}")
+        named += ")"
         stop = _stop_note(r)
         lo, hi, n_rates = r["rates"]
         budget = (f"{r['trial_budget']} trials, {r['n_ref']} ref/class, {r['val_search']} + {r['val_eval']} images, "
@@ -120,7 +127,7 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"| {diff} | {verdict(r)} "
             f"| {other} "
             f"| {r['top_pr_optimised']:.0%} / {r['top_pr_epsilon']:.0%} "
-            f"| {named} ({r['search_area']:.3f}) "
+            f"| {named} "
             f"| {r['trials']} ({r['n_complete']} / {r['n_pruned']}{stop}) "
             f"| {r['seeds']} | [{r['source']}]({r['source'].replace('.json', '.md')}) |"
         )

@@ -252,6 +252,9 @@ def search(setting: Setting, s: Settings, log: Callable[[str], None]) -> dict[st
     if best is None:
         raise RuntimeError(f"{setting.key}: the search finished no trial")
     states = [t.state.name for t in result.study.trials]
+    complete = sorted(t.value for t in result.study.trials if t.state.name == "COMPLETE" and t.value is not None)
+    baselines = {t.user_attrs["baseline"]: t.value for t in result.study.trials
+                 if t.user_attrs.get("baseline") and t.state.name == "COMPLETE"}
     return {
         "rules": best.user_attrs["rules"],
         "ranking": best.user_attrs["ranking"],
@@ -263,6 +266,10 @@ def search(setting: Setting, s: Settings, log: Callable[[str], None]) -> dict[st
         "n_complete": states.count("COMPLETE"),
         "n_pruned": states.count("PRUNED"),
         "n_failed": states.count("FAIL"),
+        # how flat the space is: the search-split areas of every trial that ran its whole curve,
+        # and of the enqueued baselines (all-epsilon is LRP-epsilon on the search split)
+        "complete_areas": {"min": complete[0], "median": float(np.median(complete)), "max": complete[-1]},
+        "baseline_areas": baselines,
         "patience": s.patience,
         "stopped_early": bool(patience and patience.stopped),
         "seconds": round(time.perf_counter() - start, 1),

@@ -28,7 +28,9 @@ def _run(folder: Path, key: str, *, model: str, kind: str, n_classes: int, opt: 
             "model": model, "components": kind, "n_classes": n_classes, "complete": seeds == planned,
             "summary": summary,
             "search": {"n_trials": n_trials, "n_complete": 5, "n_pruned": n_trials - 5, "stopped_early": stopped,
-                       "trial": 1, "baseline": "faithful" if kind == "heads" else None, "search_area": opt + 0.01},
+                       "trial": 1, "baseline": "faithful" if kind == "heads" else None, "search_area": opt + 0.01,
+                       **({"complete_areas": {"min": 0.7, "median": 0.75, "max": opt + 0.01},
+                           "baseline_areas": {"all-epsilon": 0.76, "faithful": 0.74}} if kind == "conv" else {})},
             "paired": {"area": {"mean_diff": opt - eps, "ci95": ci, "t_p": 0.01, "n_positive": seeds},
                        "top_pr": {"mean_diff": 0.05, "ci95": [0.0, 0.1]}},
         }},
@@ -60,7 +62,8 @@ def test_rows_verdicts_and_files(tmp_path: Path) -> None:
     assert "patience not honoured*" in md  # ran its whole budget although it recorded a stop
     assert "60 (5 / 55, stopped early)" in md
     assert "(incomplete: 1 of 5 seeds)" in md and "nan" not in md
-    assert "baseline `faithful`" in md
+    assert "baseline `faithful` (0.850)" in md
+    assert "trial 1 (0.810; complete trials 0.700-0.810, all-ε 0.760)" in md  # how flat the space is
     html = (out / "protocol_summary.html").read_text()
     assert "fmnist-resnet50 channels, 10 cl." in html and "fmnist-vit12 MLP" not in html  # no interval, no point
 

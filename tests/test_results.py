@@ -151,6 +151,9 @@ def test_reduced_run_on_builtin_resnet(tmp_path: Path) -> None:
     assert results["complete"], results["errors"]
     rec = results["settings"]["resnet-conv-3cls"]
     assert rec["search"]["n_trials"] >= 2
+    spread = rec["search"]["complete_areas"]
+    assert spread["min"] <= spread["median"] <= spread["max"] == pytest.approx(rec["search"]["search_area"])
+    assert set(rec["search"]["baseline_areas"]) == {"all-epsilon", "faithful"}  # the two enqueued trials
     assert rec["grouping"]["grouping"] == "stage" and "layer2.0.conv1" in rec["layer_groups"]["mid"]
     assert rec["held_out_validation_images"] == 3 * 8
     assert sorted(rec["per_seed"]) == ["1", "2"]
