@@ -21,11 +21,12 @@ from typing import Any
 
 import typer
 
-RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import results as R  # noqa: E402  (benchmarks/results.py: its component labels and model aliases)
+
+RESULTS = R.OUT_DIR
 STEM = "protocol_summary"
-COMPONENT_NAMES = {"conv": "channels", "mlp": "MLP neurons", "heads": "heads"}
 NOT_CRITERIA = {"optimised", "lrp-epsilon", "random"}
-SMALL_MODELS = {"resnet", "vgg", "vit"}  # results.py's aliases of the small built-ins
 
 
 def collect(results_dir: Path, min_trials: int = 0) -> list[dict[str, Any]]:
@@ -41,7 +42,7 @@ def collect(results_dir: Path, min_trials: int = 0) -> list[dict[str, Any]]:
                 continue  # a setting that failed or has no evaluated seed yet
             rows.append(_row(path, run, key, rec))
     # the paper-scale models first, then by model, components, task and budget
-    return sorted(rows, key=lambda r: (r["model"] in SMALL_MODELS, r["model"], r["components"], -r["n_classes"],
+    return sorted(rows, key=lambda r: (r["model"] in R.MODEL_ALIASES, r["model"], r["components"], -r["n_classes"],
                                        -r["trial_budget"], r["source"]))
 
 
@@ -85,6 +86,18 @@ def _fmt_p(p: float | None) -> str:
     return f"{p:.1g}" if p < 0.01 else f"{p:.2f}"
 
 
+def _pm(se: float | None) -> str:
+    return f"± {se:.3f}" if _finite(se) else ""
+
+
+def _diff_cell(r: dict[str, Any]) -> str:
+    """The paired difference with its interval and p; the bare difference where one seed gives none."""
+    if verdict(r) != "-":
+        lo, hi = r["diff_ci95"]
+        return f"{r['diff']:+.3f} [{lo:+.3f}, {hi:+.3f}], p {_fmt_p(r['diff_t_p'])}"
+    return "-" if r["diff"] is None else f"{r['diff']:+.3f}"
+
+
 def verdict(row: dict[str, Any]) -> str:
     """Win / loss only where the paired 95 % interval excludes zero; else a tie."""
     ci = row["diff_ci95"]
@@ -103,9 +116,6 @@ def table(rows: list[dict[str, Any]]) -> str:
             "| seeds | source |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        ci = r["diff_ci95"] or [None, None]
-        diff = (f"{r['diff']:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}], p {_fmt_p(r['diff_t_p'])}"
-                if verdict(r) != "-" else "-" if r["diff"] is None else f"{r['diff']:+.3f}")
         named = f"baseline `{r['best_baseline']}`" if r["best_baseline"] else f"trial {r['best_trial']}"
         named += f" ({r['search_area']:.3f}"
         if r["complete_areas"] and r["all_epsilon_search_area"] is not None:  # recorded since this script exists
@@ -116,15 +126,14 @@ def table(rows: list[dict[str, Any]]) -> str:
         lo, hi, n_rates = r["rates"]
         budget = (f"{r['trial_budget']} trials, {r['n_ref']} ref/class, {r['val_search']} + {r['val_eval']} images, "
                   f"rates {lo:g}..{hi:g} ({n_rates})")
-        setting = f"{r['model']} {COMPONENT_NAMES[r['components']]}, {r['n_classes']} classes"
+        setting = f"{r['model']} {R.COMPONENT_LABELS[r['components']]}, {r['n_classes']} classes"
         if r["seeds"] < r["seeds_planned"] or not r["complete"]:
             setting += f" (incomplete: {r['seeds']} of {r['seeds_planned']} seeds)"
-        se = lambda v: f"± {v:.3f}" if _finite(v) else ""  # noqa: E731
         other = "-" if r["strongest_other"] is None else f"{r['strongest_other']} {r['strongest_other_area']:.3f}"
         lines.append(
             f"| {setting} | {budget} "
-            f"| {r['optimised']:.3f} {se(r['optimised_se'])} | {r['epsilon']:.3f} {se(r['epsilon_se'])} "
-            f"| {diff} | {verdict(r)} "
+            f"| {r['optimised']:.3f} {_pm(r['optimised_se'])} | {r['epsilon']:.3f} {_pm(r['epsilon_se'])} "
+            f"| {_diff_cell(r)} | {verdict(r)} "
             f"| {other} "
             f"| {r['top_pr_optimised']:.0%} / {r['top_pr_epsilon']:.0%} "
             f"| {named} "
@@ -148,7 +157,7 @@ def forest(rows: list[dict[str, Any]]):
     import plotly.graph_objects as go
 
     shown = [r for r in rows if verdict(r) != "-"]
-    labels = [f"{r['model']} {COMPONENT_NAMES[r['components']]}, {r['n_classes']} cl. (n={r['seeds']})" for r in shown]
+    labels = [f"{r['model']} {R.COMPONENT_LABELS[r['components']]}, {r['n_classes']} cl. (n={r['seeds']})" for r in shown]
     fig = go.Figure(go.Scatter(
         x=[r["diff"] for r in shown], y=labels, mode="markers",
         error_x={"type": "data", "symmetric": False,

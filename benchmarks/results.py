@@ -558,8 +558,11 @@ def _fmt_paired(p: dict[str, Any] | None, pct: bool = False) -> str:
     return f"{num(p['mean_diff'])}{unit} [{num(lo)}, {num(hi)}], p {pv(p['t_p'])} / {pv(p['wilcoxon_p'])} (n {p['n_seeds']})"
 
 
+COMPONENT_LABELS: dict[str, str] = {"conv": "channels", "mlp": "MLP neurons", "heads": "heads"}
+
+
 def _setting_label(rec: dict[str, Any]) -> str:
-    comp = {"conv": "channels", "mlp": "MLP neurons", "heads": "heads"}[rec["components"]]
+    comp = COMPONENT_LABELS[rec["components"]]
     return f"{_MODEL_LABELS.get(rec['model'], rec['model'])} {comp}"
 
 
@@ -718,6 +721,11 @@ def run(s: Settings, *, command: str, log: Callable[[str], None] = print,
     return results
 
 
+def _csv(text: str) -> tuple[str, ...]:
+    """'a, b,,c' -> ('a', 'b', 'c'): the comma-separated options."""
+    return tuple(v.strip() for v in text.split(",") if v.strip())
+
+
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
@@ -754,16 +762,16 @@ def main(
         write_outputs(json.loads(path.read_text()), out_dir, png=png)
         print(f"re-rendered from {path}")
         return
-    grid = None if rate_step is None else [round(rate_step * i, 4) for i in range(int(round(1 / rate_step)))]
-    overrides = dict(trials=trials, patience=patience, seeds=seeds, n_ref=n_ref, val_search=val_search, val_eval=val_eval,
-                     rates=grid, ig_steps=ig_steps,
-                     components=None if components is None else tuple(c.strip() for c in components.split(",") if c.strip()),
-                     models=tuple(m.strip() for m in models.split(",") if m.strip()),
-                     tasks=tuple(int(t) for t in tasks.split(",") if t.strip()),
-                     threads=threads, device=device, out_dir=out_dir, work_dir=work_dir)
     try:
         if rates is not None:
-            overrides["rates"] = parse_rates(rates)
+            grid = parse_rates(rates)
+        else:
+            grid = None if rate_step is None else [round(rate_step * i, 4) for i in range(int(round(1 / rate_step)))]
+        overrides = dict(trials=trials, patience=patience, seeds=seeds, n_ref=n_ref, val_search=val_search,
+                         val_eval=val_eval, rates=grid, ig_steps=ig_steps,
+                         components=None if components is None else _csv(components),
+                         models=_csv(models), tasks=tuple(int(t) for t in _csv(tasks)),
+                         threads=threads, device=device, out_dir=out_dir, work_dir=work_dir)
         if quick:
             s = Settings.quick(**overrides)
         else:

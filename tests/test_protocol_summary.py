@@ -54,7 +54,8 @@ def test_rows_verdicts_and_files(tmp_path: Path) -> None:
                                             "fmnist-vit12-mlp-10cls", "resnet-conv-10cls"]  # paper-scale first
     assert [S.verdict(r) for r in rows] == ["**wins**", "tie", "-", "**loses**"]
     assert rows[0]["strongest_other"] == "taylor"  # random is not a contender
-    assert [r["setting"] for r in S.collect(res, min_trials=100)] == rows_100(rows)
+    assert [r["setting"] for r in S.collect(res, min_trials=100)] == [r["setting"] for r in rows
+                                                                      if r["trial_budget"] >= 100]
 
     out = tmp_path / "out"
     S.write(rows, out, "cmd")
@@ -66,10 +67,6 @@ def test_rows_verdicts_and_files(tmp_path: Path) -> None:
     assert "trial 1 (0.810; complete trials 0.700-0.810, all-ε 0.760)" in md  # how flat the space is
     html = (out / "protocol_summary.html").read_text()
     assert "fmnist-resnet50 channels, 10 cl." in html and "fmnist-vit12 MLP" not in html  # no interval, no point
-
-
-def rows_100(rows: list[dict]) -> list[str]:
-    return [r["setting"] for r in rows if r["trial_budget"] >= 100]
 
 
 def test_no_runs_is_a_one_line_error(tmp_path: Path) -> None:
