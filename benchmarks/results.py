@@ -52,7 +52,7 @@ from pxopt.data import TensorSet, make_task
 from pxopt.data.heldout import split_per_class as split_per_class
 from pxopt.device import configure_threads, resolve_device
 from pxopt.errors import ConfigError
-from pxopt.evaluate import curve_area
+from pxopt.evaluate import check_rates, curve_area
 
 DATASET = "fashion-mnist"
 OUT_DIR = Path(__file__).resolve().parent / "results"
@@ -139,8 +139,9 @@ class Settings:
         odd = sorted(set(self.components) - set(known_kinds))
         if odd:
             raise ConfigError(f"unknown component kind {odd[0]!r}; choose from {', '.join(known_kinds)}")
-        if len(self.rates) < 2 or any(not 0 <= r < 1 for r in self.rates) or sorted(self.rates) != list(self.rates):
-            raise ConfigError(f"rates must be an increasing grid in [0, 1) with at least 2 points, got {self.rates}")
+        self.rates = check_rates(self.rates)
+        if len(self.rates) < 2:
+            raise ConfigError(f"rates need at least 2 points to span an area, got {self.rates}")
         return self
 
     def to_dict(self) -> dict[str, Any]:

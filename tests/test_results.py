@@ -267,8 +267,9 @@ def test_cli_runs_only_the_components_asked_on_an_explicit_grid(tmp_path: Path) 
     ("args", "reason"),
     [
         (["--components", "filters"], "unknown component kind 'filters'"),
-        (["--rates", "0,0.5,0.3"], "increasing grid"),
-        (["--rates", "0,0.5,1.0"], "increasing grid"),
+        (["--rates", "0,0.5,0.3"], "rates must be strictly increasing"),
+        (["--rates", "0,0.5,1.0"], "rates must lie in [0, 1)"),
+        (["--rates", "0.5"], "at least 2 points"),
         (["--rates", "0,a"], "--rates: expected"),
         (["--models", "vit", "--components", "conv"], "has none of the components ['conv']"),
     ],
