@@ -299,9 +299,30 @@ def write_outputs(res: dict[str, Any], out_dir: Path, stem: str) -> None:
 
 
 # -- driver ---------------------------------------------------------------------------------
+# Settings that make two runs comparable: a stored run is reused only when all of these match.
+RESUME_KEYS = ("model", "components", "n_classes", "trials", "n_startup", "n_ref", "val_search", "val_eval", "rates")
+
+
+def finished_runs(path: Path, settings: dict[str, Any]) -> tuple[list[dict[str, Any]], float]:
+    """The runs (and wall seconds) a previous, interrupted call stored at `path` with the same settings.
+
+    Each study is written as soon as it ends, so a stopped measurement loses at most the study
+    that was running; a file from other settings is never mixed in (it is overwritten instead).
+    """
+    if not path.exists():
+        return [], 0.0
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return [], 0.0
+    if old.get("format") != FORMAT or any(old.get("settings", {}).get(k) != settings[k] for k in RESUME_KEYS):
+        return [], 0.0
+    return list(old.get("runs", [])), float(old.get("wall_seconds", 0.0))
+
+
 def run(*, model: str, components: str, n_classes: int, samplers: Sequence[str], pruners: Sequence[str],
         seeds: int, trials: int, n_startup: int, settings: Any, out_dir: Path, stem: str, command: str,
-        scale: str, log: Callable[[str], None] = print) -> dict[str, Any]:
+        scale: str, resume: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
     from pxopt.device import configure_threads
     from pxopt.models import load_model
 
@@ -321,6 +342,14 @@ def run(*, model: str, components: str, n_classes: int, samplers: Sequence[str],
         "search_images": len(setting.search_task.validation), "held_out_images": len(setting.held_out),
         "skipped": {}, "runs": [], "wall_seconds": 0.0,
     }
+    done, earlier_wall = finished_runs(out_dir / f"{stem}.json", res["settings"]) if resume else ([], 0.0)
+    if done:
+        log(f"resuming: {len(done)} finished studies from {out_dir / f'{stem}.json'}")
+    res["runs"] = done
+
+    def wall() -> float:
+        return round(earlier_wall + time.perf_counter() - started, 1)
+
     for sampler in samplers:
         reason = unavailable_reason(sampler)
         if reason:
@@ -329,17 +358,19 @@ def run(*, model: str, components: str, n_classes: int, samplers: Sequence[str],
             continue
         for pruner in pruners:
             for seed in range(seeds):
+                if any((r["sampler"], r["pruner"], r["seed"]) == (sampler, pruner, seed) for r in done):
+                    continue
                 t0 = time.perf_counter()
                 r = run_study(search_pipe, held_pipe, loaded.family, list(settings.rates), sampler=sampler,
                               pruner=pruner, seed=seed, trials=trials, n_startup=n_startup)
                 res["runs"].append(r)
                 res["summary"] = summarise(res["runs"])
-                res["wall_seconds"] = round(time.perf_counter() - started, 1)
+                res["wall_seconds"] = wall()
                 write_outputs(res, out_dir, stem)
                 log(f"{sampler}/{pruner} seed {seed}: search {r['final_search']:.4f} held-out "
                     f"{r['final_held_out']:.4f} ({time.perf_counter() - t0:.0f} s)")
     res["summary"] = summarise(res["runs"])
-    res["wall_seconds"] = round(time.perf_counter() - started, 1)
+    res["wall_seconds"] = wall()
     write_outputs(res, out_dir, stem)
     return res
 
@@ -368,6 +399,8 @@ def main(
     stem: str = typer.Option(None, help="File name stem (default search_efficiency_<model>_<components>_<n>cls)."),
     scale: str = typer.Option("full protocol", help="Label written at the top of the results."),
     render_only: Path = typer.Option(None, help="Re-summarise and re-write table/figure from this JSON."),
+    resume: bool = typer.Option(True, help="Keep the finished studies of an interrupted run with the same "
+                                           "settings (its JSON in --out-dir) and run only the rest."),
 ) -> None:
     """Best-so-far held-out area against trials, per sampler and pruner."""
     if render_only is not None:
@@ -393,7 +426,8 @@ def main(
     command = "python benchmarks/search_efficiency.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     run(model=model, components=components, n_classes=n_classes, samplers=sampler_list, pruners=pruner_list,
         seeds=seeds, trials=trials, n_startup=n_startup, settings=settings, out_dir=out_dir,
-        stem=stem or f"{STEM}_{model}_{components}_{n_classes}cls", command=command.strip(), scale=scale)
+        stem=stem or f"{STEM}_{model}_{components}_{n_classes}cls", command=command.strip(), scale=scale,
+        resume=resume)
 
 
 if __name__ == "__main__":

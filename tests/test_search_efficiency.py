@@ -86,6 +86,23 @@ def test_unknown_sampler_is_a_config_error() -> None:
         SE.make_sampler("anneal", 0, 2)
 
 
+def test_finished_runs_are_kept_only_for_the_same_settings(tmp_path: Path) -> None:
+    settings = {"model": "resnet", "components": "conv", "n_classes": 10, "trials": 100, "n_startup": 8,
+                "n_ref": 5, "val_search": 100, "val_eval": 300, "rates": [0.0, 0.5], "samplers": ["tpe"],
+                "pruners": ["none"], "seeds": 3}
+    runs = [{"sampler": "tpe", "pruner": "none", "seed": 0}]
+    path = tmp_path / "se.json"
+    assert SE.finished_runs(path, settings) == ([], 0.0)  # nothing stored yet
+    path.write_text(json.dumps({"format": SE.FORMAT, "settings": {**settings, "seeds": 2}, "runs": runs,
+                                "wall_seconds": 12.5}))
+    # more seeds or samplers than before: the stored studies still count
+    assert SE.finished_runs(path, settings) == (runs, 12.5)
+    for key, other in (("trials", 20), ("rates", [0.0, 0.25, 0.5]), ("val_search", 50)):
+        assert SE.finished_runs(path, {**settings, key: other}) == ([], 0.0), key
+    path.write_text("{not json")
+    assert SE.finished_runs(path, settings) == ([], 0.0)
+
+
 @pytest.mark.slow
 def test_quick_run_on_builtin_resnet(tmp_path: Path) -> None:
     from typer.testing import CliRunner
@@ -97,3 +114,8 @@ def test_quick_run_on_builtin_resnet(tmp_path: Path) -> None:
     for run in res["runs"]:
         assert len(run["picked_held_out"]) == 4 and 0.0 < run["final_held_out"] <= 1.0
     assert "QUICK" in (tmp_path / "search_efficiency_resnet_conv_10cls.md").read_text()
+    # run again (as after an interrupted session): the finished studies are kept, none rerun
+    again = CliRunner().invoke(SE.app, ["--quick", "--out-dir", str(tmp_path)])
+    assert again.exit_code == 0 and "resuming: 4 finished studies" in again.output, again.output
+    res2 = json.loads((tmp_path / "search_efficiency_resnet_conv_10cls.json").read_text())
+    assert res2["runs"] == res["runs"] and res2["wall_seconds"] >= res["wall_seconds"]
