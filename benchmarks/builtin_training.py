@@ -204,6 +204,12 @@ def _masked_accuracy(name: str) -> dict:
 def _recipe_text(recipe: dict) -> str:
     text = (f"{recipe['optimizer']} lr {recipe['lr']:g} wd {recipe['weight_decay']:g}, {recipe['epochs']} ep, "
             f"bs {recipe['batch_size']}, one-cycle")  # fmt: skip
+    if recipe.get("optimizer") == "sgd":
+        text += f", momentum {recipe['momentum']:g} (Nesterov)"
+    if recipe.get("flip"):
+        text += ", flips"
+    if recipe.get("label_smoothing"):
+        text += f", label smoothing {recipe['label_smoothing']:g}"
     if recipe.get("channels_last"):
         text += ", channels-last"
     return text + f", seed {recipe['seed']}"

@@ -99,7 +99,7 @@ BUILTINS: dict[str, BuiltinModel] = {
         BuiltinModel(
             "fmnist-vgg16",
             archs.paper_vgg16_bn,
-            Recipe(epochs=2, lr=1e-3, weight_decay=0.05, channels_last=True),
+            Recipe(epochs=4, lr=1e-3, weight_decay=0.05, flip=True, channels_last=True),
             0.92,
             "torchvision vgg16_bn, features as they are, classifier 512-512-512-10, 3x32x32 input (15.3 M params)",
             {"hidden": 512, "dropout": 0.5},
