@@ -344,7 +344,7 @@ def run(*, model: str, components: str, n_classes: int, samplers: Sequence[str],
     }
     done, earlier_wall = finished_runs(out_dir / f"{stem}.json", res["settings"]) if resume else ([], 0.0)
     if done:
-        log(f"resuming: {len(done)} finished studies from {out_dir / f'{stem}.json'}")
+        log(f"resuming: {len(done)} finished {'study' if len(done) == 1 else 'studies'} from {out_dir / f'{stem}.json'}")
     res["runs"] = done
 
     def wall() -> float:
