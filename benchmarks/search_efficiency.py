@@ -342,10 +342,12 @@ def run(*, model: str, components: str, n_classes: int, samplers: Sequence[str],
         "search_images": len(setting.search_task.validation), "held_out_images": len(setting.held_out),
         "skipped": {}, "runs": [], "wall_seconds": 0.0,
     }
-    done, earlier_wall = finished_runs(out_dir / f"{stem}.json", res["settings"]) if resume else ([], 0.0)
+    stored = out_dir / f"{stem}.json"
+    done, earlier_wall = finished_runs(stored, res["settings"]) if resume else ([], 0.0)
     if done:
-        log(f"resuming: {len(done)} finished {'study' if len(done) == 1 else 'studies'} from {out_dir / f'{stem}.json'}")
+        log(f"resuming: {len(done)} finished {'study' if len(done) == 1 else 'studies'} from {stored}")
     res["runs"] = done
+    done_keys = {(r["sampler"], r["pruner"], r["seed"]) for r in done}
 
     def wall() -> float:
         return round(earlier_wall + time.perf_counter() - started, 1)
@@ -358,7 +360,7 @@ def run(*, model: str, components: str, n_classes: int, samplers: Sequence[str],
             continue
         for pruner in pruners:
             for seed in range(seeds):
-                if any((r["sampler"], r["pruner"], r["seed"]) == (sampler, pruner, seed) for r in done):
+                if (sampler, pruner, seed) in done_keys:
                     continue
                 t0 = time.perf_counter()
                 r = run_study(search_pipe, held_pipe, loaded.family, list(settings.rates), sampler=sampler,
@@ -415,8 +417,7 @@ def main(
     settings = dataclasses.replace(R.Settings(), n_ref=n_ref, val_search=val_search, val_eval=val_eval,
                                    rates=rates, threads=threads, device=device, models=(model,),
                                    tasks=(n_classes,)).validated()
-    sampler_list = [x.strip() for x in samplers.split(",") if x.strip()]
-    pruner_list = [x.strip() for x in pruners.split(",") if x.strip()]
+    sampler_list, pruner_list = R._csv(samplers), R._csv(pruners)
     for name in sampler_list:
         if name not in SAMPLERS:
             raise ConfigError(f"unknown sampler {name!r}; choose from {', '.join(SAMPLERS)}")
