@@ -212,6 +212,8 @@ def _recipe_text(recipe: dict) -> str:
         text += f", label smoothing {recipe['label_smoothing']:g}"
     if recipe.get("channels_last"):
         text += ", channels-last"
+    if recipe.get("autocast"):
+        text += f", {recipe['autocast']} autocast"
     return text + f", seed {recipe['seed']}"
 
 

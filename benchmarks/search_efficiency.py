@@ -175,6 +175,9 @@ def run_study(search_pipe: Any, held_pipe: Any, family: str, rates: list[float],
 
 
 # -- summary --------------------------------------------------------------------------------
+BUDGETS = (10, 20, 30, 50, 75, 100)  # trial budgets the summary reports the hand-over at
+
+
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Per sampler/pruner: mean and band of the picked held-out curve, final areas, trials to 99 %."""
     finals = [r["final_held_out"] for r in runs if math.isfinite(r["final_held_out"])]
@@ -204,6 +207,10 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "n_reached": len(hit),
             "pruned_fraction": float(np.mean([s == "PRUNED" for r in g["runs"] for s in r["states"]])),
             "seconds_mean": float(np.mean([r["search_seconds"] for r in g["runs"]])),
+            # what a smaller trial budget would have handed over, and what it would have cost
+            "budgets": {n: {"held_out_mean": float(np.nanmean(curves[:, n - 1])),
+                            "seconds_mean": float(np.mean([sum(r["trial_seconds"][:n]) for r in g["runs"]]))}
+                        for n in BUDGETS if curves.size and n <= curves.shape[1]},
         }
     return {"best_held_out_any": target_area, "target": target, "groups": out}
 
@@ -248,6 +255,16 @@ def markdown(res: dict[str, Any]) -> str:
                      f"{g['final_search_mean']:.4f} | {med} ({g['n_reached']}/{g['n_seeds']}) | "
                      f"{_runs(g['trials_to_reach'])} ({_runs(g['trials_to_first_touch'])}) | "
                      f"{g['pruned_fraction']:.0%} | {g['seconds_mean']:.0f} |")
+    budgets = sorted({n for g in sm["groups"].values() for n in g.get("budgets", {})}, key=int)
+    if budgets:
+        lines += ["", "What a smaller trial budget hands over: held-out area of the trial that is best on the "
+                      "search split after n trials (mean over seeds), and the search seconds spent to get there.",
+                  "", "| sampler | pruner | " + " | ".join(f"n = {n}" for n in budgets) + " |",
+                  "|---|---|" + "---|" * len(budgets)]
+        for g in sm["groups"].values():
+            cells = [f"{b['held_out_mean']:.4f} ({b['seconds_mean']:.0f} s)" if (b := g["budgets"].get(n)) else "-"
+                     for n in budgets]
+            lines.append(f"| {g['sampler']} | {g['pruner']} | " + " | ".join(cells) + " |")
     same = same_as_random(res["runs"])
     if same:
         lines += ["", "Same trials as the random sampler (same seed and pruner), so the sampler fell back to "

@@ -75,6 +75,26 @@ def test_channels_last_training_returns_the_default_layout(tiny_builtins):
     assert registry.BUILTINS["fmnist-vgg"].key("d") != dataclasses.replace(registry.BUILTINS["fmnist-vgg"], recipe=plain).key("d")
 
 
+def test_bf16_autocast_trains_and_hands_on_float32(tiny_builtins):
+    """Mixed precision speeds up the training steps only: the model pxopt explains is float32."""
+    bf16 = dataclasses.replace(registry.BUILTINS["fmnist-vgg"].recipe, autocast="bf16")
+    registry.BUILTINS["fmnist-vgg"] = dataclasses.replace(registry.BUILTINS["fmnist-vgg"], recipe=bf16)
+    model, meta = registry.train_builtin("fmnist-vgg", device="cpu", progress=False)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert meta["test_accuracy"] > 0.5 and meta["recipe"]["autocast"] == "bf16"
+    with pytest.raises(ValueError, match="autocast"):
+        dataclasses.replace(bf16, autocast="fp8")
+
+
+def test_recipes_without_autocast_keep_their_cache_keys():
+    """The field came later: leaving it unset must not retrain anyone's cached models."""
+    assert "autocast" not in registry.BUILTINS["fmnist-resnet"].recipe.to_dict()
+    assert registry.BUILTINS["fmnist-resnet"].key("d") == "ee56c46192413667"
+    entry = registry.BUILTINS["fmnist-vit"]
+    with_bf16 = dataclasses.replace(entry, recipe=dataclasses.replace(entry.recipe, autocast="bf16"))
+    assert with_bf16.key("d") != entry.key("d")
+
+
 def test_cache_key_follows_recipe_and_data():
     entry = registry.BUILTINS["fmnist-vit"]
     other = dataclasses.replace(entry, recipe=dataclasses.replace(entry.recipe, seed=1))

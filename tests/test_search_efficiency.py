@@ -72,6 +72,22 @@ def test_summary_trials_to_99_percent_of_best_any_run() -> None:
     assert sm["groups"]["random/none"]["pruned_fraction"] == pytest.approx(1 / 3)
 
 
+def test_summary_reports_what_a_smaller_budget_hands_over() -> None:
+    curves = ([0.5] * 4 + [0.8] * 6, [0.6] * 9 + [0.9])
+    runs = [{"sampler": "gp", "pruner": "none", "seed": i, "picked_held_out": list(c), "final_held_out": c[-1],
+             "final_search": c[-1], "states": ["COMPLETE"] * 10, "search_seconds": 10.0,
+             "trial_seconds": [1.0 + i] * 10, "search_values": list(c)} for i, c in enumerate(curves)]
+    budgets = SE.summarise(runs)["groups"]["gp/none"]["budgets"]
+    assert list(budgets) == [10]  # budgets beyond the run's trials are left out
+    assert budgets[10]["held_out_mean"] == pytest.approx(0.85)
+    assert budgets[10]["seconds_mean"] == pytest.approx(15.0)
+    assert "n = 10" in SE.markdown({"settings": {"model": "m", "components": "conv", "n_classes": 10, "trials": 10,
+                                                 "seeds": 2, "n_ref": 5, "rates": [0.0, 0.5]},
+                                    "summary": SE.summarise(runs), "scale": "s", "command": "c", "runs": runs,
+                                    "search_images": 1, "held_out_images": 1, "wall_seconds": 1.0,
+                                    "machine": "m"})
+
+
 def test_same_as_random_detects_a_fallback_sampler() -> None:
     runs = [{"sampler": "random", "pruner": "none", "seed": 0, "search_values": [0.1, None, 0.3]},
             {"sampler": "cmaes", "pruner": "none", "seed": 0, "search_values": [0.1, None, 0.3]},
