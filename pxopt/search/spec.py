@@ -195,7 +195,7 @@ class StudySpec:
 
 
 PRUNERS = ("median", "percentile", "halving", "hyperband", "none")
-SAMPLERS = ("tpe", "random")
+SAMPLERS = ("tpe", "gp", "random")
 
 
 def json_safe(value: Any) -> Any:
