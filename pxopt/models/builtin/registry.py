@@ -90,7 +90,8 @@ BUILTINS: dict[str, BuiltinModel] = {
         BuiltinModel(
             "fmnist-resnet50",
             archs.paper_resnet50,
-            Recipe(epochs=12, optimizer="sgd", lr=0.1, weight_decay=5e-4, flip=True, channels_last=True),
+            Recipe(epochs=12, optimizer="sgd", lr=0.1, weight_decay=5e-4, flip=True, channels_last=True,
+                   autocast="bf16"),
             0.92,
             "torchvision resnet50 as it is (Bottleneck 3-4-6-3, zero-init residuals), 3x32x32 input (23.5 M params)",
             {"zero_init_residual": True},
