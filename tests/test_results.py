@@ -297,3 +297,23 @@ def test_patience_stops_a_pxopt_search(tmp_path: Path) -> None:
     study = run_search(spec, FakeEvaluator(spec.rates), callbacks=[patience]).study
     assert patience.stopped
     assert len(study.trials) == study.best_trial.number + 1 + 5 < 40
+
+
+def test_a_resumed_protocol_search_refuses_retrained_weights(tmp_path: Path) -> None:
+    """The protocol's studies resume from --work-dir; a built-in retrained with another recipe
+    keeps its name, so the weights' fingerprint, not the name, decides whether trials mix."""
+    import torch
+
+    from pxopt.errors import StorageError
+    from pxopt.models import load_model
+
+    s = R.Settings.quick(models=("resnet",), tasks=(3,), trials=2, seeds=1, out_dir=tmp_path / "out",
+                         work_dir=tmp_path / "work", val_search=9, val_eval=12)
+    loaded = load_model(R.model_spec("resnet"), device="cpu", progress=False)
+    setting = R.build_setting("resnet", "conv", 3, loaded, s)
+    R.search(setting, s, log=lambda _msg: None)
+    R.search(setting, s, log=lambda _msg: None)  # the same weights resume
+    with torch.no_grad():
+        next(loaded.model.parameters()).add_(0.01)
+    with pytest.raises(StorageError, match="other weights"):
+        R.search(setting, s, log=lambda _msg: None)
