@@ -90,17 +90,19 @@ def picked_held_out(search_values: Sequence[float | None], held_out: Callable[[i
 
 # -- samplers and pruners -------------------------------------------------------------------
 def make_sampler(name: str, seed: int, n_startup: int) -> Any:
-    """An Optuna sampler by short name; cmaes/gp fall back to random for conditional params."""
+    """An Optuna sampler by short name: `pxopt search`'s own for tpe / gp / random; cmaes
+    (not offered by pxopt: it falls back to random sampling on this space) built here."""
     import optuna
 
-    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-    if name == "tpe":  # as pxopt.search.study.make_sampler builds it
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup, multivariate=True, group=True)
-    if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if name == "gp":
-        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=n_startup, warn_independent_sampling=False)
+    from pxopt.search.spec import SAMPLERS as PRODUCT_SAMPLERS
+    from pxopt.search.spec import StudySpec
+    from pxopt.search.study import make_sampler as product_sampler
+
+    if name in PRODUCT_SAMPLERS:
+        return product_sampler(StudySpec(name="efficiency", seed=seed,
+                                         sampler={"name": name, "n_startup_trials": n_startup}), 0)
     if name == "cmaes":
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=n_startup, warn_independent_sampling=False)
     raise ConfigError(f"unknown sampler {name!r}; choose from {', '.join(SAMPLERS)}")
 
