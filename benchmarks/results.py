@@ -217,9 +217,7 @@ def search(setting: Setting, s: Settings, log: Callable[[str], None]) -> dict[st
     """Run (or resume) the fixed-budget search on the search split; return the best trial."""
     import optuna
 
-    from pxopt.models.checkpoint import weights_fingerprint
     from pxopt.search import StudySpec, run_search
-    from pxopt.search.storage import ATTR_WEIGHTS
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     s.work_dir.mkdir(parents=True, exist_ok=True)
@@ -250,8 +248,7 @@ def search(setting: Setting, s: Settings, log: Callable[[str], None]) -> dict[st
     callbacks = [progress] if patience is None else [progress, patience]
     result = run_search(spec, pipe.evaluate, family=setting.loaded.family, storage_url=url,
                         timings=pipe.timings, callbacks=callbacks,
-                        study_attrs={ATTR_WEIGHTS: weights_fingerprint(setting.loaded.model),  # refuses a retrained model
-                                     **{f"pxopt.{k}": v for k, v in grouping_record(setting.layer_map).items()}})
+                        study_attrs=pipe.study_attrs())  # as `pxopt search`: the weights' fingerprint refuses a retrained model
     best = result.best_trial
     if best is None:
         raise RuntimeError(f"{setting.key}: the search finished no trial")

@@ -48,15 +48,13 @@ def make_sampler(spec: StudySpec, n_existing: int) -> optuna.samplers.BaseSample
         if name == "random":
             return optuna.samplers.RandomSampler(seed=seed)
         cfg.setdefault("n_startup_trials", 8)
-        if name == "gp":  # models the rule choices; each rule's own numbers are sampled independently
-            cfg.setdefault("warn_independent_sampling", False)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.samplers.GPSampler(seed=seed, **cfg)
-        cfg.setdefault("multivariate", True)
-        cfg.setdefault("group", True)  # conditional parameters (rule -> its numbers)
-        with warnings.catch_warnings():  # `group` is "experimental" but stable since Optuna 2.8
+        with warnings.catch_warnings():  # GPSampler, and TPE's `group` (stable since Optuna 2.8), are "experimental"
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            if name == "gp":  # models the rule choices; each rule's own numbers are sampled independently
+                cfg.setdefault("warn_independent_sampling", False)
+                return optuna.samplers.GPSampler(seed=seed, **cfg)
+            cfg.setdefault("multivariate", True)
+            cfg.setdefault("group", True)  # conditional parameters (rule -> its numbers)
             return optuna.samplers.TPESampler(seed=seed, **cfg)
     except TypeError as exc:
         raise ConfigError(f"sampler: {exc}") from exc
