@@ -100,7 +100,7 @@ BUILTINS: dict[str, BuiltinModel] = {
         BuiltinModel(
             "fmnist-vgg16",
             archs.paper_vgg16_bn,
-            Recipe(epochs=4, lr=1e-3, weight_decay=0.05, flip=True, channels_last=True),
+            Recipe(epochs=7, lr=1e-3, weight_decay=0.05, flip=True, channels_last=True, autocast="bf16"),
             0.92,
             "torchvision vgg16_bn, features as they are, classifier 512-512-512-10, 3x32x32 input (15.3 M params)",
             {"hidden": 512, "dropout": 0.5},
@@ -109,7 +109,7 @@ BUILTINS: dict[str, BuiltinModel] = {
         BuiltinModel(
             "fmnist-vit12",
             archs.paper_vit,
-            Recipe(epochs=8, lr=1e-3, weight_decay=0.05),
+            Recipe(epochs=10, lr=1e-3, weight_decay=0.05, autocast="bf16"),
             0.88,
             "timm VisionTransformer, depth 12, dim 192, 3 heads, MLP 768, patch 8 on 3x32x32 (5.4 M params)",
             {"patch_size": 8, "embed_dim": 192, "depth": 12, "num_heads": 3, "mlp_ratio": 4.0},
