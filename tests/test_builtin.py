@@ -86,6 +86,17 @@ def test_bf16_autocast_trains_and_hands_on_float32(tiny_builtins):
         dataclasses.replace(bf16, autocast="fp8")
 
 
+def test_bf16_autocast_on_a_cpu_without_native_bf16_warns(tiny_builtins, monkeypatch):
+    """Emulated bf16 can be slower than float32: the user is told, and training still runs."""
+    from pxopt.models.builtin import train as train_module
+
+    bf16 = dataclasses.replace(registry.BUILTINS["fmnist-vgg"].recipe, autocast="bf16", epochs=1)
+    registry.BUILTINS["fmnist-vgg"] = dataclasses.replace(registry.BUILTINS["fmnist-vgg"], recipe=bf16)
+    monkeypatch.setattr(train_module, "bf16_is_native", lambda device: False)
+    with pytest.warns(RuntimeWarning, match="no native bfloat16"):
+        registry.train_builtin("fmnist-vgg", device="cpu", progress=False)
+
+
 def test_recipes_without_autocast_keep_their_cache_keys():
     """The field came later: leaving it unset must not retrain anyone's cached models."""
     assert "autocast" not in registry.BUILTINS["fmnist-resnet"].recipe.to_dict()
