@@ -95,7 +95,7 @@ def _step_seconds(name: str, steps: int) -> dict:
     for i in range(steps + 2):
         if i == 2:
             wall, cpu = time.perf_counter(), time.process_time()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=r.autocast == "bf16"):
+        with r.step_precision(x.device):
             loss = nn.functional.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -49,6 +49,11 @@ class Recipe:
             del d["autocast"]
         return d
 
+    def step_precision(self, device: torch.device) -> torch.autocast:
+        """The context a training step runs in; shared with the step-cost estimate so both
+        time the same arithmetic."""
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.autocast == "bf16")
+
 
 def _optimizer(model: nn.Module, r: Recipe) -> torch.optim.Optimizer:
     decay, no_decay = [], []
@@ -111,8 +116,7 @@ def train_model(
         opt, max_lr=recipe.lr, total_steps=total, pct_start=recipe.warmup
     )
     loss_fn = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
-    autocast = recipe.autocast == "bf16"
-    if autocast and not bf16_is_native(dev):
+    if recipe.autocast == "bf16" and not bf16_is_native(dev):
         warnings.warn(
             f"this {dev.type.upper()} has no native bfloat16; the recipe's bf16 autocast is emulated "
             "and its training may take longer than float32 would",
@@ -134,7 +138,7 @@ def train_model(
                 if recipe.flip:
                     flip = torch.rand(len(idx), generator=gen).to(dev) < 0.5
                     xb = torch.where(flip[:, None, None, None], xb.flip(-1), xb)
-                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
+                with recipe.step_precision(dev):
                     loss = loss_fn(model(xb), yb)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
