@@ -40,6 +40,7 @@ import torch
 import typer
 
 from pxopt.models.builtin import BUILTINS
+from pxopt.models.builtin.train import bf16_is_native
 
 OUT = Path(__file__).resolve().parent / "results" / "builtin_models.md"
 HISTORY_MARK = "<!-- history -->"
@@ -77,8 +78,9 @@ def _reference_seconds(steps: int = 20) -> float:
         torch.set_num_threads(threads)
 
 
-def _step_seconds(name: str, steps: int) -> dict:
-    """Wall and CPU seconds per optimiser step of a built-in's recipe (after 2 warm-up steps)."""
+def _step_seconds(name: str, steps: int, dtype: torch.dtype | None = None) -> dict:
+    """Wall and CPU seconds per optimiser step of a built-in's recipe (after 2 warm-up steps),
+    in the dtype its training would use here (`Recipe.step_dtype`) unless `dtype` is given."""
     from torch import nn
 
     from pxopt.models.builtin import get_builtin
@@ -86,6 +88,7 @@ def _step_seconds(name: str, steps: int) -> dict:
 
     entry = get_builtin(name)
     r = entry.recipe
+    dtype = r.step_dtype(torch.device("cpu")) if dtype is None else dtype
     torch.manual_seed(r.seed)
     fmt = torch.channels_last if r.channels_last else torch.contiguous_format
     model = entry.build().to(memory_format=fmt).train()
@@ -95,7 +98,7 @@ def _step_seconds(name: str, steps: int) -> dict:
     for i in range(steps + 2):
         if i == 2:
             wall, cpu = time.perf_counter(), time.process_time()
-        with r.step_precision(x.device):
+        with r.step_precision(x.device, dtype):
             loss = nn.functional.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -109,23 +112,35 @@ def _step_seconds(name: str, steps: int) -> dict:
         eval_epoch = (time.perf_counter() - start) * 20  # the 10,000 test images
     steps_per_epoch = -(-60000 // r.batch_size)
     epoch = step * steps_per_epoch + eval_epoch
-    return {"name": name, "step_s": step, "step_cpu_s": step_cpu, "epoch_s": epoch,
+    return {"name": name, "dtype": str(dtype).removeprefix("torch."), "step_s": step, "step_cpu_s": step_cpu, "epoch_s": epoch,
             "epoch_cpu_s": step_cpu * steps_per_epoch, "epochs": r.epochs, "threads": torch.get_num_threads()}  # fmt: skip
+
+
+def _dtypes_to_time(name: str) -> list[torch.dtype]:
+    """The dtype training would use here first; a bf16 recipe also gets the other one, so
+    the table shows what the float32 fallback (or native bf16) saves on this host."""
+    recipe = BUILTINS[name].recipe
+    used = recipe.step_dtype(torch.device("cpu"))
+    if recipe.autocast != "bf16":
+        return [used]
+    return [used, torch.float32 if used == torch.bfloat16 else torch.bfloat16]
 
 
 def estimate(names: list[str], steps: int, out: Path) -> None:
     rows = []
     for name in names:
-        before = _reference_seconds()
-        row = _step_seconds(name, steps)
-        after = _reference_seconds()
-        row["reference_s"] = (before + after) / 2
-        row["reference_spread"] = max(before, after) / min(before, after)
-        rows.append(row)
-        scale = REFERENCE_S / row["reference_s"]
-        typer.echo(f"{name}: {row['step_s']:.2f} s/step, epoch {row['epoch_s'] / 60:.1f} min now, "
-                   f"{row['epoch_s'] * scale / 60:.1f} min at reference speed (reference {before:.0f}/{after:.0f} s)",
-                   err=True)  # fmt: skip
+        for i, dtype in enumerate(_dtypes_to_time(name)):
+            before = _reference_seconds()
+            row = _step_seconds(name, steps, dtype)
+            after = _reference_seconds()
+            row["used_in_training"] = i == 0
+            row["reference_s"] = (before + after) / 2
+            row["reference_spread"] = max(before, after) / min(before, after)
+            rows.append(row)
+            scale = REFERENCE_S / row["reference_s"]
+            typer.echo(f"{name} ({row['dtype']}): {row['step_s']:.2f} s/step, epoch {row['epoch_s'] / 60:.1f} min "
+                       f"now, {row['epoch_s'] * scale / 60:.1f} min at reference speed (reference "
+                       f"{before:.0f}/{after:.0f} s)", err=True)  # fmt: skip
     load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
     lines = [
         "# Per-epoch cost of the built-in models, extrapolated from a few steps",
@@ -142,14 +157,19 @@ def estimate(names: list[str], steps: int, out: Path) -> None:
         "before and after each model; at reference speed = now x "
         f"{REFERENCE_S:.0f} s / mean reference",
         "",
-        "| model | threads | s/step | CPU s/step | epoch now | reference now (before-after spread) | "
+        f"- native bfloat16 on this CPU: {'yes' if bf16_is_native(torch.device('cpu')) else 'no'}; "
+        "step dtype: what the steps computed in (a bf16 recipe trains in float32 where bf16 is "
+        "emulated; the other dtype is timed too, marked 'not used')",
+        "",
+        "| model | threads | step dtype | s/step | CPU s/step | epoch now | reference now (before-after spread) | "
         "epoch at reference speed | recipe epochs | recipe at reference speed |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         scale = REFERENCE_S / r["reference_s"]
+        used = r["dtype"] if r["used_in_training"] else f"{r['dtype']} (not used)"
         lines.append(
-            f"| builtin:{r['name']} | {r['threads']} | {r['step_s']:.2f} | {r['step_cpu_s']:.2f} | "
+            f"| builtin:{r['name']} | {r['threads']} | {used} | {r['step_s']:.2f} | {r['step_cpu_s']:.2f} | "
             f"{r['epoch_s'] / 60:.1f} min | {r['reference_s']:.0f} s ({r['reference_spread']:.2f}x) | "
             f"{r['epoch_s'] * scale / 60:.1f} min | {r['epochs']} | {r['epoch_s'] * scale * r['epochs'] / 60:.1f} min |"
         )
@@ -200,6 +220,27 @@ def _masked_accuracy(name: str) -> dict:
                                for layer in layers if layer.kind == kind})  # fmt: skip
             result[f"{kind}_masked"] = evaluate(model, x, y)
     return result
+
+
+def _step_dtype(row: dict) -> str:
+    """What a training's steps computed in; rows from before the field was recorded ran a bf16
+    recipe natively (the fallback came with the field)."""
+    return row.get("step_dtype") or ("bfloat16" if row["recipe"].get("autocast") == "bf16" else "float32")
+
+
+def _row_key(row: dict) -> str:
+    """Rows are kept per model, and a float32 fallback of a bf16 recipe beside the native one."""
+    asked_bf16 = row["recipe"].get("autocast") == "bf16"
+    return row["name"] if not asked_bf16 or _step_dtype(row) == "bfloat16" else f"{row['name']} (float32 fallback)"
+
+
+def _log_name(name: str) -> str:
+    """A float32 fallback's log sits beside the native training's instead of replacing it."""
+    from pxopt.device import resolve_device
+
+    recipe = BUILTINS[name].recipe
+    fallback = recipe.autocast == "bf16" and recipe.step_dtype(resolve_device("auto")) != torch.bfloat16
+    return f"{name}-float32.log" if fallback else f"{name}.log"
 
 
 def _recipe_text(recipe: dict) -> str:
@@ -269,8 +310,8 @@ def _render_paper(rows: dict[str, dict]) -> str:
         "The paper's architecture classes on Fashion-MNIST (3x32x32: the 28x28 image padded with "
         "background, the grey channel replicated). Each row is one "
         "`python benchmarks/builtin_training.py --models <name>` run (one training at a time); its "
-        "log, with the test accuracy after every epoch, is `builtin_logs/<name>.log`, its numbers "
-        "`builtin_paper.json`.",
+        "log, with the test accuracy after every epoch, is `builtin_logs/<name>.log` "
+        "(`<name>-float32.log` for a bf16 recipe's float32 fallback), its numbers `builtin_paper.json`.",
         "",
         "- wall / train / CPU / threads: as in the table above",
         "- reference: the reference recipe timed right before and right after the training "
@@ -285,7 +326,7 @@ def _render_paper(rows: dict[str, dict]) -> str:
         "recipe | trained |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows.values():
+    for key, r in rows.items():
         acc = r["accuracy_per_epoch"]
         per_epoch = ", ".join(f"{a:.2%}" for a in acc)
         ok = "yes" if r["test_accuracy"] >= r["target_accuracy"] else "NO"
@@ -297,11 +338,12 @@ def _render_paper(rows: dict[str, dict]) -> str:
             masked = (f"{m['mlp_masked']:.2%} ({100 * (m['accuracy'] - m['mlp_masked']):.1f} points lost) / "
                       f"{m['heads_masked']:.2%}")  # fmt: skip
         lines.append(
-            f"| builtin:{r['name']} | {r['target_accuracy']:.0%} | {r['test_accuracy']:.2%} ({ok}) | {per_epoch} | "
+            f"| builtin:{key} | {r['target_accuracy']:.0%} | {r['test_accuracy']:.2%} ({ok}) | {per_epoch} | "
             f"{gain:+.2f} points ({'yes' if gain < 0.3 else 'NO'}) | {r['params'] / 1e6:.2f} M | "
             f"{r['wall_seconds'] / 60:.1f} min | {r['train_seconds'] / 60:.1f} min | {r['cpu_seconds'] / 60:.1f} min | "
             f"{r['threads']} | {r['reference_seconds']:.0f} s | {scaled / 60:.1f} min | "
-            f"{'yes' if scaled <= PAPER_BUDGET_S else 'NO'} | {masked} | {_recipe_text(r['recipe'])} | "
+            f"{'yes' if scaled <= PAPER_BUDGET_S else 'NO'} | {masked} | {_recipe_text(r['recipe'])}; "
+            f"steps in {_step_dtype(r)} | "
             f"{r['trained_at']}, load {r['load']} |"
         )
     return "\n".join(lines) + "\n" + PAPER_END + "\n"
@@ -339,9 +381,10 @@ def main(
     LOGS.mkdir(exist_ok=True)
     rows = []
     for name in names:
-        typer.echo(f"training builtin:{name} (log: {LOGS / (name + '.log')}) ...", err=True)
+        log = LOGS / _log_name(name)
+        typer.echo(f"training builtin:{name} (log: {log}) ...", err=True)
         before = _reference_seconds()
-        row = _train(name, threads, LOGS / f"{name}.log")
+        row = _train(name, threads, log)
         after = _reference_seconds()
         row["reference_seconds"] = round((before + after) / 2, 1)
         row["reference_before_after"] = [round(before, 1), round(after, 1)]
@@ -356,9 +399,8 @@ def main(
     if paper:
         recorded = json.loads(PAPER_JSON.read_text()) if PAPER_JSON.exists() else {}
         for row in rows:
-            recorded[row["name"]] = {k: v for k, v in row.items() if k != "weights_file"}
-        order = [n for n in BUILTINS if n in recorded]
-        recorded = {n: recorded[n] for n in order}
+            recorded[_row_key(row)] = {k: v for k, v in row.items() if k != "weights_file"}
+        recorded = dict(sorted(recorded.items(), key=lambda kv: (list(BUILTINS).index(kv[1]["name"]), kv[0])))
         PAPER_JSON.write_text(json.dumps(recorded, indent=2) + "\n")
         paper_section = _render_paper(recorded)
     else:

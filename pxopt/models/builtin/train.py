@@ -35,8 +35,9 @@ class Recipe:
     channels_last: bool = False  # NHWC activations: oneDNN's faster CPU convolutions for CNNs
     seed: int = 0
     # Mixed precision for the training steps only ("bf16": torch.autocast to bfloat16, which
-    # CPUs with AVX512-BF16/AMX and every recent GPU run natively). Evaluation, the saved
-    # weights and everything pxopt does with the model afterwards stay float32.
+    # CPUs with AVX512-BF16/AMX and every recent GPU run natively; elsewhere the steps run in
+    # float32, see `step_dtype`). Evaluation, the saved weights and everything pxopt does
+    # with the model afterwards stay float32.
     autocast: str | None = None
 
     def __post_init__(self) -> None:
@@ -49,10 +50,21 @@ class Recipe:
             del d["autocast"]
         return d
 
-    def step_precision(self, device: torch.device) -> torch.autocast:
-        """The context a training step runs in; shared with the step-cost estimate so both
-        time the same arithmetic."""
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.autocast == "bf16")
+    def step_dtype(self, device: torch.device) -> torch.dtype:
+        """The dtype a training step computes in on `device`.
+
+        bf16 autocast only where the hardware has it: emulated, it cost 1.3x (ResNet-50),
+        2.2x (VGG-16) and 2.9x (ViT-12) the float32 step on a Xeon without AVX512-BF16
+        (benchmarks/results/builtin_models.md), so there float32 is both faster and exact."""
+        if self.autocast == "bf16" and bf16_is_native(device):
+            return torch.bfloat16
+        return torch.float32
+
+    def step_precision(self, device: torch.device, dtype: torch.dtype | None = None) -> torch.autocast:
+        """The context a training step runs in (`dtype` from `step_dtype`, probed once per
+        training); shared with the step-cost estimate so both time the same arithmetic."""
+        dtype = self.step_dtype(device) if dtype is None else dtype
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
 
 
 def _optimizer(model: nn.Module, r: Recipe) -> torch.optim.Optimizer:
@@ -116,10 +128,12 @@ def train_model(
         opt, max_lr=recipe.lr, total_steps=total, pct_start=recipe.warmup
     )
     loss_fn = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
-    if recipe.autocast == "bf16" and not bf16_is_native(dev):
+    step_dtype = recipe.step_dtype(dev)
+    if recipe.autocast == "bf16" and step_dtype != torch.bfloat16:
         warnings.warn(
-            f"this {dev.type.upper()} has no native bfloat16; the recipe's bf16 autocast is emulated "
-            "and its training may take longer than float32 would",
+            f"this {dev.type.upper()} has no native bfloat16: training in float32 instead of the "
+            "recipe's bf16 autocast (emulated bf16 is slower); the model's accuracy may differ "
+            "slightly from the one recorded for the recipe",
             RuntimeWarning,
             stacklevel=2,
         )
@@ -138,7 +152,7 @@ def train_model(
                 if recipe.flip:
                     flip = torch.rand(len(idx), generator=gen).to(dev) < 0.5
                     xb = torch.where(flip[:, None, None, None], xb.flip(-1), xb)
-                with recipe.step_precision(dev):
+                with recipe.step_precision(dev, step_dtype):
                     loss = loss_fn(model(xb), yb)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -165,6 +179,9 @@ def train_model(
         "train_cpu_seconds": round(cpu_seconds, 1),
         "threads": torch.get_num_threads(),
         "device": str(dev),
+        # what the steps really computed in (a bf16 recipe falls back to float32 where
+        # bf16 is emulated), so two trainings of one recipe can be told apart
+        "step_dtype": str(step_dtype).removeprefix("torch."),
     }
 
 
