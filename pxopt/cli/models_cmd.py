@@ -44,5 +44,5 @@ def register(app: typer.Typer) -> None:
             _, meta = train_builtin(parsed.name, device=device)
         else:
             _, meta = load_builtin(parsed.name, device=device)
-        summary = {k: meta.get(k) for k in ("name", "test_accuracy", "train_seconds", "threads", "weights_file")}
+        summary = {k: meta.get(k) for k in ("name", "test_accuracy", "train_seconds", "threads", "step_dtype", "weights_file")}
         typer.echo(json.dumps(summary))

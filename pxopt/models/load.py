@@ -141,8 +141,9 @@ def describe_supported() -> str:
     for entry in small:
         lines.append(f"  builtin:{entry.name:<16} target >= {entry.target:.0%}  {entry.description}")
     if paper:
-        lines += ["", "Built-in models with the paper's architectures (up to 45 min to train on a",
-                  "2-core CPU on first use, faster on a GPU; `pxopt train builtin:<name>` ahead):"]  # fmt: skip
+        lines += ["", "Built-in models with the paper's architectures (trained on first use: up to 45 min",
+                  "on a 2-core CPU with native bfloat16, 1-2 h in float32 on one without, minutes on a",
+                  "GPU; `pxopt train builtin:<name>` ahead):"]  # fmt: skip
     for entry in paper:
         lines.append(f"  builtin:{entry.name:<16} target >= {entry.target:.0%}  {entry.description}")
     return "\n".join(lines)
