@@ -1,0 +1,42 @@
+"""benchmarks/reeval_best.py: which trials are re-scored, and the table it writes."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("pxopt_bench_reeval_best", ROOT / "benchmarks" / "reeval_best.py")
+RB = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = RB
+spec.loader.exec_module(RB)
+
+
+def _trial(number: int, value: float | None, state: str = "COMPLETE") -> SimpleNamespace:
+    return SimpleNamespace(number=number, value=value, state=SimpleNamespace(name=state), user_attrs={})
+
+
+def test_top_trials_are_the_best_complete_ones_earliest_first_on_ties():
+    study = SimpleNamespace(trials=[_trial(0, 0.80), _trial(1, 0.84), _trial(2, None, "PRUNED"),
+                                    _trial(3, 0.84), _trial(4, 0.90, "FAIL"), _trial(5, 0.82)])
+    assert [t.number for t in RB.top_trials(study, 3)] == [1, 3, 5]
+    assert len(RB.top_trials(study, 10)) == 4
+    study.trials[0].user_attrs["baseline"] = "all-epsilon"  # the default joins however it scored
+    assert [t.number for t in RB.top_trials(study, 2, ("all-epsilon",))] == [1, 3, 0]
+    assert [t.number for t in RB.top_trials(study, 4, ("all-epsilon",))] == [1, 3, 5, 0]
+
+
+def test_markdown_marks_both_picks_and_the_paired_rows():
+    paired = {"mean_diff": -0.009, "ci95": [-0.017, -0.002], "t_p": 0.024}
+    out = {"run": "r", "command": "c", "top": 2, "confirm_seeds": [101, 102], "settings": {"s": {
+        "search_best_trial": 7, "named_trial": 9, "seconds": 12.0,
+        "candidates": [{"trial": 7, "search_area": 0.84, "confirmation_area": 0.82, "baseline": None},
+                       {"trial": 9, "search_area": 0.83, "confirmation_area": 0.83, "baseline": "all-epsilon"}],
+        "held_out": {"re-evaluated": [0.83, 0.83], "optimised": [0.82, 0.82], "lrp-epsilon": [0.83, 0.83]},
+        "re-evaluated − lrp-epsilon": dict(paired, mean_diff=0.0), "optimised − lrp-epsilon": paired}}}
+    text = RB.markdown(out)
+    assert "| 7 | 0.8400 | 0.8200 | named by the search |" in text
+    assert "| 9 | 0.8300 | 0.8300 | named after re-scoring (all-epsilon) |" in text
+    assert "-0.0090 [-0.0170, -0.0020], p 0.024" in text
