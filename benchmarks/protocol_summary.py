@@ -15,6 +15,7 @@ The figure is a forest plot of the paired differences.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,7 @@ def _row(path: Path, run: dict[str, Any], key: str, rec: dict[str, Any]) -> dict
     return {
         "setting": key, "model": rec["model"], "components": rec["components"], "n_classes": rec["n_classes"],
         "source": str(path.relative_to(path.parents[1])), "scale": run.get("scale"),
+        "trained": trained_label(rec.get("model_trained"), run.get("scale")),
         "complete": bool(rec.get("complete")), "seeds_planned": used["seeds"],
         "seeds": summary["optimised"]["n_seeds"], "trials": search["n_trials"], "trial_budget": used["trials"],
         "patience": used.get("patience"),
@@ -110,6 +112,15 @@ def verdict(row: dict[str, Any]) -> str:
     return "tie"
 
 
+def trained_label(trained: dict[str, Any] | None, scale: str | None) -> str:
+    """Which training of the model a run measured: recorded since results.py keeps it, else the
+    model's description in a paper-protocol run's scale label ('..., fmnist-vit12 (…), ...')."""
+    if trained:
+        return f"{trained['epochs']} ep, {trained['step_dtype']} steps, {trained['test_accuracy']:.2%}"
+    match = re.match(r"PAPER PROTOCOL \(issue #14\), \S+ \(([^()]*)\)", scale or "")
+    return match.group(1) if match else ""
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     head = ("| setting | budget | optimised | LRP-ε | optimised − LRP-ε [95 % CI], t-test p | verdict | strongest other "
             "| Top-PR opt / ε | rules named best (search-split area) | search trials (complete / pruned) "
@@ -127,6 +138,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         budget = (f"{r['trial_budget']} trials, {r['n_ref']} ref/class, {r['val_search']} + {r['val_eval']} images, "
                   f"rates {lo:g}..{hi:g} ({n_rates})")
         setting = f"{r['model']} {R.COMPONENT_LABELS[r['components']]}, {r['n_classes']} classes"
+        if r.get("trained"):
+            setting += f" [{r['trained']}]"
         if r["seeds"] < r["seeds_planned"] or not r["complete"]:
             setting += f" (incomplete: {r['seeds']} of {r['seeds_planned']} seeds)"
         other = "-" if r["strongest_other"] is None else f"{r['strongest_other']} {r['strongest_other_area']:.3f}"

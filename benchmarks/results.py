@@ -415,6 +415,17 @@ def grouping_record(layer_map: Any) -> dict[str, Any]:
     return {"grouping": layer_map.describe_grouping(), "layer_groups": layer_map.groups()}
 
 
+def trained_model_record(meta: dict[str, Any]) -> dict[str, Any]:
+    """Which training of a built-in the run measured: two trainings of one recipe (another
+    host, bf16 or its float32 fallback) are different models and can give different verdicts."""
+    if "test_accuracy" not in meta or "recipe" not in meta:
+        return {}
+    recipe = meta["recipe"]
+    dtype = meta.get("step_dtype") or ("bfloat16" if recipe.get("autocast") == "bf16" else "float32")
+    return {"test_accuracy": meta["test_accuracy"], "epochs": recipe.get("epochs"), "step_dtype": dtype,
+            "trained_at": meta.get("trained_at"), "cpu": meta.get("cpu")}
+
+
 def run_setting(setting: Setting, s: Settings, record: dict[str, Any], save: Callable[[], None],
                 log: Callable[[str], None]) -> None:
     """Search, then evaluate on every seed, saving after each step."""
@@ -427,6 +438,7 @@ def run_setting(setting: Setting, s: Settings, record: dict[str, Any], save: Cal
         # how the rule groups were formed, and the layers of each (as `pxopt export` records)
         **grouping_record(setting.layer_map),
         "held_out_validation_images": len(setting.held_out),
+        "model_trained": trained_model_record(setting.loaded.meta),
         "per_seed": {}, "summary": {}, "complete": False,
     })
     log(f"[{setting.key}] search: {s.trials} trials on {len(setting.search_task.validation)} search "

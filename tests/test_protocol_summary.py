@@ -74,3 +74,23 @@ def test_no_runs_is_a_one_line_error(tmp_path: Path) -> None:
 
     result = CliRunner().invoke(S.app, ["--results-dir", str(tmp_path), "--out-dir", str(tmp_path)])
     assert result.exit_code == 1 and "error: no protocol run" in result.output
+
+
+def test_each_row_names_the_training_it_measured():
+    """Two trainings of one recipe can give different verdicts: the table says which one."""
+    recorded = {"test_accuracy": 0.8821, "epochs": 10, "step_dtype": "float32"}
+    assert S.trained_label(recorded, "anything") == "10 ep, float32 steps, 88.21%"
+    label = "PAPER PROTOCOL (issue #14), fmnist-vgg16 (4-epoch recipe), 10 classes: 100 trials"
+    assert S.trained_label(None, label) == "4-epoch recipe"
+    assert S.trained_label({}, "REDUCED SCALE on the small ResNet (30 trials)") == ""
+    assert S.trained_label(None, None) == ""
+
+
+def test_results_records_the_training_of_a_builtin():
+    from tests.test_results import R
+
+    meta = {"test_accuracy": 0.9229, "recipe": {"epochs": 12, "autocast": "bf16"}, "trained_at": "t", "cpu": "x"}
+    assert R.trained_model_record(meta) == {"test_accuracy": 0.9229, "epochs": 12, "step_dtype": "bfloat16",
+                                            "trained_at": "t", "cpu": "x"}
+    assert R.trained_model_record({**meta, "step_dtype": "float32"})["step_dtype"] == "float32"
+    assert R.trained_model_record({"device": "cpu"}) == {}  # torchvision / timm / file models
