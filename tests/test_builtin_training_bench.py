@@ -3,27 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from bench_modules import load_benchmark
 
 from pxopt.models.builtin import registry
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("pxopt_bench_builtin_training", ROOT / "benchmarks" / "builtin_training.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-BT = _load()
+BT = load_benchmark("builtin_training")
 
 
 @pytest.mark.parametrize("native", [False, True])

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("pxopt_bench_protocol_summary", ROOT / "benchmarks" / "protocol_summary.py")
-S = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(S)
+from bench_modules import load_benchmark
+
+S = load_benchmark("protocol_summary")
 
 
 def _criterion(area: float, se: float, top_pr: float, n: int) -> dict:
@@ -87,8 +85,7 @@ def test_each_row_names_the_training_it_measured():
 
 
 def test_results_records_the_training_of_a_builtin():
-    from tests.test_results import R
-
+    R = load_benchmark("results")
     meta = {"test_accuracy": 0.9229, "recipe": {"epochs": 12, "autocast": "bf16"}, "trained_at": "t", "cpu": "x"}
     assert R.trained_model_record(meta) == {"test_accuracy": 0.9229, "epochs": 12, "step_dtype": "bfloat16",
                                             "trained_at": "t", "cpu": "x"}

@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("pxopt_bench_reeval_best", ROOT / "benchmarks" / "reeval_best.py")
-RB = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = RB
-spec.loader.exec_module(RB)
+from bench_modules import load_benchmark
+
+RB = load_benchmark("reeval_best")
 
 
 def _trial(number: int, value: float | None, state: str = "COMPLETE") -> SimpleNamespace:

@@ -2,30 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from bench_modules import load_benchmark
 
 from pxopt.data import TensorSet
 from pxopt.errors import ConfigError, DataError
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load_results_module():
-    spec = importlib.util.spec_from_file_location("pxopt_bench_results", ROOT / "benchmarks" / "results.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-R = _load_results_module()
+R = load_benchmark("results")
 
 
 def test_split_per_class_is_disjoint_and_balanced() -> None:
