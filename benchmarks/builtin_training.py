@@ -40,7 +40,7 @@ import torch
 import typer
 
 from pxopt.models.builtin import BUILTINS
-from pxopt.models.builtin.train import bf16_is_native
+from pxopt.models.builtin.train import bf16_is_native, recorded_step_dtype
 
 OUT = Path(__file__).resolve().parent / "results" / "builtin_models.md"
 HISTORY_MARK = "<!-- history -->"
@@ -222,16 +222,10 @@ def _masked_accuracy(name: str) -> dict:
     return result
 
 
-def _step_dtype(row: dict) -> str:
-    """What a training's steps computed in; rows from before the field was recorded ran a bf16
-    recipe natively (the fallback came with the field)."""
-    return row.get("step_dtype") or ("bfloat16" if row["recipe"].get("autocast") == "bf16" else "float32")
-
-
 def _row_key(row: dict) -> str:
     """Rows are kept per model, and a float32 fallback of a bf16 recipe beside the native one."""
     asked_bf16 = row["recipe"].get("autocast") == "bf16"
-    return row["name"] if not asked_bf16 or _step_dtype(row) == "bfloat16" else f"{row['name']} (float32 fallback)"
+    return row["name"] if not asked_bf16 or recorded_step_dtype(row) == "bfloat16" else f"{row['name']} (float32 fallback)"
 
 
 def _log_name(name: str) -> str:
@@ -343,7 +337,7 @@ def _render_paper(rows: dict[str, dict]) -> str:
             f"{r['wall_seconds'] / 60:.1f} min | {r['train_seconds'] / 60:.1f} min | {r['cpu_seconds'] / 60:.1f} min | "
             f"{r['threads']} | {r['reference_seconds']:.0f} s | {scaled / 60:.1f} min | "
             f"{'yes' if scaled <= PAPER_BUDGET_S else 'NO'} | {masked} | {_recipe_text(r['recipe'])}; "
-            f"steps in {_step_dtype(r)} | "
+            f"steps in {recorded_step_dtype(r)} | "
             f"{r['trained_at']}, load {r['load']} |"
         )
     return "\n".join(lines) + "\n" + PAPER_END + "\n"

@@ -420,9 +420,10 @@ def trained_model_record(meta: dict[str, Any]) -> dict[str, Any]:
     host, bf16 or its float32 fallback) are different models and can give different verdicts."""
     if "test_accuracy" not in meta or "recipe" not in meta:
         return {}
-    recipe = meta["recipe"]
-    dtype = meta.get("step_dtype") or ("bfloat16" if recipe.get("autocast") == "bf16" else "float32")
-    return {"test_accuracy": meta["test_accuracy"], "epochs": recipe.get("epochs"), "step_dtype": dtype,
+    from pxopt.models.builtin.train import recorded_step_dtype
+
+    return {"test_accuracy": meta["test_accuracy"], "epochs": meta["recipe"].get("epochs"),
+            "step_dtype": recorded_step_dtype(meta),
             "trained_at": meta.get("trained_at"), "cpu": meta.get("cpu")}
 
 

@@ -87,7 +87,7 @@ def test_bf16_autocast_trains_and_hands_on_float32(tiny_builtins):
 
 
 def test_bf16_recipe_trains_in_float32_where_bf16_is_emulated(tiny_builtins, monkeypatch):
-    """Emulated bf16 cost 1.3-2.9x the float32 step here: such a host trains in float32,
+    """Emulated bf16 cost 1.36-3.37x the float32 step here: such a host trains in float32,
     says so, and records what the steps computed in."""
     from pxopt.models.builtin import train as train_module
 

@@ -39,7 +39,7 @@ def test_a_float32_fallback_is_recorded_beside_the_native_training(monkeypatch):
     native = {"name": "fmnist-vit12", "recipe": {"autocast": "bf16"}}  # recorded before the field existed
     fallback = {**native, "step_dtype": "float32"}
     plain = {"name": "fmnist-vit", "recipe": {}, "step_dtype": "float32"}
-    assert BT._row_key(native) == "fmnist-vit12" and BT._step_dtype(native) == "bfloat16"
+    assert BT._row_key(native) == "fmnist-vit12" and BT.recorded_step_dtype(native) == "bfloat16"
     assert BT._row_key(fallback) == "fmnist-vit12 (float32 fallback)"
     assert BT._row_key(plain) == "fmnist-vit"
     monkeypatch.setattr(train_module, "bf16_is_native", lambda device: False)

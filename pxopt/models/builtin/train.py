@@ -53,9 +53,9 @@ class Recipe:
     def step_dtype(self, device: torch.device) -> torch.dtype:
         """The dtype a training step computes in on `device`.
 
-        bf16 autocast only where the hardware has it: emulated, it cost 1.3x (ResNet-50),
-        2.2x (VGG-16) and 2.9x (ViT-12) the float32 step on a Xeon without AVX512-BF16
-        (benchmarks/results/builtin_models.md), so there float32 is both faster and exact."""
+        bf16 autocast only where the hardware has it: emulated, it cost 1.36x (ResNet-50),
+        2.40x (VGG-16) and 3.37x (ViT-12) the float32 step on a Xeon without AVX512-BF16
+        (benchmarks/results/builtin_cost_no_bf16.md), so there float32 is both faster and exact."""
         if self.autocast == "bf16" and bf16_is_native(device):
             return torch.bfloat16
         return torch.float32
@@ -89,6 +89,13 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
         logits = model(images[start : start + batch_size])
         correct += restricted_correct(logits, labels[start : start + batch_size], classes)
     return float(correct) / len(labels)
+
+
+def recorded_step_dtype(meta: dict) -> str:
+    """What a recorded training's steps computed in (its metadata or a benchmark row holding
+    it); trainings from before `step_dtype` was recorded ran a bf16 recipe natively, since the
+    float32 fallback came with the field."""
+    return meta.get("step_dtype") or ("bfloat16" if meta["recipe"].get("autocast") == "bf16" else "float32")
 
 
 def bf16_is_native(device: torch.device) -> bool:
