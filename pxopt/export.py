@@ -5,7 +5,8 @@ model and task (`pxopt prune --config`) and to check the result against the stor
 including the grouping that turned layers into rule groups (`grouping`, and the groups it
 made, `layer_groups`, when the study recorded them), and `heldout`: the trial's and the
 all-epsilon baseline's curves on the study's held-out images beside their search-split
-areas (`pxopt.search.heldout.heldout_summary`), or `{"note": why there are none}`.
+areas (`pxopt.search.heldout.heldout_summary`), or `{"note": why there are none}`, and
+`naming`: the re-scored candidates it was named best among (`pxopt.search.naming`), if it was.
 Imports are validated field by field before use; nothing is ever unpickled.
 
 `area` is `pxopt.evaluate.AREA_DEFINITION`, named in `area_definition`. Files of older
@@ -55,12 +56,15 @@ _TASK_KEYS = ("data", "classes", "n_ref", "n_val", "seed", "batch_size")
 
 
 def pick_trial(study: optuna.Study, number: int | None = None) -> optuna.trial.FrozenTrial:
-    """The best completed trial, or trial `number` (which must be complete)."""
+    """The trial named best (`pxopt.search.naming.named_trial`: after re-scoring, where the
+    study has a current naming), or trial `number` (which must be complete)."""
+    from pxopt.search.naming import named_trial
+
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not complete:
         raise ConfigError(f"study {study.study_name!r} has no completed trial to export yet")
     if number is None:
-        return study.best_trial
+        return named_trial(study)
     for trial in study.get_trials(deepcopy=False):
         if trial.number == number:
             if trial.state != TrialState.COMPLETE:
@@ -77,10 +81,12 @@ def export_trial(study: optuna.Study, number: int | None = None,
     (nothing is loaded here: `pxopt export` evaluates what is missing).
     """
     from pxopt.search.heldout import heldout_summary
+    from pxopt.search.naming import stored_naming
 
     trial = pick_trial(study, number)
     if heldout is None:
         heldout = heldout_summary(study, trial)
+    naming = stored_naming(study)
     spec = study.user_attrs.get("pxopt.spec", {})
     attrs = trial.user_attrs
     curve = attrs["curve"]
@@ -112,6 +118,8 @@ def export_trial(study: optuna.Study, number: int | None = None,
         "top_pr": float(curve["top_pr"]),
         "seeds": attrs.get("seeds", {}),
         "heldout": heldout,
+        # how the trial was named best (re-scored candidates), when it was
+        "naming": naming if naming is not None and naming["named"] == trial.number else None,
         "versions": attrs.get("versions") or library_versions(),
         "exported": datetime.now(UTC).isoformat(timespec="seconds"),
     }
@@ -164,6 +172,10 @@ def validate_export(data: Any) -> dict[str, Any]:
     _validate_rules(data["rules"])
     if data.get("heldout") is not None:
         _validate_heldout(data["heldout"])
+    naming = data.get("naming")
+    if naming is not None and not (isinstance(naming, dict) and naming.get("named") == data["trial"]
+                                   and isinstance(naming.get("candidates"), list)):
+        raise ConfigError("naming: expected the re-scored candidates of the trial named best")
     return data
 
 

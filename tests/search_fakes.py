@@ -109,6 +109,8 @@ class FakePipeline:
 
     family = "cnn"
     heldout_calls_total = 0  # over all instances (the CLI loads its own)
+    rescore_calls_total = 0  # curves on other reference sets (`pxopt.search.naming`)
+    reference_seed: int | None = None
 
     def __init__(self, spec) -> None:
         self.spec = spec
@@ -139,8 +141,17 @@ class FakePipeline:
     def scores(self, rules):
         return _Scores(rules)
 
+    def with_reference_seed(self, seed: int) -> FakePipeline:
+        other = FakePipeline(self.spec)
+        other.reference_seed = seed
+        return other
+
     def curve(self, scores, ranking=None, on_rate=None, *, heldout: bool = False):
         curve = self.evaluator(scores.rules, ranking, on_rate)
+        if self.reference_seed is not None:  # another reference set: the search's best was a little lucky
+            FakePipeline.rescore_calls_total += 1
+            drop = 0.95 if any(g["rule"] != "epsilon" for g in scores.rules["groups"].values()) else 0.99
+            return FakeCurve(curve.rates, [a * drop for a in curve.accuracies], curve.area * drop, curve.top_pr)
         if not heldout:
             return curve
         self.heldout_calls += 1

@@ -26,11 +26,21 @@ def register(app: typer.Typer) -> None:
         from pxopt.cli._study import load_study
         from pxopt.export import export_trial, pick_trial, write_export
         from pxopt.search.heldout import study_pipeline, summary_lines, try_heldout_summary
+        from pxopt.search.naming import name_study_best
 
         st, _ = load_study(study, storage, out_dir)
         chosen = pick_trial(st, trial)
-        held = try_heldout_summary(st, chosen, load=lambda: study_pipeline(st, device, allow_download=allow_download))
-        data = export_trial(st, trial, heldout=held)
+        loaded: dict[str, object] = {}
+
+        def load() -> object:  # at most once: naming and the held-out evaluation share it
+            if "pipeline" not in loaded:
+                loaded["pipeline"] = study_pipeline(st, device, allow_download=allow_download)
+            return loaded["pipeline"]
+
+        if trial is None:  # the trial named best (re-scoring trials the study has not re-scored yet)
+            chosen = name_study_best(st, load=load)
+        held = try_heldout_summary(st, chosen, load=load)
+        data = export_trial(st, chosen.number, heldout=held)
         path = write_export(data, out)
         typer.echo(f"trial {data['trial']} (area {data['area']:.4f}, Top-PR {data['top_pr']:.2f}) -> {path}")
         for line in summary_lines(held):

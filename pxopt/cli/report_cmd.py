@@ -31,6 +31,7 @@ def register(app: typer.Typer) -> None:
         from pxopt.report import write_report
         from pxopt.report.heatmaps import try_study_heatmaps
         from pxopt.search.heldout import study_pipeline, summary_lines, try_heldout_summary
+        from pxopt.search.naming import name_study_best
 
         st, _ = load_study(study, storage, out_dir)
         extra = None
@@ -38,12 +39,13 @@ def register(app: typer.Typer) -> None:
             extra = _read_baselines(baselines)
         loaded: dict[str, object] = {}
 
-        def load() -> object:  # at most once: the held-out evaluation and the heatmaps share it
-            loaded["pipeline"] = study_pipeline(st, device, allow_download=allow_download)
+        def load() -> object:  # at most once: naming, the held-out evaluation and the heatmaps share it
+            if "pipeline" not in loaded:
+                loaded["pipeline"] = study_pipeline(st, device, allow_download=allow_download)
             return loaded["pipeline"]
 
         try:
-            held = try_heldout_summary(st, st.best_trial, load=load)
+            held = try_heldout_summary(st, name_study_best(st, load=load), load=load)
         except ValueError:  # no completed trial
             held = {"note": "no completed trial yet"}
         for line in summary_lines(held):

@@ -6,6 +6,7 @@ import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import optuna
 import typer
@@ -13,7 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from pxopt.cli._options import ALLOW_DOWNLOAD_HELP
-from pxopt.errors import ConfigError
+from pxopt.errors import ConfigError, PxoptError
 
 console = Console(stderr=True)
 DEFAULT_SPEC = "default.toml"
@@ -141,6 +142,28 @@ def _log(message: str) -> None:
     console.print(message, markup=False, highlight=False, soft_wrap=True)
 
 
+def _name_best(study: Any, spec: Any, pipeline: Any) -> Any:
+    """Re-score the best trials on other reference sets and name one (`pxopt.search.naming`),
+    with a progress bar; prints the re-scored table. ValueError: no completed trial."""
+    from pxopt.search.naming import BASELINE, name_best, named_trial, naming_lines
+
+    study.best_trial  # noqa: B018  (ValueError before any bar is drawn)
+    what = f"re-scoring the {spec.rescore_top} best trials and {BASELINE} on {spec.rescore_sets} other reference sets"
+    with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console, transient=True) as progress:
+        bar = progress.add_task(what, total=None)
+        try:
+            record = name_best(study, top=spec.rescore_top, sets=spec.rescore_sets, pipeline=pipeline,
+                               progress=lambda done, total: progress.update(bar, completed=done, total=total))
+        except (PxoptError, MemoryError) as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            console.print(f"re-scoring failed ({reason}): naming the search's best", markup=False, highlight=False)
+            return study.best_trial
+    for line in naming_lines(record):
+        typer.echo(line)
+    return named_trial(study)
+
+
 def register(app: typer.Typer) -> None:
     @app.command("search")
     def search(
@@ -155,6 +178,11 @@ def register(app: typer.Typer) -> None:
             None, "--n-heldout", help="Held-out images per task the search never sees, evaluated at the end "
             "(default 300, fewer if the data has fewer; 0: none). A resumed study keeps its own."),
         trials: int | None = typer.Option(None, "--trials", help="Finished trials the study should hold."),
+        rescore_top: int | None = typer.Option(
+            None, "--rescore-top", help="Before naming the best: re-score this many best trials and all-epsilon on "
+            "other reference sets, name the best mean (default 5; 0: name the search's best)."),
+        rescore_sets: int | None = typer.Option(
+            None, "--rescore-sets", help="Other reference sets the best trials are re-scored on (default 2)."),
         timeout: float | None = typer.Option(None, "--timeout", help="Stop starting trials after S seconds."),
         storage: str | None = typer.Option(None, "--storage", help="SQLite path or SQLAlchemy URL."),
         study: str | None = typer.Option(None, "--study", help="Study name (default: the spec's)."),
@@ -184,7 +212,8 @@ def register(app: typer.Typer) -> None:
         chosen = [c.strip() for c in class_names.split(",") if c.strip()] if class_names else classes
         spec = load_spec(
             spec_path, model=model, data=data, classes=chosen, n_ref=n_ref, n_val=n_val, n_heldout=n_heldout,
-            trials=trials, timeout=timeout, storage=storage, name=study, device=device,
+            trials=trials, rescore_top=rescore_top, rescore_sets=rescore_sets, timeout=timeout, storage=storage,
+            name=study, device=device,
             seed=seed, components=components, rates=parse_rates(rates),
         )
         url = spec.storage_url(out_dir)
@@ -220,14 +249,14 @@ def register(app: typer.Typer) -> None:
         if result.interrupted:
             raise typer.Exit(130)
         try:
-            best = st.best_trial
+            best = _name_best(st, spec, pipeline)
         except ValueError:
             typer.echo("no completed trial: nothing to export")
             return
         out_dir.mkdir(parents=True, exist_ok=True)
         with console.status("evaluating the best trial and all-epsilon on the held-out images"):
             heldout = try_heldout_summary(st, best, pipeline=pipeline)
-        best_path = write_export(export_trial(st, heldout=heldout), out_dir / f"{spec.name}-best.json")
+        best_path = write_export(export_trial(st, best.number, heldout=heldout), out_dir / f"{spec.name}-best.json")
         typer.echo(f"best:   trial {best.number}, area {best.value:.4f}, "
                    f"Top-PR {best.user_attrs['curve']['top_pr']:.2f} -> {best_path}")
         for line in summary_lines(heldout):

@@ -249,6 +249,7 @@ def make_task(
     on_bad_image: BadImagePolicy = "skip",
     allow_download: bool = False,
     n_heldout: int = 0,
+    reference_seed: int | None = None,
 ) -> Task:
     """Draw a task from a dataset.
 
@@ -261,7 +262,10 @@ def make_task(
     n_heldout: held-out images per task (split evenly over the classes; fewer where the
     validation split has fewer images left; 0: none; none either with n_val None), drawn as
     the tail of each class's validation draw, so the validation images are those of the
-    same task without them.
+    same task without them. reference_seed: draw the reference images with this seed instead
+    (classes, validation and held-out images stay those of `seed`, and are never drawn as
+    reference): the same task with another reference set, which is how the best trials of a
+    search are re-scored before one is named (`pxopt.search.naming`).
     """
     if n_ref < 1:
         raise DataError(f"n_ref must be >= 1, got {n_ref}")
@@ -304,6 +308,10 @@ def make_task(
         val_idx = [val_idx[i] for i in head.tolist()]
         heldout = TensorSet(validation.images[tail].contiguous(), validation.labels[tail])
         validation = TensorSet(validation.images[head].contiguous(), validation.labels[head])
+    if reference_seed is not None:
+        exclude = set(val_idx) | set(held_idx) if val_split is ref_split else None
+        ref_idx, reference = _draw(ref_split, chosen, ds.class_names, n_ref, np.random.default_rng(reference_seed),
+                                   loader, "reference", exclude)
     digest = hashlib.sha256(json.dumps([ref_idx, val_idx]).encode()).hexdigest()[:16]
     info = {
         "source": ds.source,
@@ -315,6 +323,8 @@ def make_task(
         "skipped_images": len(loader.skipped),
         "skipped_examples": loader.skipped[:5],
     }
+    if reference_seed is not None:
+        info["reference_seed"] = reference_seed
     if n_heldout:  # (absent from tasks without one: their record is that of older pxopt versions)
         info.update({
             "n_heldout": n_heldout,

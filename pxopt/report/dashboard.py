@@ -9,6 +9,7 @@ import optuna
 from pxopt.evaluate import AREA, AREA_DEFINITION
 from pxopt.report.figures import study_figures, trial_area
 from pxopt.report.html import rules_json, trial_counts
+from pxopt.search.naming import named_trial
 from pxopt.search.objective import OBJECTIVE_ID, study_objective
 
 #: The dashboard's name for the values of a study made by an older pxopt.
@@ -49,7 +50,7 @@ def _note(study: optuna.Study) -> str:
         lines += ["", f"This study was made by an older pxopt: its trial values are the {LEGACY_METRIC} "
                   "(not divided by the rate span); pxopt's figures show the area recomputed from the curves."]
     try:
-        best = study.best_trial
+        best = named_trial(study)
         lines += [
             "",
             f"Best: trial {best.number}, area {trial_area(best):.4f}, Top-PR {best.user_attrs['curve']['top_pr']:.2f}, "

@@ -18,6 +18,7 @@ import plotly.graph_objects as go
 from optuna.trial import FrozenTrial, TrialState
 
 from pxopt.evaluate import AREA, AREA_TITLE, curve_area, partial_area
+from pxopt.search.naming import named_trial
 from pxopt.search.objective import OBJECTIVE_ID, study_objective
 from pxopt.search.study import baseline_trials
 
@@ -153,8 +154,10 @@ def curves_figure(
     fig = go.Figure()
     curves: dict[str, Mapping[str, Any]] = {}
     try:
-        best = study.best_trial
+        best = named_trial(study)
         curves[f"best (trial {best.number})"] = best.user_attrs["curve"]
+        if study.best_trial.number != best.number:  # named after re-scoring: the search's own pick too
+            curves[f"search split's best (trial {study.best_trial.number})"] = study.best_trial.user_attrs["curve"]
     except (ValueError, KeyError):
         return _empty("Accuracy vs pruning rate", "no completed trial yet")
     for name, trial in baseline_trials(study).items():
@@ -249,7 +252,7 @@ def study_figures(study: optuna.Study, *, rate: float | None = None,
         "curves": curves_figure(study, extra_curves),
     }
     try:
-        best = study.best_trial
+        best = named_trial(study)
         figures["per_layer"] = per_layer_figure(best, rate, study.user_attrs.get("pxopt.layer_sizes"))
     except ValueError:
         figures["per_layer"] = _empty("Pruned components per layer", "no completed trial yet")

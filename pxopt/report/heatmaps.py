@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from pxopt.errors import ConfigError, DataError
+from pxopt.search.naming import named_trial
 
 #: zennit's "bwr" colour map ('00f,80:fff,f00') as a Plotly colour scale.
 BWR: list[list[Any]] = [[0.0, "rgb(0,0,255)"], [0.5, "rgb(255,255,255)"], [1.0, "rgb(255,0,0)"]]
@@ -160,7 +161,7 @@ def study_heatmaps(study: Any, pipeline: Any, n_images: int = 4) -> Heatmaps:
     if n_images < 1:
         raise ConfigError(f"heatmaps: n_images must be >= 1, got {n_images}")
     try:
-        best = study.best_trial
+        best = named_trial(study)
     except ValueError:
         raise ConfigError("heatmaps: the study has no completed trial yet") from None
     eps_trial = baseline_trials(study).get("all-epsilon")

@@ -13,6 +13,7 @@ from optuna.trial import TrialState
 
 from pxopt.evaluate import AREA_DEFINITION
 from pxopt.report.figures import study_figures, trial_area
+from pxopt.search.naming import named_trial, naming_lines, stored_naming
 from pxopt.search.study import baseline_trials
 
 if TYPE_CHECKING:
@@ -40,7 +41,7 @@ def _summary(study: optuna.Study, heldout: Mapping[str, Any] | None = None) -> s
             rows.append(f"<tr><th>{key}</th><td>{html.escape(str(spec[key]))}</td></tr>")
     rows.append(f"<tr><th>area</th><td>{html.escape(AREA_DEFINITION)}</td></tr>")
     try:
-        best = study.best_trial
+        best = named_trial(study)
         rows.append(
             f"<tr><th>best</th><td>trial {best.number}: area {trial_area(best):.4f}, "
             f"Top-PR {best.user_attrs['curve']['top_pr']:.2f}, ranking {html.escape(str(best.user_attrs.get('ranking')))}"
@@ -48,6 +49,10 @@ def _summary(study: optuna.Study, heldout: Mapping[str, Any] | None = None) -> s
         )
         rows.append(f"<tr><th>best rules</th><td><pre><code>{html.escape(rules_json(best.user_attrs.get('rules')))}"
                     "</code></pre></td></tr>")
+        naming = stored_naming(study)
+        if naming is not None and naming.get("rescored"):
+            rows.append(f"<tr><th>named best</th><td><pre>{html.escape(chr(10).join(naming_lines(naming)))}"
+                        "</pre></td></tr>")
     except ValueError:
         pass
     for name, trial in baseline_trials(study).items():
@@ -65,7 +70,7 @@ def _stored_heldout(study: optuna.Study) -> dict[str, Any]:
     from pxopt.search.heldout import heldout_summary
 
     try:
-        best = study.best_trial
+        best = named_trial(study)
     except ValueError:
         return {"note": "no completed trial yet"}
     return heldout_summary(study, best)

@@ -191,7 +191,9 @@ def heldout_summary(
             stored[keys[name]] = entry
         study.set_user_attr(ATTR_RESULTS, stored)
     rows = {}
-    best_number = study.best_trial.number
+    from pxopt.search.naming import named_trial
+
+    best_number = named_trial(study).number
     for name, t in wanted.items():
         entry = stored[keys[name]]
         search = _curve(t.user_attrs["curve"]) if t is not None else entry["search"]

@@ -29,10 +29,13 @@ from pxopt.vocab import (
 __all__ = ["AUTO_COMPONENTS", "COMPONENTS", "DEFAULT_RATES", "StudySpec", "check_rates", "json_safe"]
 
 STUDIES_DIR = Path("studies")
+# re-scoring before naming the best (measured: README, "Naming the best trial")
+DEFAULT_RESCORE_TOP = 5
+DEFAULT_RESCORE_SETS = 2
 
 # TOML table -> fields of StudySpec that it may hold.
 _TABLES: dict[str, tuple[str, ...]] = {
-    "study": ("name", "trials", "timeout", "seed", "storage", "baselines"),
+    "study": ("name", "trials", "timeout", "seed", "storage", "baselines", "rescore_top", "rescore_sets"),
     "model": ("model", "device", "threads"),
     "task": ("data", "classes", "n_ref", "n_val", "n_heldout", "task_seed", "batch_size"),
     "prune": ("components", "rates", "cap", "grouping"),
@@ -69,6 +72,11 @@ class StudySpec:
     device: str = "auto"
     threads: int | None = None
     baselines: bool = True
+    # before one is named best, the rescore_top best trials and all-epsilon are re-scored on
+    # rescore_sets other reference sets (pxopt.search.naming; 0: name the search's best).
+    # Not part of the identity: naming reads the trials, it does not change them.
+    rescore_top: int = DEFAULT_RESCORE_TOP
+    rescore_sets: int = DEFAULT_RESCORE_SETS
     sampler: dict = field(default_factory=lambda: {"name": "tpe"})
     pruner: dict = field(
         default_factory=lambda: {"name": "median", "n_startup_trials": 4, "n_warmup_steps": 4}
@@ -137,6 +145,10 @@ class StudySpec:
             raise ConfigError(f"task.n_val must be a positive integer, got {self.n_val!r}")
         if not isinstance(self.n_heldout, int) or isinstance(self.n_heldout, bool) or self.n_heldout < 0:
             raise ConfigError(f"task.n_heldout must be an integer >= 0 (0: no held-out split), got {self.n_heldout!r}")
+        for name in ("rescore_top", "rescore_sets"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"study.{name} must be an integer >= 0 (0: no re-scoring), got {value!r}")
         if self.trials is not None and (not isinstance(self.trials, int) or self.trials < 1):
             raise ConfigError(f"study.trials must be a positive integer, got {self.trials!r}")
         if self.timeout is not None and not (float(self.timeout) > 0):
