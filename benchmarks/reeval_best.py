@@ -2,7 +2,8 @@
 
 Issue #14 point 5 asks whether the best few trials should be re-evaluated before one is named
 best. This answers it on a finished `benchmarks/results.py` run, at no new search cost: it
-re-scores the `--top` best complete trials of that run's study on `--confirm` other reference
+re-scores the `--top` best complete trials of that run's study and its all-epsilon trial (the
+candidates of `pxopt.search.naming`, the step `pxopt search` now takes) on `--confirm` other reference
 sets (seeds 101.., never the held-out reference seeds 1..S) with the search's own validation
 images (the held-out images stay unseen until the end), names the best by the mean
 (`objective_noise.name_best`), and evaluates the rules so named on the run's held-out
@@ -24,23 +25,14 @@ from typing import Any
 import numpy as np
 import typer
 
+from pxopt.search import naming
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import objective_noise  # noqa: E402  (benchmarks/objective_noise.py: naming the best trial)
 import results  # noqa: E402  (benchmarks/results.py: settings, tasks, pipelines, paired statistics)
 
 CONFIRM_SEED0 = 101  # confirmation reference sets: far from the held-out seeds 1..S
-
-
-def top_trials(study: Any, k: int, baselines: tuple[str, ...] = ()) -> list[Any]:
-    """The k complete trials with the highest search-split area (ties: the earlier trial), then
-    the enqueued `baselines` not among them: TPE's best few are often one rule set with small
-    changes, and the question is whether they beat the default, so the default is re-scored too."""
-    done = sorted((t for t in study.trials if t.state.name == "COMPLETE" and t.value is not None),
-                  key=lambda t: (-t.value, t.number))  # fmt: skip
-    picked = done[:k]
-    picked += [t for t in done[k:] if t.user_attrs.get("baseline") in baselines]
-    return picked
 
 
 def confirm_task(setting: Any, seed: int, s: Any) -> Any:
@@ -51,7 +43,7 @@ def confirm_task(setting: Any, seed: int, s: Any) -> Any:
 
 
 def reeval_setting(key: str, srec: dict[str, Any], s: Any, *, top: int, confirm_seeds: list[int],
-                   baselines: tuple[str, ...] = (), log=print) -> dict[str, Any]:
+                   log=print) -> dict[str, Any]:
     """Re-score one setting's best trials, name one, and evaluate it held out."""
     import optuna
 
@@ -60,7 +52,7 @@ def reeval_setting(key: str, srec: dict[str, Any], s: Any, *, top: int, confirm_
     loaded = load_model(srec["model_spec"], device=s.device)
     setting = results.build_setting(srec["model"], srec["components"], srec["n_classes"], loaded, s)
     study = optuna.load_study(study_name=None, storage=srec["search"]["storage"])
-    candidates = top_trials(study, top, baselines)
+    candidates = naming.candidates(study, top)  # the trials `pxopt search` re-scores: the best and all-epsilon
     start = time.perf_counter()
     pipes = [results.pipeline_for(setting, confirm_task(setting, seed, s), s) for seed in confirm_seeds]
     rescored: dict[int, float] = {}
@@ -95,8 +87,7 @@ def reeval_setting(key: str, srec: dict[str, Any], s: Any, *, top: int, confirm_
     }
 
 
-def run(run_dir: Path, *, top: int, confirm: int, threads: int, baselines: tuple[str, ...] = (),
-        log=print) -> dict[str, Any]:
+def run(run_dir: Path, *, top: int, confirm: int, threads: int, log=print) -> dict[str, Any]:
     from pxopt.device import configure_threads
 
     configure_threads(threads)
@@ -107,10 +98,10 @@ def run(run_dir: Path, *, top: int, confirm: int, threads: int, baselines: tuple
         used[name] = tuple(used[name])
     s = results.Settings(**used)
     confirm_seeds = list(range(CONFIRM_SEED0, CONFIRM_SEED0 + confirm))
-    return {"run": str(run_dir), "top": top, "baselines": list(baselines), "confirm_seeds": confirm_seeds,
+    return {"run": str(run_dir), "top": top, "baselines": [naming.BASELINE], "confirm_seeds": confirm_seeds,
             "command": shlex.join(["python", "benchmarks/reeval_best.py", *sys.argv[1:]]),
             "settings": {key: reeval_setting(key, srec, s, top=top, confirm_seeds=confirm_seeds,
-                                             baselines=baselines, log=log)
+                                             log=log)
                          for key, srec in rec["settings"].items()}}  # fmt: skip
 
 
@@ -157,10 +148,9 @@ def main(
     run_dir: Path = typer.Argument(..., help="A benchmarks/results.py output folder (its JSON names the study)."),
     top: int = typer.Option(5, help="Best complete trials to re-score."),
     confirm: int = typer.Option(2, help="Other reference sets to re-score them on."),
-    baselines: str = typer.Option("all-epsilon", help="Enqueued baselines re-scored too (comma-separated; '' for none)."),
     threads: int = typer.Option(1, help="torch CPU threads."),
 ) -> None:
-    out = run(run_dir, top=top, confirm=confirm, threads=threads, baselines=tuple(b for b in baselines.split(",") if b))
+    out = run(run_dir, top=top, confirm=confirm, threads=threads)
     (run_dir / "reeval_best.json").write_text(json.dumps(out, indent=1) + "\n")
     (run_dir / "reeval_best.md").write_text(markdown(out) + "\n")
     typer.echo(f"wrote {run_dir / 'reeval_best.md'}", err=True)

@@ -245,3 +245,15 @@ def test_rescore_settings_are_checked() -> None:
     with pytest.raises(ConfigError, match="rescore_sets"):
         StudySpec(rescore_sets=True).validated()
     assert "rescore_top" not in StudySpec().identity()  # naming never splits a study
+
+
+def test_candidates_are_the_best_complete_trials_earliest_first_then_all_epsilon() -> None:
+    study = _study({"eps": 0.80, "gamma": 0.84, "ab": 0.84, "zplus": 0.82})
+    dist = {"x": FloatDistribution(0, 10)}
+    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.PRUNED, value=0.95, params={"x": 1.0},
+                                              distributions=dist))
+    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL, params={"x": 2.0},
+                                              distributions=dist))
+    assert [t.number for t in candidates(study, 2)] == [1, 2, 0]  # ties: the earlier; all-epsilon joins
+    assert [t.number for t in candidates(study, 3)] == [1, 2, 3, 0]
+    assert [t.number for t in candidates(study, 10)] == [1, 2, 3, 0]  # only complete trials

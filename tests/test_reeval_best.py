@@ -2,25 +2,9 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 from bench_modules import load_benchmark
 
 RB = load_benchmark("reeval_best")
-
-
-def _trial(number: int, value: float | None, state: str = "COMPLETE") -> SimpleNamespace:
-    return SimpleNamespace(number=number, value=value, state=SimpleNamespace(name=state), user_attrs={})
-
-
-def test_top_trials_are_the_best_complete_ones_earliest_first_on_ties():
-    study = SimpleNamespace(trials=[_trial(0, 0.80), _trial(1, 0.84), _trial(2, None, "PRUNED"),
-                                    _trial(3, 0.84), _trial(4, 0.90, "FAIL"), _trial(5, 0.82)])
-    assert [t.number for t in RB.top_trials(study, 3)] == [1, 3, 5]
-    assert len(RB.top_trials(study, 10)) == 4
-    study.trials[0].user_attrs["baseline"] = "all-epsilon"  # the default joins however it scored
-    assert [t.number for t in RB.top_trials(study, 2, ("all-epsilon",))] == [1, 3, 0]
-    assert [t.number for t in RB.top_trials(study, 4, ("all-epsilon",))] == [1, 3, 5, 0]
 
 
 def test_markdown_marks_both_picks_and_the_paired_rows():
