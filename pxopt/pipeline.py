@@ -119,18 +119,20 @@ class Pipeline:
         )
 
     def with_reference_seed(self, seed: int) -> Pipeline:
-        """The same model and task with another reference set (drawn with `seed`; the
-        validation and held-out images stay): where a trial's area is checked before it is
-        named best (`pxopt.search.naming`). Shares the model and the validation batches."""
+        """The same model and task with another reference set (drawn with `seed`, none of the
+        task's images; `make_task(reference_seed=)`): where a trial's area is checked before it
+        is named best (`pxopt.search.naming`). Shares the model, the validation and held-out
+        images and their device batches; only the reference images are new."""
         from pxopt.data import make_task
         from pxopt.errors import ConfigError
 
         if not self.task_recipe:
             raise ConfigError("this pipeline was not made from a spec: it cannot draw another reference set")
-        task = make_task(**self.task_recipe, reference_seed=seed)
-        return dataclasses.replace(self, task=task, last_timings={}, _cache=OrderedDict(),
-                                   _ref_batches=None, _heldout_batches=self._heldout_batches,
-                                   _val_batches=self._val_batches)
+        drawn = make_task(**self.task_recipe, reference_seed=seed)
+        info = {**self.task.info, "indices_hash": drawn.info["indices_hash"], "reference_seed": seed}
+        task = dataclasses.replace(self.task, reference=drawn.reference, info=info)
+        return dataclasses.replace(self, task=task, last_timings={}, _cache=OrderedDict(), _ref_batches=None,
+                                   _val_batches=self.validation_batches(), _heldout_batches=self._heldout_batches)
 
     # -- scores ---------------------------------------------------------------------------
     def scores(self, rules: Mapping[str, Any] | Any) -> ComponentScores:

@@ -166,11 +166,14 @@ def test_interrupted_trials_are_queued_again_only_with_parameters(tmp_path):
     assert not study.get_trials(states=(TrialState.WAITING,))
     running = study.ask()  # Ctrl-C outside the objective: still RUNNING, with a parameter
     x = running.suggest_float("x", 0.0, 1.0)
+    running.set_user_attr("baseline", "all-epsilon")  # an enqueued baseline stays one
+    running.set_user_attr("rules", {"partial": True})  # (what the run left stays behind)
     _requeue_interrupted(study, running._trial_id)
     frozen = study.trials[running.number]
     assert frozen.state == TrialState.FAIL and frozen.user_attrs[FAIL_REASON] == INTERRUPTED
     (retry,) = study.get_trials(states=(TrialState.WAITING,))
     assert retry.params == {"x": x} and retry.system_attrs["failed_trial"] == running.number
+    assert retry.user_attrs == {"baseline": "all-epsilon"}
 
 
 class _CtrlCDuringAsk(optuna.samplers.RandomSampler):

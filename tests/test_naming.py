@@ -43,11 +43,21 @@ def test_reference_seed_redraws_only_the_reference_images(one_split: bool) -> No
     assert other.classes == task.classes and torch.bincount(other.reference.labels).tolist() == [3, 3, 3]
     assert _ids(other.reference.images) != _ids(task.reference.images)
     # never a validation or held-out image, even where all come from one split
-    seen = _ids(task.validation.images) | _ids(task.heldout.images)
+    seen = _ids(task.validation.images) | _ids(task.heldout.images) | _ids(task.reference.images)
     assert not _ids(other.reference.images) & seen
     assert other.describe()["reference_seed"] == 108 and other.describe()["heldout_hash"] == task.describe()["heldout_hash"]
     again = make_task(ds, n_ref=3, n_val=5, seed=7, n_heldout=15, reference_seed=108)
     assert torch.equal(again.reference.images, other.reference.images)
+
+
+def test_no_other_reference_set_where_the_task_used_every_image() -> None:
+    from pxopt.errors import DataError
+
+    ds = _indexed(20, one_split=True)
+    make_task(ds, n_ref=4, n_val=5, seed=0, n_heldout=0, reference_seed=101)  # 11 per class left: fine
+    for n_val, n_heldout in ((None, 0), (5, 300)):  # validation, or the held-out split, takes the rest
+        with pytest.raises(DataError, match="no other reference set of 4 images per class"):
+            make_task(ds, n_ref=4, n_val=n_val, seed=0, n_heldout=n_heldout, reference_seed=101)
 
 
 def _random_dataset() -> Dataset:
@@ -209,7 +219,9 @@ def test_search_names_the_best_after_rescoring_and_export_and_report_follow(fake
     study = optuna.load_study(study_name="n", storage=f"sqlite:///{fake / 'studies' / 'n.db'}")
     rec = stored_naming(study)
     assert rec is not None and rec["rescored"] and len(rec["seeds"]) == 2
-    assert f"named:  trial {rec['named']} after re-scoring the 3 best trials and all-epsilon on 2 other" in out
+    n_best = min(3, len(rec["candidates"]))
+    eps = " and all-epsilon" if len(rec["candidates"]) > 3 else ""
+    assert f"named:  trial {rec['named']} after re-scoring the {n_best} best trials{eps} on 2 other" in out
     assert FakePipeline.rescore_calls_total - before == 2 * len(rec["candidates"])
     assert f"best:   trial {rec['named']}," in out
     exported = json.loads((fake / "studies" / "n-best.json").read_text())
@@ -257,3 +269,25 @@ def test_candidates_are_the_best_complete_trials_earliest_first_then_all_epsilon
     assert [t.number for t in candidates(study, 2)] == [1, 2, 0]  # ties: the earlier; all-epsilon joins
     assert [t.number for t in candidates(study, 3)] == [1, 2, 3, 0]
     assert [t.number for t in candidates(study, 10)] == [1, 2, 3, 0]  # only complete trials
+
+
+def test_one_candidate_per_rule_configuration() -> None:
+    study = _study({"eps": 0.80, "gamma": 0.84, "ab": 0.83})
+    dist = {"x": FloatDistribution(0, 10)}
+    attrs = dict(study.trials[1].user_attrs)  # TPE proposing gamma again, a little luckier
+    study.add_trial(optuna.trial.create_trial(value=0.85, params={"x": 5.0}, distributions=dist, user_attrs=attrs))
+    assert [t.number for t in candidates(study, 2)] == [3, 2, 0]
+
+
+def test_search_says_when_rescoring_fails_and_names_the_search_best(fake: Path, monkeypatch) -> None:
+    from pxopt.errors import DataError
+
+    def no_images(self, seed):
+        raise DataError("no other reference set of 10 images per class: class 'x' has only 3")
+
+    monkeypatch.setattr(FakePipeline, "with_reference_seed", no_images)
+    out = run_cli([*SEARCH])
+    assert "re-scoring failed (no other reference set of 10 images per class" in out
+    study = optuna.load_study(study_name="n", storage=f"sqlite:///{fake / 'studies' / 'n.db'}")
+    assert stored_naming(study) is None
+    assert json.loads((fake / "studies" / "n-best.json").read_text())["trial"] == study.best_trial.number

@@ -19,7 +19,7 @@ def register(app: typer.Typer) -> None:
         trial: int | None = typer.Option(None, "--trial", help="Trial number (default: the best)."),
         out: Path = typer.Option(Path("best.json"), "--out", "-o", help="Output JSON file."),
         out_dir: Path = typer.Option(Path("studies"), "--out-dir", help="Where studies live."),
-        device: str | None = typer.Option(None, "--device", help="Device of a held-out evaluation not stored yet."),
+        device: str | None = typer.Option(None, "--device", help="Device of a held-out evaluation or re-scoring not stored yet."),
         allow_download: bool = typer.Option(False, "--allow-download", help=ALLOW_DOWNLOAD_HELP),
     ) -> None:
         """Write the best (or a chosen) trial as pxopt.export/1 JSON, with its held-out curve."""
@@ -38,11 +38,13 @@ def register(app: typer.Typer) -> None:
             return loaded["pipeline"]
 
         if trial is None:  # the trial named best (re-scoring trials the study has not re-scored yet)
-            chosen = name_study_best(st, load=load)
+            chosen = name_study_best(st, load=load, log=lambda line: typer.echo(line, err=True))
         held = try_heldout_summary(st, chosen, load=load)
         data = export_trial(st, chosen.number, heldout=held)
         path = write_export(data, out)
-        typer.echo(f"trial {data['trial']} (area {data['area']:.4f}, Top-PR {data['top_pr']:.2f}) -> {path}")
+        how = (", named best after re-scoring" if data.get("naming") else
+               ", the search's best" if trial is None else "")
+        typer.echo(f"trial {data['trial']} (area {data['area']:.4f}, Top-PR {data['top_pr']:.2f}{how}) -> {path}")
         for line in summary_lines(held):
             typer.echo(line)
 

@@ -45,7 +45,8 @@ def register(app: typer.Typer) -> None:
             return loaded["pipeline"]
 
         try:
-            held = try_heldout_summary(st, name_study_best(st, load=load), load=load)
+            named = name_study_best(st, load=load, log=lambda line: typer.echo(line, err=True))
+            held = try_heldout_summary(st, named, load=load)
         except ValueError:  # no completed trial
             held = {"note": "no completed trial yet"}
         for line in summary_lines(held):

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from pxopt.cli._options import ALLOW_DOWNLOAD_HELP
-from pxopt.errors import ConfigError, PxoptError
+from pxopt.errors import ConfigError
 
 console = Console(stderr=True)
 DEFAULT_SPEC = "default.toml"
@@ -145,20 +145,22 @@ def _log(message: str) -> None:
 def _name_best(study: Any, spec: Any, pipeline: Any) -> Any:
     """Re-score the best trials on other reference sets and name one (`pxopt.search.naming`),
     with a progress bar; prints the re-scored table. ValueError: no completed trial."""
-    from pxopt.search.naming import BASELINE, name_best, named_trial, naming_lines
+    from pxopt.search.naming import BASELINE, name_best, named_trial, naming_error, naming_lines
 
     study.best_trial  # noqa: B018  (ValueError before any bar is drawn)
     what = f"re-scoring the {spec.rescore_top} best trials and {BASELINE} on {spec.rescore_sets} other reference sets"
     with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console, transient=True) as progress:
-        bar = progress.add_task(what, total=None)
+        bar = progress.add_task(what, total=None, visible=spec.rescore_top > 0 and spec.rescore_sets > 0)
         try:
             record = name_best(study, top=spec.rescore_top, sets=spec.rescore_sets, pipeline=pipeline,
                                progress=lambda done, total: progress.update(bar, completed=done, total=total))
-        except (PxoptError, MemoryError) as exc:
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            console.print(f"re-scoring failed ({reason}): naming the search's best", markup=False, highlight=False)
-            return study.best_trial
+        except Exception as exc:
+            reason = naming_error(exc)
+            if reason is None:
+                raise
+            console.print(f"re-scoring failed ({reason}): the search's best stands", markup=False, highlight=False)
+            return named_trial(study)
     for line in naming_lines(record):
         typer.echo(line)
     return named_trial(study)

@@ -262,10 +262,11 @@ def make_task(
     n_heldout: held-out images per task (split evenly over the classes; fewer where the
     validation split has fewer images left; 0: none; none either with n_val None), drawn as
     the tail of each class's validation draw, so the validation images are those of the
-    same task without them. reference_seed: draw the reference images with this seed instead
-    (classes, validation and held-out images stay those of `seed`, and are never drawn as
-    reference): the same task with another reference set, which is how the best trials of a
-    search are re-scored before one is named (`pxopt.search.naming`).
+    same task without them. reference_seed: draw the reference images with this seed instead,
+    among those that `seed` used for none of reference, validation and held-out (classes,
+    validation and held-out images stay those of `seed`): the same task with another
+    reference set, on which the best trials of a search are re-scored before one is named
+    (`pxopt.search.naming`); a `DataError` where too few images are left for one.
     """
     if n_ref < 1:
         raise DataError(f"n_ref must be >= 1, got {n_ref}")
@@ -308,10 +309,13 @@ def make_task(
         val_idx = [val_idx[i] for i in head.tolist()]
         heldout = TensorSet(validation.images[tail].contiguous(), validation.labels[tail])
         validation = TensorSet(validation.images[head].contiguous(), validation.labels[head])
-    if reference_seed is not None:
-        exclude = set(val_idx) | set(held_idx) if val_split is ref_split else None
-        ref_idx, reference = _draw(ref_split, chosen, ds.class_names, n_ref, np.random.default_rng(reference_seed),
-                                   loader, "reference", exclude)
+    if reference_seed is not None:  # other images than the seed's reference set (and, in one split, its others)
+        exclude = set(ref_idx) | (set(val_idx) | set(held_idx) if val_split is ref_split else set())
+        try:
+            ref_idx, reference = _draw(ref_split, chosen, ds.class_names, n_ref,
+                                       np.random.default_rng(reference_seed), loader, "reference", exclude)
+        except DataError as exc:
+            raise DataError(f"no other reference set of {n_ref} images per class: {exc}") from exc
     digest = hashlib.sha256(json.dumps([ref_idx, val_idx]).encode()).hexdigest()[:16]
     info = {
         "source": ds.source,

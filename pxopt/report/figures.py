@@ -18,7 +18,7 @@ import plotly.graph_objects as go
 from optuna.trial import FrozenTrial, TrialState
 
 from pxopt.evaluate import AREA, AREA_TITLE, curve_area, partial_area
-from pxopt.search.naming import named_trial
+from pxopt.search.naming import named_trial, search_best
 from pxopt.search.objective import OBJECTIVE_ID, study_objective
 from pxopt.search.study import baseline_trials
 
@@ -156,8 +156,9 @@ def curves_figure(
     try:
         best = named_trial(study)
         curves[f"best (trial {best.number})"] = best.user_attrs["curve"]
-        if study.best_trial.number != best.number:  # named after re-scoring: the search's own pick too
-            curves[f"search split's best (trial {study.best_trial.number})"] = study.best_trial.user_attrs["curve"]
+        first = search_best(study)
+        if first.number != best.number:  # named after re-scoring: the search's own pick too
+            curves[f"search split's best (trial {first.number})"] = first.user_attrs["curve"]
     except (ValueError, KeyError):
         return _empty("Accuracy vs pruning rate", "no completed trial yet")
     for name, trial in baseline_trials(study).items():

@@ -160,6 +160,8 @@ class SearchResult:
 
     @property
     def best_trial(self) -> optuna.trial.FrozenTrial | None:
+        """The search split's best. `pxopt search` names its best after re-scoring the best
+        few (`pxopt.search.naming.name_best`); `named_trial(result.study)` reads that."""
         try:
             return self.study.best_trial
         except ValueError:

@@ -179,6 +179,8 @@ def _requeue_interrupted(study: optuna.Study, trial_id: int) -> None:
                 "failed_trial": frozen.system_attrs.get("failed_trial", frozen.number),
                 "retry_history": history,
             },
+            # an enqueued baseline stays one (naming re-scores all-epsilon beside the best)
+            user_attrs={k: v for k, v in frozen.user_attrs.items() if k == "baseline"},
         )
     )
 
