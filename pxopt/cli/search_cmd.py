@@ -201,6 +201,7 @@ def register(app: typer.Typer) -> None:
         verbose: bool = typer.Option(False, "--verbose", "-v", help="Also print Optuna's line per trial."),
     ) -> None:
         """Search LRP rule configurations that prune best; the same command resumes."""
+        from pxopt.device import resolve_device
         from pxopt.export import export_trial, write_export
         from pxopt.pipeline import Pipeline
         from pxopt.report import write_report
@@ -250,6 +251,11 @@ def register(app: typer.Typer) -> None:
         typer.echo(f"study:  {spec.name} in {url} ({len(st.trials)} trials, {new} newly finished)")
         if result.interrupted:
             raise typer.Exit(130)
+        if workers > 1 and resolve_device(spec.device).type != "cpu":
+            # the workers are done: re-scoring, held-out curves and heatmaps on the GPU, not the CPU copy
+            del pipeline
+            with console.status("loading the model on the study's device"):
+                pipeline = Pipeline.from_spec(spec, allow_download=allow_download)
         try:
             best = _name_best(st, spec, pipeline)
         except ValueError:
