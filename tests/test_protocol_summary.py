@@ -91,3 +91,26 @@ def test_results_records_the_training_of_a_builtin():
                                             "trained_at": "t", "cpu": "x"}
     assert R.trained_model_record({**meta, "step_dtype": "float32"})["step_dtype"] == "float32"
     assert R.trained_model_record({"device": "cpu"}) == {}  # torchvision / timm / file models
+
+
+def test_the_re_scored_pick_is_shown_only_for_the_run_it_was_made_from(tmp_path: Path) -> None:
+    res = tmp_path / "results"
+    _run(res / "protocol_big", "k", model="fmnist-resnet50", kind="conv", n_classes=10,
+         opt=0.80, eps=0.78, ci=[0.01, 0.03], seeds=2, planned=2, n_trials=100, budget=100, stopped=False)
+    run_file = res / "protocol_big" / "paper_comparison.json"
+    run = json.loads(run_file.read_text())
+    run["settings"]["k"]["per_seed"] = {"1": {"optimised": {"area": 0.79}}, "2": {"optimised": {"area": 0.81}}}
+    run_file.write_text(json.dumps(run))
+    reeval = {"settings": {"k": {
+        "search_best_trial": 1, "named_trial": 0, "held_out": {"optimised": [0.79, 0.81]},
+        "candidates": [{"trial": 1, "baseline": None}, {"trial": 0, "baseline": "all-epsilon"}],
+        "re-evaluated − lrp-epsilon": {"mean_diff": 0.004, "ci95": [-0.001, 0.009], "t_p": 0.1}}}}
+    (res / "protocol_big" / "reeval_best.json").write_text(json.dumps(reeval))
+    (row,) = S.collect(res)
+    assert S._rescored_cell(row) == "+0.004 [-0.001, +0.009] (`all-epsilon`)"
+    reeval["settings"]["k"]["held_out"]["optimised"] = [0.70, 0.81]  # made from an earlier run in the folder
+    (res / "protocol_big" / "reeval_best.json").write_text(json.dumps(reeval))
+    (row,) = S.collect(res)
+    assert S._rescored_cell(row) == "-"
+    S.write([row], tmp_path / "out", "cmd")
+    assert "named after re-scoring − LRP-ε" in (tmp_path / "out" / "protocol_summary.md").read_text()
