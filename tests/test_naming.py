@@ -291,3 +291,22 @@ def test_search_says_when_rescoring_fails_and_names_the_search_best(fake: Path, 
     study = optuna.load_study(study_name="n", storage=f"sqlite:///{fake / 'studies' / 'n.db'}")
     assert stored_naming(study) is None
     assert json.loads((fake / "studies" / "n-best.json").read_text())["trial"] == study.best_trial.number
+
+
+def test_an_error_midway_names_nothing_and_keeps_the_areas_computed() -> None:
+    from pxopt.search.spec import StudySpec
+
+    class OutOfMemoryOnTheSecondSet(FakePipeline):
+        def __init__(self) -> None:
+            super().__init__(StudySpec(rates=[0.0, 0.5, 1.0]))
+
+        def with_reference_seed(self, seed: int) -> FakePipeline:
+            if seed == reference_seeds(0, 2)[1]:
+                raise MemoryError("out of memory")
+            return super().with_reference_seed(seed)
+
+    study = _study({"eps": 0.5, "gamma": 0.6, "ab": 0.55})
+    with pytest.raises(MemoryError):
+        name_best(study, top=2, sets=2, pipeline=OutOfMemoryOnTheSecondSet())
+    assert len(study.user_attrs[ATTR_RESCORED]) == 3 and stored_naming(study) is None
+    assert name_study_best(study, pipeline=OutOfMemoryOnTheSecondSet()).number == study.best_trial.number

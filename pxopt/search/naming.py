@@ -136,7 +136,8 @@ def name_best(
     `top` or `sets` 0, or a single candidate: the search's best is named without re-scoring. A
     candidate whose rules give NaN relevances on another reference set is recorded with the
     reason and never named. Any other error (out of memory, too few images for another
-    reference set) propagates and stores nothing, so the next call tries again.
+    reference set) propagates and names nothing; the areas computed before it stay stored,
+    so the next call goes on from there.
     `progress(done, total)` counts re-scored curves.
     """
     from pxopt.search.study import SPEC_ATTR
@@ -154,18 +155,20 @@ def name_best(
         if pipeline is None:
             raise PxoptError("naming the best trial needs the study's model and task")
         pipe, pipe_seed = None, None
-        for done, (seed, trial) in enumerate(missing):  # seed by seed: one other reference set at a time
-            if seed != pipe_seed:
-                pipe, pipe_seed = pipeline.with_reference_seed(seed), seed
-            try:
-                scores = pipe.scores(trial.user_attrs["rules"])
-                area: float | str = float(pipe.curve(scores, trial.user_attrs["ranking"]).area)
-            except NonFiniteRelevanceError as exc:
-                area = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            stored[f"{trial.number}/{seed}@{ident}"] = area
-            if progress is not None:
-                progress(done + 1, len(missing))
-        study.set_user_attr(ATTR_RESCORED, stored)
+        try:
+            for done, (seed, trial) in enumerate(missing):  # seed by seed: one other reference set at a time
+                if seed != pipe_seed:
+                    pipe, pipe_seed = pipeline.with_reference_seed(seed), seed
+                try:
+                    scores = pipe.scores(trial.user_attrs["rules"])
+                    area: float | str = float(pipe.curve(scores, trial.user_attrs["ranking"]).area)
+                except NonFiniteRelevanceError as exc:
+                    area = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                stored[f"{trial.number}/{seed}@{ident}"] = area
+                if progress is not None:
+                    progress(done + 1, len(missing))
+        finally:  # (an error or Ctrl-C midway keeps the areas computed so far)
+            study.set_user_attr(ATTR_RESCORED, stored)
     rows = []
     for t in picked:
         areas = [stored.get(f"{t.number}/{s}@{ident}") for s in seeds] if len(picked) > 1 else []
