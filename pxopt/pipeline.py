@@ -48,8 +48,6 @@ class Pipeline:
     cap: float | None = None  # prune at most this fraction of any layer (None: no cap)
     components: str | None = None  # the spec's components, "auto" resolved by the layer map
     last_timings: dict[str, Any] = field(default_factory=dict)
-    # how the task was drawn (`make_task`'s arguments), to draw it again with another reference set
-    task_recipe: dict[str, Any] = field(default_factory=dict, repr=False)
     _cache: OrderedDict[str, ComponentScores] = field(default_factory=OrderedDict, repr=False)
     _val_batches: list | None = field(default=None, repr=False)
     _ref_batches: list | None = field(default=None, repr=False)
@@ -99,10 +97,9 @@ class Pipeline:
         layer_map = discover_layers(loaded.model, grouping=spec.grouping,
                                     example_input=torch.zeros(1, *loaded.input_size, device=dev))
         components = resolve_components(spec.components, layer_map, loaded.spec)  # before the data loads
-        recipe = {"dataset": spec.data, "classes": spec.classes, "n_ref": spec.n_ref, "n_val": spec.n_val,
-                  "seed": spec.task_seed, "transform": loaded.transform, "num_model_classes": loaded.num_classes,
-                  "allow_download": allow_download, "n_heldout": spec.n_heldout}
-        task = make_task(**recipe)
+        task = make_task(spec.data, classes=spec.classes, n_ref=spec.n_ref, n_val=spec.n_val, seed=spec.task_seed,
+                         transform=loaded.transform, num_model_classes=loaded.num_classes,
+                         allow_download=allow_download, n_heldout=spec.n_heldout)
         return cls(
             model=loaded.model,
             task=task,
@@ -115,22 +112,16 @@ class Pipeline:
             model_spec=loaded.spec,
             cap=spec.cap,
             components=components,
-            task_recipe=recipe,
         )
 
     def with_reference_seed(self, seed: int) -> Pipeline:
         """The same model and task with another reference set (drawn with `seed`, none of the
-        task's images; `make_task(reference_seed=)`): where a trial's area is checked before it
+        task's images; `pxopt.data.other_reference`): where a trial's area is checked before it
         is named best (`pxopt.search.naming`). Shares the model, the validation and held-out
         images and their device batches; only the reference images are new."""
-        from pxopt.data import make_task
-        from pxopt.errors import ConfigError
+        from pxopt.data import other_reference
 
-        if not self.task_recipe:
-            raise ConfigError("this pipeline was not made from a spec: it cannot draw another reference set")
-        drawn = make_task(**self.task_recipe, reference_seed=seed)
-        info = {**self.task.info, "indices_hash": drawn.info["indices_hash"], "reference_seed": seed}
-        task = dataclasses.replace(self.task, reference=drawn.reference, info=info)
+        task = other_reference(self.task, seed)
         return dataclasses.replace(self, task=task, last_timings={}, _cache=OrderedDict(), _ref_batches=None,
                                    _val_batches=self.validation_batches(), _heldout_batches=self._heldout_batches)
 

@@ -4,6 +4,7 @@ study, and `pxopt search` / `export` / `report` following the named trial."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -15,9 +16,9 @@ from search_fakes import FakePipeline, run_cli
 from test_heldout import _ids, _indexed
 from test_search_pipeline import _tiny_cnn
 
-from pxopt.data import make_task
+from pxopt.data import make_task, other_reference
 from pxopt.data.sources import Dataset, Split
-from pxopt.errors import NonFiniteRelevanceError
+from pxopt.errors import DataError, NonFiniteRelevanceError
 from pxopt.export import export_trial
 from pxopt.pipeline import Pipeline
 from pxopt.search.naming import (
@@ -50,9 +51,30 @@ def test_reference_seed_redraws_only_the_reference_images(one_split: bool) -> No
     assert torch.equal(again.reference.images, other.reference.images)
 
 
-def test_no_other_reference_set_where_the_task_used_every_image() -> None:
-    from pxopt.errors import DataError
+def test_other_reference_decodes_only_the_new_reference_images(tmp_path: Path, monkeypatch) -> None:
+    """On an image folder, another reference set costs n_ref decodes per class, not the task's
+    validation and held-out images again (they are shared, not redrawn)."""
+    from PIL import Image
 
+    import pxopt.data.task as task_module
+
+    for c in range(3):
+        for j in range(20):
+            path = tmp_path / f"class{c}" / f"{j}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (8, 8), (c * 80, j * 12, 5)).save(path)
+    task = make_task(tmp_path, n_ref=2, n_val=3, seed=1, n_heldout=6)
+    decoded: list[str] = []
+    real = task_module.decode_image
+    monkeypatch.setattr(task_module, "decode_image", lambda p: decoded.append(str(p)) or real(p))
+    other = other_reference(task, 105)
+    assert len(decoded) == 6 and other.validation is task.validation and other.heldout is task.heldout
+    assert not {str(p) for p in decoded} & {str(task.origin.dataset.splits["all"].paths[i])
+                                            for i in task.origin.used}
+    assert other.describe()["indices_hash"] != task.describe()["indices_hash"]
+
+
+def test_no_other_reference_set_where_the_task_used_every_image() -> None:
     ds = _indexed(20, one_split=True)
     make_task(ds, n_ref=4, n_val=5, seed=0, n_heldout=0, reference_seed=101)  # 11 per class left: fine
     for n_val, n_heldout in ((None, 0), (5, 300)):  # validation, or the held-out split, takes the rest
@@ -74,9 +96,9 @@ def _pipeline() -> Pipeline:
     from pxopt.layers import discover_layers
 
     model = _tiny_cnn()
-    recipe = {"dataset": _random_dataset(), "n_ref": 4, "n_val": 6, "seed": 0, "n_heldout": 12}
-    return Pipeline(model=model, task=make_task(**recipe), layer_map=discover_layers(model), kinds=("conv",),
-                    rates=[0.0, 0.25, 0.5, 0.75], device=torch.device("cpu"), batch_size=16, task_recipe=recipe)
+    task = make_task(_random_dataset(), n_ref=4, n_val=6, seed=0, n_heldout=12)
+    return Pipeline(model=model, task=task, layer_map=discover_layers(model), kinds=("conv",),
+                    rates=[0.0, 0.25, 0.5, 0.75], device=torch.device("cpu"), batch_size=16)
 
 
 def test_pipeline_with_reference_seed_shares_model_and_validation() -> None:
@@ -89,9 +111,9 @@ def test_pipeline_with_reference_seed_shares_model_and_validation() -> None:
     assert not other._cache and len(pipe._cache) == 1  # relevances of another reference set are its own
     a, b = pipe.evaluate(RULES["gamma"], "abs"), other.evaluate(RULES["gamma"], "abs")
     assert a.rates == b.rates and pipe.task.reference is not other.task.reference
-    with pytest.raises(Exception, match="not made from a spec"):
-        Pipeline(model=pipe.model, task=pipe.task, layer_map=pipe.layer_map, kinds=("conv",), rates=[0.0, 0.5],
-                 device=torch.device("cpu")).with_reference_seed(1)
+    with pytest.raises(DataError, match="not drawn by make_task"):
+        Pipeline(model=pipe.model, task=dataclasses.replace(pipe.task, origin=None), layer_map=pipe.layer_map,
+                 kinds=("conv",), rates=[0.0, 0.5], device=torch.device("cpu")).with_reference_seed(1)
 
 
 # -- the choice ---------------------------------------------------------------------------------

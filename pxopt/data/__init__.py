@@ -6,7 +6,7 @@ Knows nothing about models or LRP: a model enters only as its preprocessing
 
 from pxopt.data.accuracy import restricted_accuracy, restricted_correct, restricted_predictions
 from pxopt.data.sources import FASHION_MNIST_CLASSES, Dataset, Split, open_dataset
-from pxopt.data.task import Task, make_task
+from pxopt.data.task import Task, make_task, other_reference
 from pxopt.data.tensorset import TensorSet
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "TensorSet",
     "make_task",
     "open_dataset",
+    "other_reference",
     "restricted_accuracy",
     "restricted_correct",
     "restricted_predictions",

@@ -7,6 +7,7 @@ re-run on exactly the same images.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import hashlib
 import json
@@ -44,6 +45,7 @@ class Task:
     n_val: int | None
     info: dict[str, Any] = field(default_factory=dict)
     heldout: TensorSet | None = None  # never seen by a search objective (None: no held-out split)
+    origin: TaskOrigin | None = field(default=None, repr=False, compare=False)  # None: not drawn by make_task
 
     def reference_batches(
         self, batch_size: int, device: str | torch.device | None = None
@@ -75,6 +77,26 @@ class Task:
             "n_validation": len(self.validation),
             **self.info,
         }
+
+
+@dataclass(frozen=True)
+class TaskOrigin:
+    """Which images of which dataset a task holds: what `other_reference` needs to draw another
+    reference set without decoding the validation and held-out images again."""
+
+    dataset: Dataset
+    reference_split: str
+    one_split: bool  # reference and validation come from the same split
+    reference: tuple[int, ...]
+    validation: tuple[int, ...]
+    heldout: tuple[int, ...]
+    transform: Callable | None
+    on_bad_image: BadImagePolicy
+
+    @property
+    def used(self) -> set[int]:
+        """Indices another reference set must avoid: the reference images and, in one split, all others."""
+        return set(self.reference) | (set(self.validation) | set(self.heldout) if self.one_split else set())
 
 
 def _class_lookup(ds: Dataset) -> dict[str, int]:
@@ -309,13 +331,6 @@ def make_task(
         val_idx = [val_idx[i] for i in head.tolist()]
         heldout = TensorSet(validation.images[tail].contiguous(), validation.labels[tail])
         validation = TensorSet(validation.images[head].contiguous(), validation.labels[head])
-    if reference_seed is not None:  # other images than the seed's reference set (and, in one split, its others)
-        exclude = set(ref_idx) | (set(val_idx) | set(held_idx) if val_split is ref_split else set())
-        try:
-            ref_idx, reference = _draw(ref_split, chosen, ds.class_names, n_ref,
-                                       np.random.default_rng(reference_seed), loader, "reference", exclude)
-        except DataError as exc:
-            raise DataError(f"no other reference set of {n_ref} images per class: {exc}") from exc
     digest = hashlib.sha256(json.dumps([ref_idx, val_idx]).encode()).hexdigest()[:16]
     info = {
         "source": ds.source,
@@ -327,8 +342,6 @@ def make_task(
         "skipped_images": len(loader.skipped),
         "skipped_examples": loader.skipped[:5],
     }
-    if reference_seed is not None:
-        info["reference_seed"] = reference_seed
     if n_heldout:  # (absent from tasks without one: their record is that of older pxopt versions)
         info.update({
             "n_heldout": n_heldout,
@@ -336,7 +349,7 @@ def make_task(
             "n_heldout_images": len(held_idx),
             "heldout_hash": hashlib.sha256(json.dumps(held_idx).encode()).hexdigest()[:16] if held_idx else None,
         })  # fmt: skip
-    return Task(
+    task = Task(
         dataset=ds.name,
         classes=chosen,
         class_names=[ds.class_names[c] for c in chosen],
@@ -347,7 +360,31 @@ def make_task(
         n_val=n_val,
         info=info,
         heldout=heldout,
+        origin=TaskOrigin(ds, ref_split_name, val_split is ref_split, tuple(ref_idx), tuple(val_idx),
+                          tuple(held_idx), transform, on_bad_image),
     )
+    return task if reference_seed is None else other_reference(task, reference_seed)
+
+
+def other_reference(task: Task, reference_seed: int) -> Task:
+    """The same task with another reference set: n_ref images per class drawn with
+    `reference_seed` among those the task used for none of reference, validation and held-out.
+    Only the new reference images are decoded; the validation and held-out sets are shared.
+    This is where the best trials of a search are re-scored before one is named
+    (`pxopt.search.naming`); a `DataError` where too few images are left for one."""
+    origin = task.origin
+    if origin is None:
+        raise DataError("this task was not drawn by make_task: it cannot draw another reference set")
+    split = origin.dataset.splits[origin.reference_split]
+    try:
+        ref_idx, reference = _draw(split, task.classes, origin.dataset.class_names, task.n_ref,
+                                   np.random.default_rng(reference_seed), _Loader(origin.transform, origin.on_bad_image),
+                                   "reference", origin.used)
+    except DataError as exc:
+        raise DataError(f"no other reference set of {task.n_ref} images per class: {exc}") from exc
+    digest = hashlib.sha256(json.dumps([ref_idx, list(origin.validation)]).encode()).hexdigest()[:16]
+    info = {**task.info, "indices_hash": digest, "reference_seed": reference_seed}
+    return dataclasses.replace(task, reference=reference, info=info)
 
 
 def _left_for_heldout(split: Split, classes: list[int], n_val: int, n_ref: int) -> int:
