@@ -91,16 +91,21 @@ def reeval_setting(key: str, srec: dict[str, Any], s: Any, *, top: int, confirm_
     }
 
 
-def run(run_dir: Path, *, top: int, confirm: int, threads: int, log=print) -> dict[str, Any]:
-    from pxopt.device import configure_threads
-
-    configure_threads(threads)
+def load_run(run_dir: Path) -> tuple[dict[str, Any], Any]:
+    """A finished `results.py` run's record and the `results.Settings` it ran with."""
     rec = json.loads((run_dir / "paper_comparison.json").read_text())
     used = dict(rec["settings_used"])
     used["out_dir"], used["work_dir"] = Path(used["out_dir"]), Path(used["work_dir"])
     for name in ("models", "tasks", "criteria", "components"):
         used[name] = tuple(used[name])
-    s = results.Settings(**used)
+    return rec, results.Settings(**used)
+
+
+def run(run_dir: Path, *, top: int, confirm: int, threads: int, log=print) -> dict[str, Any]:
+    from pxopt.device import configure_threads
+
+    configure_threads(threads)
+    rec, s = load_run(run_dir)
     confirm_seeds = list(range(CONFIRM_SEED0, CONFIRM_SEED0 + confirm))
     return {"run": str(run_dir), "top": top, "baselines": [naming.BASELINE], "confirm_seeds": confirm_seeds,
             "command": shlex.join(["python", "benchmarks/reeval_best.py", *sys.argv[1:]]),
