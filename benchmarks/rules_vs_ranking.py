@@ -109,7 +109,7 @@ def markdown(out: dict[str, Any]) -> str:
         n_held = sum(k.startswith("held out") for k in splits)
         n_fresh = sum(k.startswith("fresh") for k in splits)
         head = (f"| rules / ranking | search split | held out (mean of {n_held} reference sets) | "
-                f"− {ref}, held out [95 % CI], t-test p |")
+                f"− {ref}, held out [95 % CI], t-test p |" if n_held else "| rules / ranking | search split | held out | |")
         if fresh:
             head += f" fresh validation images (mean of {n_fresh} sets) | − {ref}, fresh [95 % CI], t-test p |"
         lines += [f"## {key} (the search picked ranking `{r['search_ranking']}`)", "", head,
