@@ -35,15 +35,21 @@ import results  # noqa: E402  (benchmarks/results.py: settings, tasks, pipelines
 CONFIRM_SEED0 = 101  # confirmation reference sets: far from the held-out seeds 1..S
 
 
-def confirm_task(setting: Any, seed: int, s: Any) -> Any:
-    """Reference set `seed` with the search's own validation images (never the held-out ones)."""
+def confirm_task(setting: Any, seed: int, s: Any, *, fresh: bool = False) -> Any:
+    """Reference set `seed` with the search's own validation images (never the held-out ones), or
+    with as many test images that neither the search nor the held-out evaluation uses (`fresh`;
+    taken from the end of that pool, so `rules_vs_ranking.py`'s fresh sets stay disjoint)."""
     t = results.make_task(results.DATASET, classes=setting.classes, n_ref=s.n_ref, n_val=1, seed=seed,
                           transform=setting.loaded.transform, num_model_classes=setting.loaded.num_classes)
+    if fresh:
+        n_search = results.per_class(s.val_search, setting.n_classes)
+        validation = results.unused_validation(setting, s, n_search, seed - CONFIRM_SEED0, from_end=True)
+        return dataclasses.replace(t, validation=validation, n_val=n_search)
     return dataclasses.replace(t, validation=setting.search_task.validation, n_val=setting.search_task.n_val)
 
 
 def reeval_setting(key: str, srec: dict[str, Any], s: Any, *, top: int, confirm_seeds: list[int],
-                   log=print) -> dict[str, Any]:
+                   fresh: bool = False, log=print) -> dict[str, Any]:
     """Re-score one setting's best trials, name one, and evaluate it held out."""
     import optuna
 
@@ -54,7 +60,7 @@ def reeval_setting(key: str, srec: dict[str, Any], s: Any, *, top: int, confirm_
     study = optuna.load_study(study_name=None, storage=srec["search"]["storage"])
     candidates = naming.candidates(study, top)  # the trials `pxopt search` re-scores: the best and all-epsilon
     start = time.perf_counter()
-    pipes = [results.pipeline_for(setting, confirm_task(setting, seed, s), s) for seed in confirm_seeds]
+    pipes = [results.pipeline_for(setting, confirm_task(setting, seed, s, fresh=fresh), s) for seed in confirm_seeds]
     rescored: dict[int, float] = {}
 
     def area(pipe: Any, trial: Any) -> float:
@@ -101,7 +107,7 @@ def load_run(run_dir: Path) -> tuple[dict[str, Any], Any]:
     return rec, results.Settings(**used)
 
 
-def run(run_dir: Path, *, top: int, confirm: int, threads: int, log=print) -> dict[str, Any]:
+def run(run_dir: Path, *, top: int, confirm: int, threads: int, fresh: bool = False, log=print) -> dict[str, Any]:
     from pxopt.device import configure_threads
 
     configure_threads(threads)
@@ -109,8 +115,9 @@ def run(run_dir: Path, *, top: int, confirm: int, threads: int, log=print) -> di
     confirm_seeds = list(range(CONFIRM_SEED0, CONFIRM_SEED0 + confirm))
     return {"run": str(run_dir), "top": top, "baselines": [naming.BASELINE], "confirm_seeds": confirm_seeds,
             "command": shlex.join(["python", "benchmarks/reeval_best.py", *sys.argv[1:]]),
+            "validation": "unused test images" if fresh else "the search's",
             "settings": {key: reeval_setting(key, srec, s, top=top, confirm_seeds=confirm_seeds,
-                                             log=log)
+                                             fresh=fresh, log=log)
                          for key, srec in rec["settings"].items()}}  # fmt: skip
 
 
@@ -122,7 +129,10 @@ def markdown(out: dict[str, Any]) -> str:
         "",
         f"The {out['top']} best complete trials of the run's search (and the enqueued "
         f"{', '.join(out.get('baselines', [])) or 'no'} baseline trial) are re-scored on reference sets "
-        f"{out['confirm_seeds']} with the search's own validation images; the best mean is named, then "
+        f"{out['confirm_seeds']} with "
+        + ("as many test images that neither the search nor the held-out evaluation uses"
+           if out.get("validation") == "unused test images" else "the search's own validation images")
+        + "; the best mean is named, then "
         "evaluated on the run's held-out reference sets and images (paired with the areas the run recorded).",
         "",
     ]
@@ -157,12 +167,15 @@ def main(
     run_dir: Path = typer.Argument(..., help="A benchmarks/results.py output folder (its JSON names the study)."),
     top: int = typer.Option(5, help="Best complete trials to re-score."),
     confirm: int = typer.Option(2, help="Other reference sets to re-score them on."),
+    fresh: bool = typer.Option(False, "--fresh-validation",
+                               help="Re-score on unused test images, not the search's validation images."),
     threads: int = typer.Option(1, help="torch CPU threads."),
 ) -> None:
-    out = run(run_dir, top=top, confirm=confirm, threads=threads)
-    (run_dir / "reeval_best.json").write_text(json.dumps(out, indent=1) + "\n")
-    (run_dir / "reeval_best.md").write_text(markdown(out) + "\n")
-    typer.echo(f"wrote {run_dir / 'reeval_best.md'}", err=True)
+    out = run(run_dir, top=top, confirm=confirm, threads=threads, fresh=fresh)
+    stem = "reeval_best_fresh" if fresh else "reeval_best"
+    (run_dir / f"{stem}.json").write_text(json.dumps(out, indent=1) + "\n")
+    (run_dir / f"{stem}.md").write_text(markdown(out) + "\n")
+    typer.echo(f"wrote {run_dir / f'{stem}.md'}", err=True)
 
 
 if __name__ == "__main__":

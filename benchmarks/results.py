@@ -199,6 +199,31 @@ def eval_task(setting: Setting, seed: int, s: Settings) -> Any:
                                info=info)
 
 
+def unused_validation(setting: Setting, s: Settings, n_per_class: int, block: int, *,
+                      from_end: bool = False) -> Any:
+    """Block `block` of `n_per_class` images per class among the test images neither the search
+    nor the held-out evaluation uses (the seed-0 order after both), counted from the front of
+    that tail or from its end, so two checks can take disjoint images."""
+    from pxopt.data import TensorSet
+    from pxopt.data.heldout import split_indices_per_class
+
+    used = per_class(s.val_search, setting.n_classes) + per_class(s.val_eval, setting.n_classes)
+    every = make_task(DATASET, classes=setting.classes, n_ref=s.n_ref, n_val=None, seed=0,
+                      transform=setting.loaded.transform, num_model_classes=setting.loaded.num_classes)
+    _, rest = split_indices_per_class(every.validation.labels, used)
+    labels = every.validation.labels[rest]
+    parts = []
+    for c in setting.classes:
+        mine = rest[labels == c]
+        mine = mine.flip(0) if from_end else mine
+        if len(mine) < (block + 1) * n_per_class:
+            raise ConfigError(f"{DATASET} has too few unused validation images for block {block} "
+                              f"of {n_per_class} per class")
+        parts.append(mine[block * n_per_class:(block + 1) * n_per_class])
+    pos = torch.cat(parts)
+    return TensorSet(every.validation.images[pos].contiguous(), every.validation.labels[pos])
+
+
 def per_class(total: int, n_classes: int) -> int:
     """Images per class for a per-task total (at least one)."""
     return max(1, total // n_classes)

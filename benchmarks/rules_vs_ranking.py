@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 import typer
 
 HERE = Path(__file__).resolve().parent
@@ -34,29 +33,15 @@ FRESH_SEED0 = 201  # reference sets of the fresh validation sets: none of the ru
 
 
 def fresh_tasks(setting: Any, s: Any, n_sets: int) -> dict[str, Any]:
-    """`n_sets` validation sets of the held-out size from the test images after the search's and
-    the held-out ones in the seed-0 draw (so disjoint from both), each with reference set 201+i."""
+    """`n_sets` validation sets of the held-out size from the test images neither the search nor
+    the held-out evaluation used (`results.unused_validation`, from the front), each with
+    reference set 201+i."""
     import dataclasses
 
-    from pxopt.data import TensorSet
-    from pxopt.data.heldout import split_indices_per_class
-
-    if n_sets < 1:
-        return {}
-    n_search, n_eval = results.per_class(s.val_search, setting.n_classes), results.per_class(s.val_eval, setting.n_classes)
-    every = results.make_task(results.DATASET, classes=setting.classes, n_ref=s.n_ref, n_val=None, seed=0,
-                              transform=setting.loaded.transform, num_model_classes=setting.loaded.num_classes)
-    _, rest = split_indices_per_class(every.validation.labels, n_search + n_eval)  # the seed-0 order's tail
-    rest_labels = every.validation.labels[rest]
-    out = {}
-    for i in range(n_sets):
-        pos = torch.cat([rest[rest_labels == c][i * n_eval:(i + 1) * n_eval] for c in setting.classes])
-        if len(pos) < n_eval * setting.n_classes:
-            raise ValueError(f"too few unused test images for {n_sets} fresh validation sets")
-        task = results.eval_task(setting, FRESH_SEED0 + i, s)
-        validation = TensorSet(every.validation.images[pos].contiguous(), every.validation.labels[pos])
-        out[f"fresh {i + 1}"] = dataclasses.replace(task, validation=validation)
-    return out
+    n_eval = results.per_class(s.val_eval, setting.n_classes)
+    return {f"fresh {i + 1}": dataclasses.replace(results.eval_task(setting, FRESH_SEED0 + i, s),
+                                                  validation=results.unused_validation(setting, s, n_eval, i))
+            for i in range(n_sets)}
 
 
 def crossed(srec: dict[str, Any], s: Any, fresh: int = 0, held_out: bool = True, log=print) -> dict[str, Any]:

@@ -114,16 +114,17 @@ class Pipeline:
             components=components,
         )
 
-    def with_reference_seed(self, seed: int) -> Pipeline:
-        """The same model and task with another reference set (drawn with `seed`, none of the
-        task's images; `pxopt.data.other_reference`): where a trial's area is checked before it
-        is named best (`pxopt.search.naming`). Shares the model, the validation and held-out
-        images and their device batches; only the reference images are new."""
+    def with_other_images(self, seed: int) -> Pipeline:
+        """The same model and task with another reference set and, where the dataset has enough
+        unused images, another validation set (drawn with `seed`, none of the task's images;
+        `pxopt.data.other_reference`): where a trial's area is checked before it is named best
+        (`pxopt.search.naming`). Shares the model and the held-out images and their batches."""
         from pxopt.data import other_reference
 
-        task = other_reference(self.task, seed)
+        task = other_reference(self.task, seed, validation=True)
+        shared = None if task.info.get("validation_redrawn") else self.validation_batches()
         return dataclasses.replace(self, task=task, last_timings={}, _cache=OrderedDict(), _ref_batches=None,
-                                   _val_batches=self.validation_batches(), _heldout_batches=self._heldout_batches)
+                                   _val_batches=shared, _heldout_batches=self._heldout_batches)
 
     # -- scores ---------------------------------------------------------------------------
     def scores(self, rules: Mapping[str, Any] | Any) -> ComponentScores:

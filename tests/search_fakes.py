@@ -141,9 +141,10 @@ class FakePipeline:
     def scores(self, rules):
         return _Scores(rules)
 
-    def with_reference_seed(self, seed: int) -> FakePipeline:
+    def with_other_images(self, seed: int) -> FakePipeline:
         other = FakePipeline(self.spec)
         other.reference_seed = seed
+        other.task.info["validation_redrawn"] = True
         return other
 
     def curve(self, scores, ranking=None, on_rate=None, *, heldout: bool = False):

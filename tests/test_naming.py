@@ -1,6 +1,7 @@
-"""Naming the best trial after re-scoring (pxopt.search.naming): the other reference sets
-(`make_task(reference_seed=)`, `Pipeline.with_reference_seed`), the choice, its record in the
-study, and `pxopt search` / `export` / `report` following the named trial."""
+"""Naming the best trial after re-scoring (pxopt.search.naming): the other draws of reference
+and validation images (`make_task(reference_seed=)`, `other_reference`,
+`Pipeline.with_other_images`), the choice, its record in the study, and `pxopt search` /
+`export` / `report` following the named trial."""
 
 from __future__ import annotations
 
@@ -49,6 +50,26 @@ def test_reference_seed_redraws_only_the_reference_images(one_split: bool) -> No
     assert other.describe()["reference_seed"] == 108 and other.describe()["heldout_hash"] == task.describe()["heldout_hash"]
     again = make_task(ds, n_ref=3, n_val=5, seed=7, n_heldout=15, reference_seed=108)
     assert torch.equal(again.reference.images, other.reference.images)
+
+
+@pytest.mark.parametrize("one_split", [False, True])
+def test_other_validation_is_none_of_the_tasks_images_or_the_tasks_own_where_none_are_left(one_split: bool) -> None:
+    ds = _indexed(40, one_split=one_split)
+    task = make_task(ds, n_ref=3, n_val=5, seed=7, n_heldout=15)
+    other = other_reference(task, 108, validation=True)
+    assert other.info["validation_redrawn"] and torch.bincount(other.validation.labels).tolist() == [5, 5, 5]
+    new_val, new_ref = _ids(other.validation.images), _ids(other.reference.images)
+    assert not new_val & (_ids(task.validation.images) | _ids(task.heldout.images) | _ids(task.reference.images))
+    assert not (new_val & new_ref if one_split else set())  # one split: never an image in both roles
+    assert torch.equal(other.heldout.images, task.heldout.images)
+    again = other_reference(task, 108, validation=True)
+    assert torch.equal(again.validation.images, other.validation.images)
+    assert other.describe()["indices_hash"] != other_reference(task, 108).describe()["indices_hash"]
+    # too few unused images for another validation set: the task's own, and the record says so
+    tight = make_task(_indexed(20, one_split=one_split), n_ref=2, n_val=8, seed=0, n_heldout=24)
+    kept = other_reference(tight, 101, validation=True)
+    assert kept.info["validation_redrawn"] is False and kept.validation is tight.validation
+    assert not _ids(kept.reference.images) & _ids(tight.reference.images)
 
 
 def test_other_reference_decodes_only_the_new_reference_images(tmp_path: Path, monkeypatch) -> None:
@@ -101,19 +122,24 @@ def _pipeline() -> Pipeline:
                     rates=[0.0, 0.25, 0.5, 0.75], device=torch.device("cpu"), batch_size=16)
 
 
-def test_pipeline_with_reference_seed_shares_model_and_validation() -> None:
+def test_pipeline_with_other_images_shares_model_and_held_out_images() -> None:
     pipe = _pipeline()
     pipe.evaluate(RULES["eps"], "abs")
-    other = pipe.with_reference_seed(101)
+    pipe.heldout_batches()
+    other = pipe.with_other_images(101)
     assert other.model is pipe.model and other.task.describe()["reference_seed"] == 101
-    assert torch.equal(other.task.validation.images, pipe.task.validation.images)
+    assert other.task.info["validation_redrawn"] and other.task.heldout is pipe.task.heldout
+    assert other.heldout_batches() is pipe.heldout_batches()
+    assert other.task.validation.labels.tolist() == pipe.task.validation.labels.tolist()
+    assert not torch.equal(other.task.validation.images, pipe.task.validation.images)
+    assert other.validation_batches() is not pipe.validation_batches()
     assert not torch.equal(other.task.reference.images, pipe.task.reference.images)
     assert not other._cache and len(pipe._cache) == 1  # relevances of another reference set are its own
     a, b = pipe.evaluate(RULES["gamma"], "abs"), other.evaluate(RULES["gamma"], "abs")
     assert a.rates == b.rates and pipe.task.reference is not other.task.reference
     with pytest.raises(DataError, match="not drawn by make_task"):
         Pipeline(model=pipe.model, task=dataclasses.replace(pipe.task, origin=None), layer_map=pipe.layer_map,
-                 kinds=("conv",), rates=[0.0, 0.5], device=torch.device("cpu")).with_reference_seed(1)
+                 kinds=("conv",), rates=[0.0, 0.5], device=torch.device("cpu")).with_other_images(1)
 
 
 # -- the choice ---------------------------------------------------------------------------------
@@ -147,7 +173,7 @@ def _study(values: dict[str, float], *, task_seed: int = 0) -> optuna.Study:
 def test_the_highest_rescored_mean_is_named_not_the_luckiest_search_area() -> None:
     pipe = _pipeline()
     seeds = reference_seeds(0, 2)
-    truth = {n: sum(pipe.with_reference_seed(s).evaluate(RULES[n], "abs").area for s in seeds) / 2
+    truth = {n: sum(pipe.with_other_images(s).evaluate(RULES[n], "abs").area for s in seeds) / 2
              for n in ("eps", "gamma", "ab", "zplus")}
     worst = min(("gamma", "ab", "zplus"), key=truth.get)
     # the trial worst on other reference sets has the best search area: the lucky one
@@ -175,9 +201,9 @@ def test_stored_areas_are_reused_and_a_new_best_makes_the_naming_stale() -> None
 
             super().__init__(StudySpec(rates=[0.0, 0.5, 1.0]))
 
-        def with_reference_seed(self, seed: int) -> FakePipeline:
+        def with_other_images(self, seed: int) -> FakePipeline:
             Counting.calls += 1
-            return super().with_reference_seed(seed)
+            return super().with_other_images(seed)
 
     study = _study({"eps": 0.5, "gamma": 0.6, "ab": 0.55})
     first = name_best(study, top=2, sets=2, pipeline=Counting())
@@ -203,7 +229,7 @@ def test_a_candidate_failing_on_another_reference_set_is_recorded_and_never_name
 
             super().__init__(StudySpec(rates=[0.0, 0.5, 1.0]))
 
-        def with_reference_seed(self, seed: int) -> FakePipeline:
+        def with_other_images(self, seed: int) -> FakePipeline:
             other = NanOnGamma()
             other.reference_seed = seed
             return other
@@ -244,6 +270,7 @@ def test_search_names_the_best_after_rescoring_and_export_and_report_follow(fake
     n_best = min(3, len(rec["candidates"]))
     eps = " and all-epsilon" if len(rec["candidates"]) > 3 else ""
     assert f"named:  trial {rec['named']} after re-scoring the {n_best} best trials{eps} on 2 other" in out
+    assert rec["other_validation"] == [True, True] and "2 other reference and validation sets" in out
     assert FakePipeline.rescore_calls_total - before == 2 * len(rec["candidates"])
     assert f"best:   trial {rec['named']}," in out
     exported = json.loads((fake / "studies" / "n-best.json").read_text())
@@ -307,7 +334,7 @@ def test_search_says_when_rescoring_fails_and_names_the_search_best(fake: Path, 
     def no_images(self, seed):
         raise DataError("no other reference set of 10 images per class: class 'x' has only 3")
 
-    monkeypatch.setattr(FakePipeline, "with_reference_seed", no_images)
+    monkeypatch.setattr(FakePipeline, "with_other_images", no_images)
     out = run_cli([*SEARCH])
     assert "re-scoring failed (no other reference set of 10 images per class" in out
     study = optuna.load_study(study_name="n", storage=f"sqlite:///{fake / 'studies' / 'n.db'}")
@@ -322,13 +349,24 @@ def test_an_error_midway_names_nothing_and_keeps_the_areas_computed() -> None:
         def __init__(self) -> None:
             super().__init__(StudySpec(rates=[0.0, 0.5, 1.0]))
 
-        def with_reference_seed(self, seed: int) -> FakePipeline:
+        def with_other_images(self, seed: int) -> FakePipeline:
             if seed == reference_seeds(0, 2)[1]:
                 raise MemoryError("out of memory")
-            return super().with_reference_seed(seed)
+            return super().with_other_images(seed)
 
     study = _study({"eps": 0.5, "gamma": 0.6, "ab": 0.55})
     with pytest.raises(MemoryError):
         name_best(study, top=2, sets=2, pipeline=OutOfMemoryOnTheSecondSet())
     assert len(study.user_attrs[ATTR_RESCORED]) == 3 and stored_naming(study) is None
     assert name_study_best(study, pipeline=OutOfMemoryOnTheSecondSet()).number == study.best_trial.number
+
+
+def test_the_naming_line_says_which_images_were_new() -> None:
+    from pxopt.search.naming import naming_lines
+
+    rows = [{"trial": t, "baseline": None, "search_area": 0.5, "areas": [0.5, 0.5], "mean": 0.5, "failed": None}
+            for t in (3, 4)]
+    rec = {"top": 2, "seeds": [101, 102], "candidates": rows, "named": 3, "search_best": 3, "rescored": True}
+    assert "2 other reference and validation sets" in naming_lines({**rec, "other_validation": [True, True]})[0]
+    kept = naming_lines({**rec, "other_validation": [False, False]})[0]
+    assert "2 other reference sets (the search's validation images: too few others)" in kept

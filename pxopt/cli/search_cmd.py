@@ -143,12 +143,12 @@ def _log(message: str) -> None:
 
 
 def _name_best(study: Any, spec: Any, pipeline: Any) -> Any:
-    """Re-score the best trials on other reference sets and name one (`pxopt.search.naming`),
+    """Re-score the best trials on other draws of the task's images and name one (`pxopt.search.naming`),
     with a progress bar; prints the re-scored table. ValueError: no completed trial."""
     from pxopt.search.naming import BASELINE, name_best, named_trial, naming_error, naming_lines
 
     study.best_trial  # noqa: B018  (ValueError before any bar is drawn)
-    what = f"re-scoring the {spec.rescore_top} best trials and {BASELINE} on {spec.rescore_sets} other reference sets"
+    what = f"re-scoring the {spec.rescore_top} best trials and {BASELINE} on {spec.rescore_sets} other image sets"
     with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console, transient=True) as progress:
         bar = progress.add_task(what, total=None, visible=spec.rescore_top > 0 and spec.rescore_sets > 0)
@@ -182,9 +182,9 @@ def register(app: typer.Typer) -> None:
         trials: int | None = typer.Option(None, "--trials", help="Finished trials the study should hold."),
         rescore_top: int | None = typer.Option(
             None, "--rescore-top", help="Before naming the best: re-score this many best trials and all-epsilon on "
-            "other reference sets, name the best mean (default 5; 0: name the search's best)."),
+            "other reference and validation images, name the best mean (default 5; 0: name the search's best)."),
         rescore_sets: int | None = typer.Option(
-            None, "--rescore-sets", help="Other reference sets the best trials are re-scored on (default 2)."),
+            None, "--rescore-sets", help="Other draws of reference and validation images the best trials are re-scored on (default 2)."),
         timeout: float | None = typer.Option(None, "--timeout", help="Stop starting trials after S seconds."),
         storage: str | None = typer.Option(None, "--storage", help="SQLite path or SQLAlchemy URL."),
         study: str | None = typer.Option(None, "--study", help="Study name (default: the spec's)."),

@@ -94,6 +94,10 @@ class TaskOrigin:
     on_bad_image: BadImagePolicy
 
     @property
+    def validation_split(self) -> str:
+        return self.reference_split if self.one_split else "val"
+
+    @property
     def used(self) -> set[int]:
         """Indices another reference set must avoid: the reference images and, in one split, all others."""
         return set(self.reference) | (set(self.validation) | set(self.heldout) if self.one_split else set())
@@ -366,25 +370,41 @@ def make_task(
     return task if reference_seed is None else other_reference(task, reference_seed)
 
 
-def other_reference(task: Task, reference_seed: int) -> Task:
+def other_reference(task: Task, reference_seed: int, *, validation: bool = False) -> Task:
     """The same task with another reference set: n_ref images per class drawn with
     `reference_seed` among those the task used for none of reference, validation and held-out.
-    Only the new reference images are decoded; the validation and held-out sets are shared.
-    This is where the best trials of a search are re-scored before one is named
-    (`pxopt.search.naming`); a `DataError` where too few images are left for one."""
+    Only the new images are decoded; the held-out set is shared.
+
+    validation: also another validation set of the task's size (n_val per class), drawn among
+    the images the task leaves unused, where the dataset has enough (else the task's own is
+    kept; `info["validation_redrawn"]` says which). The best trials of a search are re-scored
+    this way before one is named (`pxopt.search.naming`): a trial that was lucky on the search's
+    reference *or* validation images shows it there, and the held-out images stay unseen.
+    A `DataError` where too few images are left for another reference set."""
     origin = task.origin
     if origin is None:
         raise DataError("this task was not drawn by make_task: it cannot draw another reference set")
-    split = origin.dataset.splits[origin.reference_split]
+    names, rng = origin.dataset.class_names, np.random.default_rng(reference_seed)
+    loader = _Loader(origin.transform, origin.on_bad_image)
     try:
-        ref_idx, reference = _draw(split, task.classes, origin.dataset.class_names, task.n_ref,
-                                   np.random.default_rng(reference_seed), _Loader(origin.transform, origin.on_bad_image),
-                                   "reference", origin.used)
+        ref_idx, reference = _draw(origin.dataset.splits[origin.reference_split], task.classes, names, task.n_ref,
+                                   rng, loader, "reference", origin.used)
     except DataError as exc:
         raise DataError(f"no other reference set of {task.n_ref} images per class: {exc}") from exc
-    digest = hashlib.sha256(json.dumps([ref_idx, list(origin.validation)]).encode()).hexdigest()[:16]
+    val_idx, val_set, redrawn = list(origin.validation), task.validation, False
+    if validation and task.n_val is not None:
+        taken = set(origin.validation) | set(origin.heldout) | (origin.used | set(ref_idx) if origin.one_split else set())
+        try:
+            val_idx, val_set = _draw(origin.dataset.splits[origin.validation_split], task.classes, names, task.n_val,
+                                     rng, loader, "validation", taken)
+            redrawn = True
+        except DataError:  # too few unused images: the task's own validation set
+            pass
+    digest = hashlib.sha256(json.dumps([ref_idx, val_idx]).encode()).hexdigest()[:16]
     info = {**task.info, "indices_hash": digest, "reference_seed": reference_seed}
-    return dataclasses.replace(task, reference=reference, info=info)
+    if validation:
+        info["validation_redrawn"] = redrawn
+    return dataclasses.replace(task, reference=reference, validation=val_set, info=info)
 
 
 def _left_for_heldout(split: Split, classes: list[int], n_val: int, n_ref: int) -> int:

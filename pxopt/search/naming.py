@@ -1,14 +1,16 @@
-"""Naming the best trial: the search's best few, re-scored on other reference sets.
+"""Naming the best trial: the search's best few, re-scored on other images.
 
-A trial's area depends on the reference images its relevances came from: another draw
-moves it by about as much as the best rule sets differ (benchmarks/results/objective_noise_*),
-and the search's best is the maximum over many such areas, so it is the trial most likely to
-have been lucky on the search's reference set. Before one is named best, the `top` best
-complete trials (one of each rule set: TPE often proposes the same one again) and the
-all-epsilon baseline trial are therefore re-scored on `sets` other reference sets of the
-same task (`Pipeline.with_reference_seed`: same classes and validation images, reference
-images none of the task's; the held-out images stay unseen), and the highest mean of those
-areas is named. The search-split area does not enter the mean: it is the biased one.
+A trial's area depends on the reference images its relevances came from and on the
+validation images its curve is measured on: another draw of either moves it by about as much
+as the best rule sets differ (benchmarks/results/objective_noise_*, rules_vs_ranking.md), and
+the search's best is the maximum over many such areas, so it is the trial most likely to have
+been lucky on the search's images. Before one is named best, the `top` best complete trials
+(one of each rule set: TPE often proposes the same one again) and the all-epsilon baseline
+trial are therefore re-scored on `sets` other draws of the same task
+(`Pipeline.with_other_images`: same classes, a reference set and, where the dataset has
+enough images left, a validation set of the same sizes, none of them the task's images; the
+held-out images stay unseen), and the highest mean of those areas is named. The search-split
+area does not enter the mean: it is the biased one.
 
 The record (`ATTR_NAMING`) and each candidate's areas (`ATTR_RESCORED`, by trial, reference
 set and weights) live in the study, so `pxopt search`, `export` and `report` name the same
@@ -32,12 +34,14 @@ from pxopt.search.storage import ATTR_WEIGHTS, digest
 
 ATTR_NAMING = "pxopt.naming"
 ATTR_RESCORED = "pxopt.rescored"
+ATTR_REDRAWN = "pxopt.rescored_validation"  # per other draw: were its validation images new?
+DRAW = "reference+validation"  # what an other draw redraws (part of a stored area's identity)
 BASELINE = "all-epsilon"  # re-scored beside the best: the question is whether they beat the default
 REFERENCE_SEED0 = 101  # reference set i is drawn with task_seed + REFERENCE_SEED0 + i
 
 
 def reference_seeds(task_seed: int, sets: int) -> list[int]:
-    """Seeds of the other reference sets (never the search's own, `task_seed`)."""
+    """Seeds of the other draws of reference and validation images (never the search's own, `task_seed`)."""
     return [int(task_seed) + REFERENCE_SEED0 + i for i in range(sets)]
 
 
@@ -78,7 +82,7 @@ def candidates(study: optuna.Study, top: int) -> list[optuna.trial.FrozenTrial]:
 def _identity(study: optuna.Study) -> str:
     """What a re-scored area depends on besides the trial and the reference seed."""
     return digest({"weights": study.user_attrs.get(ATTR_WEIGHTS),
-                   "task": study.user_attrs.get("pxopt.task_description")})
+                   "task": study.user_attrs.get("pxopt.task_description"), "draw": DRAW})
 
 
 def naming_settings(study: optuna.Study) -> tuple[int, int]:
@@ -129,12 +133,12 @@ def name_best(
     load: Callable[[], Any] | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
-    """Re-score the best `top` trials and all-epsilon on `sets` other reference sets; name the
+    """Re-score the best `top` trials and all-epsilon on `sets` other draws of the task's images; name the
     highest mean, store and return the record.
 
     Areas already stored are reused; missing ones are computed with `pipeline` (else `load()`).
     `top` or `sets` 0, or a single candidate: the search's best is named without re-scoring. A
-    candidate whose rules give NaN relevances on another reference set is recorded with the
+    candidate whose rules give NaN relevances on another draw is recorded with the
     reason and never named. Any other error (out of memory, too few images for another
     reference set) propagates and names nothing; the areas computed before it stay stored,
     so the next call goes on from there.
@@ -148,6 +152,7 @@ def name_best(
     picked = _picked(study, top, seeds)
     ident = _identity(study)
     stored = dict(study.user_attrs.get(ATTR_RESCORED) or {})
+    redrawn = dict(study.user_attrs.get(ATTR_REDRAWN) or {})
     missing = [(s, t) for s in seeds for t in picked if f"{t.number}/{s}@{ident}" not in stored]
     if len(picked) > 1 and missing:
         if pipeline is None and load is not None:
@@ -156,9 +161,10 @@ def name_best(
             raise PxoptError("naming the best trial needs the study's model and task")
         pipe, pipe_seed = None, None
         try:
-            for done, (seed, trial) in enumerate(missing):  # seed by seed: one other reference set at a time
+            for done, (seed, trial) in enumerate(missing):  # seed by seed: one other draw at a time
                 if seed != pipe_seed:
-                    pipe, pipe_seed = pipeline.with_reference_seed(seed), seed
+                    pipe, pipe_seed = pipeline.with_other_images(seed), seed
+                    redrawn[f"{seed}@{ident}"] = bool(pipe.task.info.get("validation_redrawn"))
                 try:
                     scores = pipe.scores(trial.user_attrs["rules"])
                     area: float | str = float(pipe.curve(scores, trial.user_attrs["ranking"]).area)
@@ -169,6 +175,7 @@ def name_best(
                     progress(done + 1, len(missing))
         finally:  # (an error or Ctrl-C midway keeps the areas computed so far)
             study.set_user_attr(ATTR_RESCORED, stored)
+            study.set_user_attr(ATTR_REDRAWN, redrawn)
     rows = []
     for t in picked:
         areas = [stored.get(f"{t.number}/{s}@{ident}") for s in seeds] if len(picked) > 1 else []
@@ -179,7 +186,8 @@ def name_best(
     scored = [r for r in rows if r["mean"] is not None]
     named = max(scored, key=lambda r: (r["mean"], r["search_area"], -r["trial"]))["trial"] if scored else best.number
     record = {"top": top, "sets": sets, "seeds": seeds, "identity": ident, "candidates": rows,
-              "named": named, "search_best": best.number, "rescored": bool(scored)}
+              "named": named, "search_best": best.number, "rescored": bool(scored),
+              "other_validation": [redrawn.get(f"{s}@{ident}") for s in seeds] if len(picked) > 1 else []}
     study.set_user_attr(ATTR_NAMING, record)
     return record
 
@@ -228,8 +236,12 @@ def naming_lines(record: dict[str, Any]) -> list[str]:
     n_best = len(rows) - int(joined)
     others = ", ".join(str(s) for s in record["seeds"])
     with_eps = f" and {BASELINE}" if joined else ""
+    redrawn = record.get("other_validation") or []
+    images = ("reference and validation sets" if redrawn and all(redrawn) else
+              "reference sets (the search's validation images: too few others)" if redrawn and not any(redrawn)
+              else "reference sets")
     lines = [f"named:  trial {record['named']} after re-scoring the {n_best} best trials{with_eps} on "
-             f"{len(record['seeds'])} other reference sets (seeds {others})",
+             f"{len(record['seeds'])} other {images} (seeds {others})",
              f"  {'trial':>7s} {'search split':>12s} {'re-scored':>9s}"]
     for r in rows:
         mark = ("  <- named" if r["trial"] == record["named"] else "") + (

@@ -73,7 +73,8 @@ class StudySpec:
     threads: int | None = None
     baselines: bool = True
     # before one is named best, the rescore_top best trials and all-epsilon are re-scored on
-    # rescore_sets other reference sets (pxopt.search.naming; 0: name the search's best).
+    # rescore_sets other draws of reference and validation images (pxopt.search.naming; 0: name
+    # the search's best).
     # Not part of the identity: naming reads the trials, it does not change them.
     rescore_top: int = DEFAULT_RESCORE_TOP
     rescore_sets: int = DEFAULT_RESCORE_SETS
