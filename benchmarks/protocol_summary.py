@@ -81,20 +81,25 @@ def _row(path: Path, run: dict[str, Any], key: str, rec: dict[str, Any]) -> dict
 
 def _rescored(run_dir: Path, key: str, rec: dict[str, Any]) -> dict[str, Any]:
     """The run's `reeval_best.py` result for this setting (the trial named after re-scoring the
-    best few, as `pxopt search` now names it), if one was made from this very run: its
-    held-out areas of the search's pick must be the run's."""
-    path = run_dir / "reeval_best.json"
-    if not path.is_file():
-        return {}
-    found = json.loads(path.read_text())["settings"].get(key)
+    best few), if one was made from this very run: its held-out areas of the search's pick
+    must be the run's. The re-scoring on other reference *and* validation images
+    (`reeval_best_fresh.json`, as `pxopt search` names it now) comes first, then the one on
+    other reference sets alone (`reeval_best.json`)."""
     seeds = sorted(rec.get("per_seed") or {}, key=int)
     ours = [rec["per_seed"][k]["optimised"]["area"] for k in seeds]
-    if not found or found["search_best_trial"] != rec["search"]["trial"] or found["held_out"]["optimised"] != ours:
-        return {}  # (a re-scoring of an earlier run in this folder)
-    named = next(c for c in found["candidates"] if c["trial"] == found["named_trial"])
-    diff = found["re-evaluated − lrp-epsilon"]
-    return {"rescored_trial": found["named_trial"], "rescored_baseline": named.get("baseline"),
-            "rescored_diff": diff["mean_diff"], "rescored_ci95": diff["ci95"], "rescored_t_p": diff["t_p"]}
+    for name, images in (("reeval_best_fresh.json", "reference and validation"), ("reeval_best.json", "reference")):
+        path = run_dir / name
+        if not path.is_file():
+            continue
+        found = json.loads(path.read_text())["settings"].get(key)
+        if not found or found["search_best_trial"] != rec["search"]["trial"] or found["held_out"]["optimised"] != ours:
+            continue  # (a re-scoring of an earlier run in this folder)
+        named = next(c for c in found["candidates"] if c["trial"] == found["named_trial"])
+        diff = found["re-evaluated − lrp-epsilon"]
+        return {"rescored_trial": found["named_trial"], "rescored_baseline": named.get("baseline"),
+                "rescored_diff": diff["mean_diff"], "rescored_ci95": diff["ci95"], "rescored_t_p": diff["t_p"],
+                "rescored_images": images}
+    return {}
 
 
 def _finite(x: float | None) -> bool:
@@ -124,6 +129,8 @@ def _rescored_cell(r: dict[str, Any]) -> str:
     if r.get("rescored_diff") is None:
         return "-"
     who = f"`{r['rescored_baseline']}`" if r["rescored_baseline"] else f"trial {r['rescored_trial']}"
+    if r.get("rescored_images") == "reference":
+        who += ", ref. only"
     lo, hi = r["rescored_ci95"]
     if not (_finite(lo) and _finite(hi)) or lo == hi:  # the same areas on every seed (LRP-epsilon itself)
         return f"{r['rescored_diff']:+.3f} ({who})"
@@ -236,8 +243,9 @@ def write(rows: list[dict[str, Any]], out_dir: Path, command: str) -> None:
         "Held-out area (mean top-1 accuracy over the run's rate grid) over the reference seeds, mean ± SE. "
         "'verdict': a win or loss only where the paired 95 % interval excludes 0. 'strongest other': the best "
         "of the remaining criteria (random excluded). 'named after re-scoring': the held-out difference of "
-        "the trial named after re-scoring the 5 best and all-epsilon on 2 other reference sets, as `pxopt "
-        "search` names it (`benchmarks/reeval_best.py`, where it was run on the run's study). Each run's own "
+        "the trial named after re-scoring the 5 best and all-epsilon on 2 other draws of reference and "
+        "validation images, as `pxopt search` names it (`benchmarks/reeval_best.py --fresh-validation`, where "
+        "it was run on the run's study; else on other reference sets alone, marked 'ref. only'). Each run's own "
         "file has every criterion, its scale and its command.",
         "",
         table(rows),

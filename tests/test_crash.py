@@ -352,3 +352,37 @@ def test_a_trial_has_a_heartbeat_as_soon_as_ask_returns(tmp_path):
     assert storage._get_stale_trial_ids(study._study_id) == [trial._trial_id]
     fail_stale_trials(study, storage)
     assert study.trials[0].state == TrialState.FAIL
+
+
+def _check_orphan_recovery(url: str) -> None:
+    """The few milliseconds between a trial's creation and its first heartbeat: a worker
+    killed there (CI, under load) left a RUNNING trial with no heartbeat, which Optuna's stale
+    detection never judges. Its start now counts as its first heartbeat; a young one is left
+    alone (its worker may be about to record it)."""
+    from pxopt.search.storage import orphaned_trial_ids
+
+    storage = open_storage(url, heartbeat_interval=1, grace_period=1)
+    study = optuna.create_study(storage=storage)
+    dist = optuna.distributions.FloatDistribution(0.0, 1.0)
+    study.enqueue_trial({"x": 0.25})
+    orphan = study.ask({"x": dist})  # as `ask` leaves it: RUNNING, params stored, no heartbeat
+    assert orphaned_trial_ids(storage, study._study_id, 1.0) == []  # young: its worker may be alive
+    assert fail_stale_trials(study, storage) == []
+    time.sleep(1.5)
+    assert orphaned_trial_ids(storage, study._study_id, 1.0) == [orphan._trial_id]
+    live = study.ask({"x": dist})
+    storage.record_heartbeat(live._trial_id)  # a trial with a fresh heartbeat is not an orphan
+    assert fail_stale_trials(study, storage) == [orphan._trial_id]
+    dead = storage.get_trial(orphan._trial_id)
+    assert dead.state == TrialState.FAIL and "no heartbeat ever" in dead.user_attrs[FAIL_REASON]
+    retries = [t for t in study.trials if t.system_attrs.get("failed_trial") == dead.number]
+    assert len(retries) == 1 and retries[0].state == TrialState.WAITING and retries[0].params == {"x": 0.25}
+    assert storage.get_trial(live._trial_id).state == TrialState.RUNNING
+
+
+def test_a_trial_killed_before_its_first_heartbeat_is_failed_and_retried_sqlite(tmp_path):
+    _check_orphan_recovery(str(tmp_path / "orphan.db"))
+
+
+def test_a_trial_killed_before_its_first_heartbeat_is_failed_and_retried_postgresql(pg_url):  # noqa: F811
+    _check_orphan_recovery(pg_url)

@@ -107,9 +107,17 @@ def test_the_re_scored_pick_is_shown_only_for_the_run_it_was_made_from(tmp_path:
         "re-evaluated − lrp-epsilon": {"mean_diff": 0.004, "ci95": [-0.001, 0.009], "t_p": 0.1}}}}
     (res / "protocol_big" / "reeval_best.json").write_text(json.dumps(reeval))
     (row,) = S.collect(res)
-    assert S._rescored_cell(row) == "+0.004 [-0.001, +0.009] (`all-epsilon`)"
-    reeval["settings"]["k"]["held_out"]["optimised"] = [0.70, 0.81]  # made from an earlier run in the folder
-    (res / "protocol_big" / "reeval_best.json").write_text(json.dumps(reeval))
+    assert S._rescored_cell(row) == "+0.004 [-0.001, +0.009] (`all-epsilon`, ref. only)"
+    # the re-scoring on new validation images too (what pxopt search does now) comes first
+    fresh = json.loads(json.dumps(reeval))
+    fresh["settings"]["k"].update(named_trial=1, **{"re-evaluated − lrp-epsilon": {
+        "mean_diff": 0.002, "ci95": [0.001, 0.003], "t_p": 0.01}})
+    (res / "protocol_big" / "reeval_best_fresh.json").write_text(json.dumps(fresh))
+    (row,) = S.collect(res)
+    assert S._rescored_cell(row) == "+0.002 [+0.001, +0.003] (trial 1)"
+    for name in ("reeval_best.json", "reeval_best_fresh.json"):
+        reeval["settings"]["k"]["held_out"]["optimised"] = [0.70, 0.81]  # made from an earlier run in the folder
+        (res / "protocol_big" / name).write_text(json.dumps(reeval))
     (row,) = S.collect(res)
     assert S._rescored_cell(row) == "-"
     S.write([row], tmp_path / "out", "cmd")

@@ -17,6 +17,7 @@ import json
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -211,6 +212,31 @@ def recording_stale_failures(storage: RDBStorage, reason: str) -> Iterator[list[
         yield failed
     finally:
         del storage.set_trial_state_values  # the class's method again
+
+
+def orphaned_trial_ids(storage: RDBStorage, study_id: int, grace: float) -> list[int]:
+    """RUNNING trials that never recorded a heartbeat and started more than `grace` seconds ago.
+
+    A live worker records a trial's first heartbeat right after creating it (pxopt.search.workers,
+    `_heartbeat_from_creation`), so such a trial's worker died in those few milliseconds.
+    Optuna's `fail_stale_trials` judges only trials that have a heartbeat and would leave it
+    RUNNING forever; here its start counts as its first heartbeat. (Optuna has no public query
+    for a trial's heartbeat: this reads its two tables.)
+    """
+    query = sqlalchemy.text(
+        "SELECT t.trial_id, t.datetime_start FROM trials t LEFT JOIN trial_heartbeats h "
+        "ON h.trial_id = t.trial_id WHERE t.study_id = :study AND t.state = 'RUNNING' AND h.trial_id IS NULL"
+    )
+    with storage.engine.connect() as connection:
+        rows = connection.execute(query, {"study": study_id}).all()
+    now = datetime.now()  # (Optuna stamps datetime_start with the local naive time too)
+    return [int(tid) for tid, start in rows
+            if start is not None and (now - _as_datetime(start)).total_seconds() > grace]
+
+
+def _as_datetime(value: Any) -> datetime:
+    """A datetime column as SQLite returns it through a text query (a string) or as a datetime."""
+    return value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
 
 
 def _is_sqlite_file(url: str) -> bool:

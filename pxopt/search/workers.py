@@ -43,6 +43,7 @@ from pxopt.search.storage import (
     DEFAULT_HEARTBEAT_INTERVAL,
     DEFAULT_MAX_RETRY,
     open_storage,
+    orphaned_trial_ids,
     recording_stale_failures,
 )
 
@@ -116,6 +117,14 @@ def fail_stale_trials(study: optuna.Study, storage: optuna.storages.RDBStorage) 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)
+    orphans = orphaned_trial_ids(storage, study._study_id, grace)
+    if orphans:  # killed between its creation and its first heartbeat: as Optuna does for stale ones
+        retry = storage.get_heartbeat_stale_trial_callback()
+        with recording_stale_failures(storage, "no heartbeat ever (worker killed as the trial started)") as new:
+            for trial_id in orphans:
+                if storage.set_trial_state_values(trial_id, TrialState.FAIL) and retry is not None:
+                    retry(study, storage.get_trial(trial_id))
+        failed += new
     return list(failed)
 
 
