@@ -35,17 +35,16 @@ import results  # noqa: E402  (benchmarks/results.py: settings, tasks, pipelines
 CONFIRM_SEED0 = 101  # confirmation reference sets: far from the held-out seeds 1..S
 
 
-def confirm_task(setting: Any, seed: int, s: Any, *, fresh: bool = False) -> Any:
+def confirm_task(setting: Any, seed: int, s: Any, validation: Any = None) -> Any:
     """Reference set `seed` with the search's own validation images (never the held-out ones), or
-    with as many test images that neither the search nor the held-out evaluation uses (`fresh`;
-    taken from the end of that pool, so `rules_vs_ranking.py`'s fresh sets stay disjoint)."""
+    with `validation` (`--fresh-validation`: as many test images that neither the search nor the
+    held-out evaluation uses, from the end of that pool, so `rules_vs_ranking.py`'s fresh sets
+    stay disjoint)."""
     t = results.make_task(results.DATASET, classes=setting.classes, n_ref=s.n_ref, n_val=1, seed=seed,
                           transform=setting.loaded.transform, num_model_classes=setting.loaded.num_classes)
-    if fresh:
-        n_search = results.per_class(s.val_search, setting.n_classes)
-        validation = results.unused_validation(setting, s, n_search, seed - CONFIRM_SEED0, from_end=True)
-        return dataclasses.replace(t, validation=validation, n_val=n_search)
-    return dataclasses.replace(t, validation=setting.search_task.validation, n_val=setting.search_task.n_val)
+    if validation is None:
+        return dataclasses.replace(t, validation=setting.search_task.validation, n_val=setting.search_task.n_val)
+    return dataclasses.replace(t, validation=validation, n_val=results.per_class(s.val_search, setting.n_classes))
 
 
 def reeval_setting(key: str, srec: dict[str, Any], s: Any, *, top: int, confirm_seeds: list[int],
@@ -60,7 +59,11 @@ def reeval_setting(key: str, srec: dict[str, Any], s: Any, *, top: int, confirm_
     study = optuna.load_study(study_name=None, storage=srec["search"]["storage"])
     candidates = naming.candidates(study, top)  # the trials `pxopt search` re-scores: the best and all-epsilon
     start = time.perf_counter()
-    pipes = [results.pipeline_for(setting, confirm_task(setting, seed, s, fresh=fresh), s) for seed in confirm_seeds]
+    n_search = results.per_class(s.val_search, setting.n_classes)
+    validations = (results.unused_validation(setting, s, n_search, len(confirm_seeds), from_end=True) if fresh
+                   else [None] * len(confirm_seeds))
+    pipes = [results.pipeline_for(setting, confirm_task(setting, seed, s, v), s)
+             for seed, v in zip(confirm_seeds, validations, strict=True)]
     rescored: dict[int, float] = {}
 
     def area(pipe: Any, trial: Any) -> float:

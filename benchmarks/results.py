@@ -199,11 +199,11 @@ def eval_task(setting: Setting, seed: int, s: Settings) -> Any:
                                info=info)
 
 
-def unused_validation(setting: Setting, s: Settings, n_per_class: int, block: int, *,
-                      from_end: bool = False) -> Any:
-    """Block `block` of `n_per_class` images per class among the test images neither the search
-    nor the held-out evaluation uses (the seed-0 order after both), counted from the front of
-    that tail or from its end, so two checks can take disjoint images."""
+def unused_validation(setting: Setting, s: Settings, n_per_class: int, n_sets: int, *,
+                      from_end: bool = False) -> list[Any]:
+    """`n_sets` disjoint sets of `n_per_class` images per class among the test images neither the
+    search nor the held-out evaluation uses (the seed-0 order after both), taken from the front
+    of that tail or from its end, so two checks can take disjoint images. One draw for all sets."""
     from pxopt.data import TensorSet
     from pxopt.data.heldout import split_indices_per_class
 
@@ -212,16 +212,14 @@ def unused_validation(setting: Setting, s: Settings, n_per_class: int, block: in
                       transform=setting.loaded.transform, num_model_classes=setting.loaded.num_classes)
     _, rest = split_indices_per_class(every.validation.labels, used)
     labels = every.validation.labels[rest]
-    parts = []
-    for c in setting.classes:
-        mine = rest[labels == c]
-        mine = mine.flip(0) if from_end else mine
-        if len(mine) < (block + 1) * n_per_class:
-            raise ConfigError(f"{DATASET} has too few unused validation images for block {block} "
-                              f"of {n_per_class} per class")
-        parts.append(mine[block * n_per_class:(block + 1) * n_per_class])
-    pos = torch.cat(parts)
-    return TensorSet(every.validation.images[pos].contiguous(), every.validation.labels[pos])
+    per_class_rest = {c: rest[labels == c].flip(0) if from_end else rest[labels == c] for c in setting.classes}
+    if any(len(mine) < n_sets * n_per_class for mine in per_class_rest.values()):
+        raise ConfigError(f"{DATASET} has too few unused validation images for {n_sets} sets of {n_per_class} per class")
+    sets = []
+    for i in range(n_sets):
+        pos = torch.cat([mine[i * n_per_class:(i + 1) * n_per_class] for mine in per_class_rest.values()])
+        sets.append(TensorSet(every.validation.images[pos].contiguous(), every.validation.labels[pos]))
+    return sets
 
 
 def per_class(total: int, n_classes: int) -> int:

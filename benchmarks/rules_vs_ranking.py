@@ -38,10 +38,12 @@ def fresh_tasks(setting: Any, s: Any, n_sets: int) -> dict[str, Any]:
     reference set 201+i."""
     import dataclasses
 
+    if n_sets < 1:
+        return {}
     n_eval = results.per_class(s.val_eval, setting.n_classes)
-    return {f"fresh {i + 1}": dataclasses.replace(results.eval_task(setting, FRESH_SEED0 + i, s),
-                                                  validation=results.unused_validation(setting, s, n_eval, i))
-            for i in range(n_sets)}
+    sets = results.unused_validation(setting, s, n_eval, n_sets)
+    return {f"fresh {i + 1}": dataclasses.replace(results.eval_task(setting, FRESH_SEED0 + i, s), validation=v)
+            for i, v in enumerate(sets)}
 
 
 def crossed(srec: dict[str, Any], s: Any, fresh: int = 0, held_out: bool = True, log=print) -> dict[str, Any]:
@@ -72,14 +74,18 @@ def crossed(srec: dict[str, Any], s: Any, fresh: int = 0, held_out: bool = True,
                 areas.setdefault(f"{name} / {ranking}", {})[split] = float(pipe.curve(scores, ranking).area)
         log(f"  {split}: " + ", ".join(f"{k} {v[split]:.4f}" for k, v in areas.items()))
     reference = f"{naming.BASELINE} / {rankings[0]}"  # LRP-epsilon as the baselines rank it
-    held = [k for k in splits if k.startswith("held out")]
-    paired = {key: results.paired_comparison([v[h] for h in held], [areas[reference][h] for h in held])
-              for key, v in areas.items() if key != reference} if held else {}
-    others = [k for k in splits if k.startswith("fresh")]
-    paired_fresh = {key: results.paired_comparison([v[h] for h in others], [areas[reference][h] for h in others])
-                    for key, v in areas.items() if key != reference} if len(others) > 1 else {}
-    return {"fresh (unused validation images)": paired_fresh,"search_ranking": srec["search"]["ranking"], "best_rules": rules["best"], "rankings": list(rankings),
-            "areas": areas, "reference": reference, f"− {reference} (held out)": paired,
+
+    def paired(prefix: str, at_least: int) -> dict[str, Any]:
+        """Each combination against `reference`, paired over the splits whose name starts with `prefix`."""
+        on = [k for k in splits if k.startswith(prefix)]
+        if len(on) < at_least:
+            return {}
+        return {key: results.paired_comparison([v[k] for k in on], [areas[reference][k] for k in on])
+                for key, v in areas.items() if key != reference}
+
+    return {"search_ranking": srec["search"]["ranking"], "best_rules": rules["best"], "rankings": list(rankings),
+            "areas": areas, "reference": reference, f"− {reference} (held out)": paired("held out", 1),
+            "fresh (unused validation images)": paired("fresh", 2),
             "seconds": round(time.perf_counter() - start, 1)}
 
 

@@ -1,5 +1,5 @@
 """Naming the best trial after re-scoring (pxopt.search.naming): the other draws of reference
-and validation images (`make_task(reference_seed=)`, `other_reference`,
+and validation images (`other_reference`,
 `Pipeline.with_other_images`), the choice, its record in the study, and `pxopt search` /
 `export` / `report` following the named trial."""
 
@@ -36,10 +36,10 @@ from pxopt.search.study import SPEC_ATTR
 
 # -- another reference set of the same task ---------------------------------------------------
 @pytest.mark.parametrize("one_split", [False, True])
-def test_reference_seed_redraws_only_the_reference_images(one_split: bool) -> None:
+def test_other_reference_redraws_only_the_reference_images(one_split: bool) -> None:
     ds = _indexed(40, one_split=one_split)
     task = make_task(ds, n_ref=3, n_val=5, seed=7, n_heldout=15)
-    other = make_task(ds, n_ref=3, n_val=5, seed=7, n_heldout=15, reference_seed=108)
+    other = other_reference(task, 108)
     assert torch.equal(other.validation.images, task.validation.images)
     assert torch.equal(other.heldout.images, task.heldout.images)
     assert other.classes == task.classes and torch.bincount(other.reference.labels).tolist() == [3, 3, 3]
@@ -48,7 +48,7 @@ def test_reference_seed_redraws_only_the_reference_images(one_split: bool) -> No
     seen = _ids(task.validation.images) | _ids(task.heldout.images) | _ids(task.reference.images)
     assert not _ids(other.reference.images) & seen
     assert other.describe()["reference_seed"] == 108 and other.describe()["heldout_hash"] == task.describe()["heldout_hash"]
-    again = make_task(ds, n_ref=3, n_val=5, seed=7, n_heldout=15, reference_seed=108)
+    again = other_reference(make_task(ds, n_ref=3, n_val=5, seed=7, n_heldout=15), 108)
     assert torch.equal(again.reference.images, other.reference.images)
 
 
@@ -97,10 +97,11 @@ def test_other_reference_decodes_only_the_new_reference_images(tmp_path: Path, m
 
 def test_no_other_reference_set_where_the_task_used_every_image() -> None:
     ds = _indexed(20, one_split=True)
-    make_task(ds, n_ref=4, n_val=5, seed=0, n_heldout=0, reference_seed=101)  # 11 per class left: fine
+    other_reference(make_task(ds, n_ref=4, n_val=5, seed=0, n_heldout=0), 101)  # 11 per class left: fine
     for n_val, n_heldout in ((None, 0), (5, 300)):  # validation, or the held-out split, takes the rest
+        task = make_task(ds, n_ref=4, n_val=n_val, seed=0, n_heldout=n_heldout)
         with pytest.raises(DataError, match="no other reference set of 4 images per class"):
-            make_task(ds, n_ref=4, n_val=n_val, seed=0, n_heldout=n_heldout, reference_seed=101)
+            other_reference(task, 101)
 
 
 def _random_dataset() -> Dataset:

@@ -275,7 +275,6 @@ def make_task(
     on_bad_image: BadImagePolicy = "skip",
     allow_download: bool = False,
     n_heldout: int = 0,
-    reference_seed: int | None = None,
 ) -> Task:
     """Draw a task from a dataset.
 
@@ -288,11 +287,7 @@ def make_task(
     n_heldout: held-out images per task (split evenly over the classes; fewer where the
     validation split has fewer images left; 0: none; none either with n_val None), drawn as
     the tail of each class's validation draw, so the validation images are those of the
-    same task without them. reference_seed: draw the reference images with this seed instead,
-    among those that `seed` used for none of reference, validation and held-out (classes,
-    validation and held-out images stay those of `seed`): the same task with another
-    reference set, on which the best trials of a search are re-scored before one is named
-    (`pxopt.search.naming`); a `DataError` where too few images are left for one.
+    same task without them. Another draw of the same task's images: `other_reference`.
     """
     if n_ref < 1:
         raise DataError(f"n_ref must be >= 1, got {n_ref}")
@@ -353,7 +348,7 @@ def make_task(
             "n_heldout_images": len(held_idx),
             "heldout_hash": hashlib.sha256(json.dumps(held_idx).encode()).hexdigest()[:16] if held_idx else None,
         })  # fmt: skip
-    task = Task(
+    return Task(
         dataset=ds.name,
         classes=chosen,
         class_names=[ds.class_names[c] for c in chosen],
@@ -367,7 +362,6 @@ def make_task(
         origin=TaskOrigin(ds, ref_split_name, val_split is ref_split, tuple(ref_idx), tuple(val_idx),
                           tuple(held_idx), transform, on_bad_image),
     )
-    return task if reference_seed is None else other_reference(task, reference_seed)
 
 
 def other_reference(task: Task, reference_seed: int, *, validation: bool = False) -> Task:
@@ -393,7 +387,8 @@ def other_reference(task: Task, reference_seed: int, *, validation: bool = False
         raise DataError(f"no other reference set of {task.n_ref} images per class: {exc}") from exc
     val_idx, val_set, redrawn = list(origin.validation), task.validation, False
     if validation and task.n_val is not None:
-        taken = set(origin.validation) | set(origin.heldout) | (origin.used | set(ref_idx) if origin.one_split else set())
+        # one split: every image the task or the new reference set holds; else the validation split's own
+        taken = origin.used | set(ref_idx) if origin.one_split else set(origin.validation) | set(origin.heldout)
         try:
             val_idx, val_set = _draw(origin.dataset.splits[origin.validation_split], task.classes, names, task.n_val,
                                      rng, loader, "validation", taken)
